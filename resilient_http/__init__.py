@@ -1,0 +1,43 @@
+"""resilient_http: an asyncio-native resilience layer for outbound HTTP, as an httpx transport."""
+
+from ._call import CallInfo as CallInfo
+from ._call import Wait as Wait
+from ._config import BulkheadPolicy as BulkheadPolicy
+from ._config import CircuitBreakerPolicy as CircuitBreakerPolicy
+from ._config import Policy as Policy
+from ._config import RateLimitPolicy as RateLimitPolicy
+from ._config import RetryBudget as RetryBudget
+from ._config import RetryPolicy as RetryPolicy
+from ._config import StaleCachePolicy as StaleCachePolicy
+from ._config import TimeoutPolicy as TimeoutPolicy
+from ._exceptions import BulkheadFullError as BulkheadFullError
+from ._exceptions import CircuitOpenError as CircuitOpenError
+from ._exceptions import ConfigurationError as ConfigurationError
+from ._exceptions import DeadlineExceededError as DeadlineExceededError
+from ._exceptions import RateLimitedError as RateLimitedError
+from ._exceptions import RejectedError as RejectedError
+from ._exceptions import ResilienceError as ResilienceError
+from ._transport import ResilientTransport as ResilientTransport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BulkheadFullError",
+    "BulkheadPolicy",
+    "CallInfo",
+    "CircuitBreakerPolicy",
+    "CircuitOpenError",
+    "ConfigurationError",
+    "DeadlineExceededError",
+    "Policy",
+    "RateLimitPolicy",
+    "RateLimitedError",
+    "RejectedError",
+    "ResilienceError",
+    "ResilientTransport",
+    "RetryBudget",
+    "RetryPolicy",
+    "StaleCachePolicy",
+    "TimeoutPolicy",
+    "Wait",
+]

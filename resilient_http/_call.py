@@ -1,0 +1,136 @@
+"""What travels through the chain: the call, its host, and the story it leaves on the response."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+
+from ._clock import Clock
+from ._config import Policy
+from ._metrics import HostMetrics
+
+Next = Callable[["Call"], Awaitable[httpx.Response]]
+
+
+class Layer(Protocol):
+    """One resilience layer: it may act before, after or instead of ``call_next``."""
+
+    async def __call__(self, call: Call, call_next: Next) -> httpx.Response: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """A pause the call made: ``reason`` is ``"backoff"``, ``"retry_after"``, ``"rate_limit"`` or ``"bulkhead"``."""
+
+    reason: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallInfo:
+    """What happened to a call, found in ``response.extensions["resilient_http"]``.
+
+    ``attempts`` counts the tries that reached, or tried to reach, the
+    network (0 for a stale answer given without trying). ``stale`` is true
+    when the response came from the stale cache, ``age`` then saying how old
+    it is. ``waits`` lists every pause in order. ``circuit_state`` is the
+    breaker's state when the call ended (``None`` without a breaker).
+    ``retry_stop`` says why no further attempt was made when the last
+    outcome was retryable: ``"attempts"``, ``"budget"``, ``"deadline"``,
+    ``"retry_after_too_long"``, ``"not_idempotent"`` or ``"body_not_replayable"``.
+    """
+
+    host: str
+    attempts: int
+    stale: bool = False
+    age: float | None = None
+    waits: tuple[Wait, ...] = ()
+    circuit_state: str | None = None
+    retry_stop: str | None = None
+
+
+class Host:
+    """Everything the layers of one ``host:port`` share: its policy, clock, metrics and state.
+
+    A layer keeps its own state on itself; the host only owns the layer
+    instances (made on first use) and the chains composed of them.
+    """
+
+    __slots__ = ("chain", "chains", "clock", "host", "inner", "label", "layers", "metrics", "policy", "port", "random")
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        policy: Policy,
+        clock: Clock,
+        rng: random.Random,
+        metrics: HostMetrics,
+        inner: httpx.AsyncBaseTransport,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.label = metrics.host
+        self.policy = policy
+        self.clock = clock
+        self.random = rng
+        self.metrics = metrics
+        self.inner = inner
+        self.layers: dict[str, Any] = {}
+        self.chains: dict[tuple[bool, ...], Next] = {}
+        self.chain: Next  # the chain of ``policy``, set once the layers exist
+
+
+class Call:
+    """One call's mutable state, read and written by the layers it passes."""
+
+    __slots__ = (
+        "age",
+        "attempts",
+        "circuit_state",
+        "deadline",
+        "host",
+        "policy",
+        "request",
+        "retry_stop",
+        "stale",
+        "started",
+        "waits",
+    )
+
+    def __init__(self, request: httpx.Request, host: Host, policy: Policy, started: float) -> None:
+        self.request = request
+        self.host = host
+        self.policy = policy
+        self.started = started
+        timeout = policy.timeout
+        total = None if timeout is None else timeout.total
+        # The total timeout runs from the moment the call enters the transport,
+        # so that it also bounds waiting in the rate limiter in front of it.
+        self.deadline: float | None = None if total is None else started + total
+        self.attempts = 0
+        self.waits: list[Wait] = []
+        self.stale = False
+        self.age: float | None = None
+        self.circuit_state: str | None = None
+        self.retry_stop: str | None = None
+
+    def info(self) -> CallInfo:
+        return CallInfo(
+            host=self.host.label,
+            attempts=self.attempts,
+            stale=self.stale,
+            age=self.age,
+            waits=tuple(self.waits),
+            circuit_state=self.circuit_state,
+            retry_stop=self.retry_stop,
+        )
+
+    def remaining(self, now: float) -> float | None:
+        """Seconds left before the total deadline, or ``None`` without one."""
+        return None if self.deadline is None else self.deadline - now

@@ -1,0 +1,69 @@
+"""The one place where the order of the layers is written down, and the chain is built.
+
+Outermost first::
+
+    stale cache → rate limiter → total timeout → circuit breaker → retry
+                → bulkhead → per-attempt timeout → network
+
+Why this order:
+
+- The **stale cache** is outermost so that it can answer when anything
+  inside fails: an error, a final 5xx, an open circuit, a refused slot, the
+  total deadline.
+- The **rate limiter** comes before everything that costs: a call it
+  refuses never counts against the breaker or the budget. Its wait is
+  bounded by the total timeout, which starts when the call enters.
+- The **total timeout** bounds all that follows, the response body included.
+- The **circuit breaker** sits outside retry, so an open circuit fails fast
+  without retrying, and it judges whole calls rather than single tries.
+- **Retry** is outside the bulkhead so that a call waiting out its backoff
+  does not hold a slot.
+- The **bulkhead** is outside the per-attempt timeout, so queueing for a
+  slot never eats into an attempt's time.
+- The **per-attempt timeout** is innermost, around the network alone.
+
+A layer that is off (its policy field is ``None``) is not in the chain and
+costs nothing. Layers are made per host on first use and keep their state
+(breaker counts, budgets) on themselves; chains are composed once per host
+and per set of active layers, by a reverse fold like Starlette's
+``build_middleware_stack``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from ._call import Host, Layer, Next
+from ._config import Policy
+from .layers.circuit_breaker import CircuitBreakerLayer
+from .layers.retry import Retry
+from .layers.timeout import TotalTimeout, attempt
+
+# (policy field that turns the layer on, how to make it for a host), outermost first.
+ORDER: tuple[tuple[str, Callable[[Host], Any]], ...] = (
+    ("timeout", TotalTimeout),
+    ("circuit_breaker", CircuitBreakerLayer),
+    ("retry", Retry),
+)
+
+
+def _active(policy: Policy) -> tuple[bool, ...]:
+    return tuple(getattr(policy, name) is not None for name, _ in ORDER)
+
+
+def chain_for(host: Host, policy: Policy) -> Next:
+    """The composed chain for ``policy`` on ``host``; cached per set of active layers."""
+    key = _active(policy)
+    chain = host.chains.get(key)
+    if chain is None:
+        chain = attempt
+        for (name, make), on in reversed(list(zip(ORDER, key, strict=True))):
+            if on:
+                layer: Layer | None = host.layers.get(name)
+                if layer is None:
+                    layer = host.layers[name] = make(host)
+                chain = partial(layer, call_next=chain)
+        host.chains[key] = chain
+    return chain

@@ -1,0 +1,174 @@
+"""ResilientTransport: the only class that speaks httpx's transport protocol."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Mapping
+from os import PathLike
+from types import TracebackType
+from typing import Any
+
+import httpx
+from prometheus_client import CollectorRegistry
+
+from ._call import Call, Host
+from ._clock import Clock, SystemClock, default_random
+from ._config import Policy, RetryPolicy, TimeoutPolicy
+from ._exceptions import (
+    BulkheadFullError,
+    CircuitOpenError,
+    ConfigurationError,
+    DeadlineExceededError,
+    RateLimitedError,
+)
+from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable
+from ._metrics import HostMetrics, metrics_for, outcome_of_status
+from ._pipeline import chain_for
+
+#: What a single call may change through ``request.extensions["resilient_http"]``.
+OVERRIDABLE = {"timeout": TimeoutPolicy, "retry": RetryPolicy}
+_OFF_ONLY = ("circuit_breaker", "rate_limit", "bulkhead", "stale_cache")
+
+_EXCEPTION_OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
+    (CircuitOpenError, "circuit_open"),
+    (RateLimitedError, "rate_limited"),
+    (BulkheadFullError, "bulkhead_full"),
+    (DeadlineExceededError, "timeout"),
+    (httpx.TimeoutException, "timeout"),
+    (Exception, "error"),
+)
+
+
+def _outcome_of_exception(exc: BaseException) -> str:
+    for kind, outcome in _EXCEPTION_OUTCOMES:
+        if isinstance(exc, kind):
+            return outcome
+    return "cancelled"
+
+
+def _override(policy: Policy, override: Any) -> Policy:
+    """``policy`` with a single call's changes applied; bad changes are ConfigurationErrors."""
+    if isinstance(override, Policy):
+        return override
+    if not isinstance(override, Mapping):
+        raise ConfigurationError('extensions["resilient_http"]', override, "must be a Policy or a mapping")
+    changes: dict[str, Any] = {}
+    for name, value in override.items():
+        if name in OVERRIDABLE:
+            if value is not None and not isinstance(value, OVERRIDABLE[name]):
+                raise ConfigurationError(
+                    f'extensions["resilient_http"]["{name}"]', value, f"must be a {OVERRIDABLE[name].__name__} or None"
+                )
+        elif name in _OFF_ONLY:
+            if value is not None:
+                raise ConfigurationError(
+                    f'extensions["resilient_http"]["{name}"]',
+                    value,
+                    "a single call may only turn this layer off (None)",
+                )
+        else:
+            raise ConfigurationError('extensions["resilient_http"]', name, "is not a policy field")
+        changes[name] = value
+    return dataclasses.replace(policy, **changes)
+
+
+class ResilientTransport(httpx.AsyncBaseTransport):
+    """An httpx transport that gives every call, per host, the layers its policy asks for.
+
+    ``policies`` maps host patterns (``api.example.com``,
+    ``api.example.com:8443``, ``*.example.com``) to :class:`Policy`;
+    ``default`` serves hosts no pattern matches (``Policy()`` when omitted).
+    ``inner`` does the network I/O (``httpx.AsyncHTTPTransport()`` when
+    omitted) and is closed by :meth:`aclose`. Metrics go to ``registry``
+    (the global registry when omitted); transports sharing a registry share
+    its series. State is kept for at most ``max_hosts`` hosts, least
+    recently used evicted first. ``clock`` and ``random`` exist for tests.
+
+    A single call may override its host's ``timeout`` and ``retry`` (or turn
+    any layer off) with ``extensions={"resilient_http": {"retry": None}}``.
+    """
+
+    def __init__(
+        self,
+        policies: Mapping[str, Policy] | None = None,
+        *,
+        default: Policy | None = None,
+        inner: httpx.AsyncBaseTransport | None = None,
+        registry: CollectorRegistry | None = None,
+        max_hosts: int = DEFAULT_MAX_HOSTS,
+        clock: Clock | None = None,
+        random: random.Random | None = None,
+    ) -> None:
+        self._table = PolicyTable(policies, default)
+        self._inner = httpx.AsyncHTTPTransport() if inner is None else inner
+        self._metrics = metrics_for(registry)
+        self._clock: Clock = SystemClock() if clock is None else clock
+        self._random = default_random() if random is None else random
+        self._hosts: HostTable[Host] = HostTable(self._make_host, self._evict_host, max_hosts)
+
+    @classmethod
+    def from_file(cls, path: str | PathLike[str], **kwargs: Any) -> ResilientTransport:
+        """A transport whose ``policies`` and ``default`` come from a TOML file."""
+        from ._toml import load_policies
+
+        policies, default = load_policies(path)
+        return cls(policies, default=default, **kwargs)
+
+    def _make_host(self, host: str, port: int) -> Host:
+        state = Host(
+            host=host,
+            port=port,
+            policy=self._table.resolve(host, port),
+            clock=self._clock,
+            rng=self._random,
+            metrics=HostMetrics(self._metrics, f"{host}:{port}"),
+            inner=self._inner,
+        )
+        state.chain = chain_for(state, state.policy)
+        return state
+
+    @staticmethod
+    def _evict_host(host: Host) -> None:
+        host.metrics.remove()
+
+    def policy_for(self, host: str, port: int = 443) -> Policy:
+        """The policy that calls to ``host:port`` get."""
+        return self._table.resolve(host.lower(), port)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        port = url.port or DEFAULT_PORTS.get(url.scheme, 0)
+        host = self._hosts.get(url.host, port)
+        policy = host.policy
+        chain = host.chain
+        override = request.extensions.get("resilient_http")
+        if override is not None:
+            policy = _override(policy, override)
+            chain = chain_for(host, policy)
+        clock = self._clock
+        started = clock.now()
+        call = Call(request, host, policy, started)
+        try:
+            response = await chain(call)
+        except BaseException as exc:
+            host.metrics.request(_outcome_of_exception(exc), clock.now() - started)
+            raise
+        host.metrics.request("stale" if call.stale else outcome_of_status(response.status_code), clock.now() - started)
+        response.extensions["resilient_http"] = call.info()
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> ResilientTransport:
+        await self._inner.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self._inner.__aexit__(exc_type, exc_value, traceback)

@@ -1,0 +1,1 @@
+"""One module per layer; :mod:`resilient_http._pipeline` puts them in order."""

@@ -1,0 +1,209 @@
+"""Circuit breaker: stop calling a host that is failing, and let it back in carefully.
+
+It sits outside the retry layer, so it judges whole calls (after their
+retries) and an open circuit fails at once, without retrying and without
+touching the network.
+
+Closed: outcomes are counted in a sliding time window of ten buckets. The
+circuit opens when at least ``minimum_calls`` calls finished in the window
+and the failed share reaches ``failure_ratio``. Failures are connection
+errors, timeouts and the statuses in ``failure_statuses`` (500, 502, 503,
+504 by default).
+
+Open: calls fail with :class:`CircuitOpenError` carrying ``retry_after``.
+A 503 whose Retry-After opened the circuit keeps it open at least that long.
+
+Half-open: after the break, exactly ``half_open_calls`` trial calls are let
+through however many callers arrive at once; the others fail at once. When
+all trials succeed the circuit closes and its next break is back to
+``break_duration``; the first trial that fails opens it again for twice the
+previous break, jittered by ±20 % and capped at ``max_break_duration``. A
+trial that is cancelled, or ends in an error that says nothing about the
+host (an invalid URL, say), gives its slot back.
+"""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+
+from .._call import Call, Host, Next
+from .._clock import Clock
+from .._config import CircuitBreakerPolicy
+from .._exceptions import CircuitOpenError, DeadlineExceededError, ResilienceError
+from .._headers import retry_after
+from .._metrics import HostMetrics
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+_BUCKETS = 10
+_HOST_FAILURES = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+class CircuitBreaker:
+    """The state machine, with no I/O: every method takes the current time."""
+
+    __slots__ = (
+        "_break",
+        "_epochs",
+        "_failures",
+        "_metrics",
+        "_opened_until",
+        "_random",
+        "_successes",
+        "_total",
+        "_trial_successes",
+        "_trials_out",
+        "_width",
+        "policy",
+        "state",
+    )
+
+    def __init__(self, policy: CircuitBreakerPolicy, rng: random.Random, metrics: HostMetrics) -> None:
+        self.policy = policy
+        self._random = rng
+        self._metrics = metrics
+        self._width = policy.window / _BUCKETS
+        self._epochs = [-1] * _BUCKETS
+        self._successes = [0] * _BUCKETS
+        self._failures = [0] * _BUCKETS
+        self._break = policy.break_duration
+        self._opened_until = 0.0
+        self._trials_out = 0
+        self._trial_successes = 0
+        self.state = CLOSED
+        metrics.circuit(CLOSED)
+
+    def _set(self, state: str) -> None:
+        self.state = state
+        self._metrics.circuit(state)
+
+    def acquire(self, now: float) -> bool:
+        """Let a call through, returning whether it is a half-open trial; raise if refused."""
+        state = self.state
+        if state == CLOSED:
+            return False
+        if state == OPEN:
+            if now < self._opened_until:
+                raise CircuitOpenError(
+                    f"circuit open for {self._metrics.host}",
+                    host=self._metrics.host,
+                    retry_after=self._opened_until - now,
+                )
+            self._set(HALF_OPEN)
+            self._trials_out = self._trial_successes = 0
+        if self._trials_out + self._trial_successes >= self.policy.half_open_calls:
+            raise CircuitOpenError(
+                f"circuit half-open for {self._metrics.host}: trial calls in flight",
+                host=self._metrics.host,
+                retry_after=None,
+            )
+        self._trials_out += 1
+        return True
+
+    def release(self, trial: bool) -> None:
+        """A call ended without a verdict on the host: give back its trial slot."""
+        if trial and self.state == HALF_OPEN:
+            self._trials_out -= 1
+
+    def record(self, now: float, trial: bool, failure: bool, hinted: float | None = None) -> None:
+        """Count a finished call; open or close the circuit when the counts say so."""
+        if trial:
+            if self.state != HALF_OPEN:  # a stale trial from before a reset
+                return
+            self._trials_out -= 1
+            if failure:
+                self._break = min(self.policy.max_break_duration, self._break * 2)
+                self._open(now, hinted)
+            else:
+                self._trial_successes += 1
+                if self._trial_successes >= self.policy.half_open_calls:
+                    self._close()
+            return
+        if self.state != CLOSED:
+            return
+        epoch = int(now / self._width)
+        slot = epoch % _BUCKETS
+        if self._epochs[slot] != epoch:
+            self._epochs[slot] = epoch
+            self._successes[slot] = self._failures[slot] = 0
+        if not failure:
+            self._successes[slot] += 1
+            return
+        self._failures[slot] += 1
+        oldest = epoch - _BUCKETS
+        failed = total = 0
+        for i, seen in enumerate(self._epochs):
+            if seen > oldest:
+                failed += self._failures[i]
+                total += self._failures[i] + self._successes[i]
+        policy = self.policy
+        if total >= policy.minimum_calls and failed >= policy.failure_ratio * total:
+            self._open(now, hinted)
+
+    def _open(self, now: float, hinted: float | None) -> None:
+        duration = self._break * self._random.uniform(0.8, 1.2)
+        duration = min(duration, self.policy.max_break_duration)
+        if hinted is not None:
+            duration = max(duration, hinted)
+        self._opened_until = now + duration
+        self._trials_out = self._trial_successes = 0
+        self._set(OPEN)
+        self._metrics.circuit_opened.inc()
+
+    def _close(self) -> None:
+        self._break = self.policy.break_duration
+        self._epochs = [-1] * _BUCKETS
+        self._set(CLOSED)
+
+    def retry_after(self, now: float) -> float:
+        """Seconds until calls are let through again (0 when they are now)."""
+        return max(0.0, self._opened_until - now) if self.state == OPEN else 0.0
+
+
+def _is_host_failure(exc: Exception) -> bool:
+    if isinstance(exc, DeadlineExceededError):
+        return True
+    if isinstance(exc, ResilienceError):  # a rejection made on this side
+        return False
+    return isinstance(exc, _HOST_FAILURES)
+
+
+class CircuitBreakerLayer:
+    """The breaker layer of one host."""
+
+    __slots__ = ("_clock", "breaker")
+
+    def __init__(self, host: Host) -> None:
+        policy = host.policy.circuit_breaker
+        assert policy is not None
+        self._clock: Clock = host.clock
+        self.breaker = CircuitBreaker(policy, host.random, host.metrics)
+
+    async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
+        breaker = self.breaker
+        clock = self._clock
+        try:
+            trial = breaker.acquire(clock.now())
+        finally:
+            call.circuit_state = breaker.state
+        try:
+            response = await call_next(call)
+        except Exception as exc:
+            if _is_host_failure(exc):
+                breaker.record(clock.now(), trial, failure=True)
+            else:
+                breaker.release(trial)
+            call.circuit_state = breaker.state
+            raise
+        except BaseException:  # cancelled: no verdict on the host
+            breaker.release(trial)
+            raise
+        status = response.status_code
+        failure = status in breaker.policy.failure_statuses
+        hinted = None
+        if failure and status == 503:
+            hinted = retry_after(response.headers, clock.wall())
+        breaker.record(clock.now(), trial, failure, hinted)
+        call.circuit_state = breaker.state
+        return response

@@ -1,0 +1,189 @@
+"""Retry: try again when it is safe, responsible, and still worth it.
+
+Safe: only idempotent methods (RFC 9110 §9.2.2) and requests carrying an
+``Idempotency-Key`` are retried after they may have reached the server; a
+connection that could not be opened (``ConnectError``, ``ConnectTimeout``,
+``PoolTimeout``) is safe to retry for every method. A body that cannot be
+replayed (a generator) is never retried.
+
+Responsible: exponential backoff with full jitter; a server's
+``Retry-After`` is the least wait (jitter only adds); a per-host retry budget
+caps the extra load retries may add, so a failing dependency sees at most
+``1 + ratio`` times its normal traffic instead of ``attempts`` times.
+
+Still worth it: a wait that would not end before the total deadline, or a
+Retry-After above ``max_retry_after``, ends the call at once with its last
+outcome. When retries run out the last response is returned (so
+``raise_for_status()`` works) or the last exception is raised;
+``CallInfo.retry_stop`` says why no further attempt was made.
+"""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+
+from .._call import Call, Host, Next, Wait
+from .._clock import Clock
+from .._config import IDEMPOTENT_METHODS, RetryBudget, RetryPolicy
+from .._exceptions import DeadlineExceededError, ResilienceError
+from .._headers import retry_after
+from .timeout import BufferedStream
+
+_NOTHING_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_MAYBE_SENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+class Budget:
+    """Counts calls and retries over a sliding window of one-second buckets."""
+
+    __slots__ = ("_calls", "_epochs", "_retries", "_width", "policy")
+
+    def __init__(self, policy: RetryBudget) -> None:
+        self.policy = policy
+        size = max(1, math.ceil(policy.window))
+        self._width = policy.window / size
+        self._epochs = [-1] * size
+        self._calls = [0] * size
+        self._retries = [0] * size
+
+    def _slot(self, now: float) -> int:
+        epoch = int(now / self._width)
+        slot = epoch % len(self._epochs)
+        if self._epochs[slot] != epoch:
+            self._epochs[slot] = epoch
+            self._calls[slot] = 0
+            self._retries[slot] = 0
+        return slot
+
+    def deposit(self, now: float) -> None:
+        """Count a call: each one earns ``ratio`` of a retry."""
+        self._calls[self._slot(now)] += 1
+
+    def withdraw(self, now: float) -> bool:
+        """Take one retry if the budget has one; ``False`` when it is spent."""
+        slot = self._slot(now)
+        oldest = int(now / self._width) - len(self._epochs)
+        calls = retries = 0
+        for i, epoch in enumerate(self._epochs):
+            if epoch > oldest:
+                calls += self._calls[i]
+                retries += self._retries[i]
+        policy = self.policy
+        if retries + 1 > policy.ratio * calls + policy.min_per_second * policy.window:
+            return False
+        self._retries[slot] += 1
+        return True
+
+
+def _error_reason(exc: Exception, retry_safe: bool) -> str | None:
+    """Why ``exc`` deserves another attempt, or ``None`` if it does not."""
+    if isinstance(exc, _NOTHING_SENT):
+        return "connect_error"
+    if isinstance(exc, DeadlineExceededError):
+        return "timeout" if retry_safe and exc.kind == "attempt" else None
+    if isinstance(exc, ResilienceError) or not retry_safe:
+        return None
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(exc, _MAYBE_SENT):
+        return "network_error"
+    return None
+
+
+async def discard(response: httpx.Response) -> None:
+    """Close a response that will not be returned, freeing its connection."""
+    if not isinstance(response.stream, BufferedStream | httpx.ByteStream):
+        await response.aclose()
+
+
+class Retry:
+    """The retry layer of one host."""
+
+    __slots__ = ("_budget", "_clock", "_metrics", "_random")
+
+    def __init__(self, host: Host) -> None:
+        self._clock: Clock = host.clock
+        self._random = host.random
+        self._metrics = host.metrics
+        policy = host.policy.retry
+        budget = None if policy is None else policy.budget
+        self._budget = None if budget is None else Budget(budget)
+
+    def _backoff(self, policy: RetryPolicy, attempt: int) -> float:
+        ceiling = min(policy.max_backoff, policy.backoff * 2 ** (attempt - 1))
+        return self._random.uniform(0.0, ceiling)
+
+    def _refusal(self, call: Call, now: float, delay: float) -> str | None:
+        """Why a retry after ``delay`` seconds may not be made (and count it), or ``None``."""
+        if call.deadline is not None and now + delay >= call.deadline:
+            return "deadline"
+        if self._budget is not None and not self._budget.withdraw(now):
+            self._metrics.budget_exhausted.inc()
+            return "budget"
+        return None
+
+    async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
+        policy = call.policy.retry
+        assert policy is not None
+        request = call.request
+        clock = self._clock
+        if self._budget is not None:
+            self._budget.deposit(clock.now())
+        retry_safe = request.method in IDEMPOTENT_METHODS or "idempotency-key" in request.headers
+        replayable = isinstance(request.stream, httpx.ByteStream)
+        attempt = 1
+        while True:
+            try:
+                response = await call_next(call)
+            except Exception as exc:
+                reason = _error_reason(exc, retry_safe)
+                if reason is None:
+                    if _error_reason(exc, True) is not None:
+                        call.retry_stop = "not_idempotent"
+                    raise
+                stop = self._stop(call, policy, attempt, replayable)
+                delay = self._backoff(policy, attempt)
+                now = clock.now()
+                stop = stop or self._refusal(call, now, delay)
+                if stop is not None:
+                    call.retry_stop = stop
+                    raise
+                wait = "backoff"
+            else:
+                status = response.status_code
+                if status not in policy.statuses:
+                    return response
+                if not retry_safe:
+                    call.retry_stop = "not_idempotent"
+                    return response
+                stop = self._stop(call, policy, attempt, replayable)
+                if stop is not None:
+                    call.retry_stop = stop
+                    return response
+                now = clock.now()
+                hinted = retry_after(response.headers, clock.wall())
+                if hinted is not None and hinted > policy.max_retry_after:
+                    call.retry_stop = "retry_after_too_long"
+                    return response
+                delay = self._backoff(policy, attempt) + (hinted or 0.0)
+                stop = self._refusal(call, now, delay)
+                if stop is not None:
+                    call.retry_stop = stop
+                    return response
+                await discard(response)
+                reason = f"status_{status}"
+                wait = "backoff" if hinted is None else "retry_after"
+            self._metrics.retry(reason)
+            call.waits.append(Wait(wait, delay))
+            await clock.sleep(delay)
+            attempt += 1
+
+    @staticmethod
+    def _stop(call: Call, policy: RetryPolicy, attempt: int, replayable: bool) -> str | None:
+        if attempt >= policy.attempts:
+            return "attempts"
+        if not replayable:
+            return "body_not_replayable"
+        return None

@@ -1,0 +1,201 @@
+"""Timeouts: the total deadline of a call, and the attempt that goes to the network.
+
+One timer per attempt. The total deadline is not a timer of its own: it is
+a number on the call (set when the call enters the transport) that every
+wait in the chain respects, and that the attempt folds into its own cancel
+scope (whichever of "attempt" and "total" ends first). The client's httpx
+timeouts are replaced by ``None`` for the attempt, so that httpcore starts
+no timers of its own and cannot silently cut an attempt shorter than the
+policy says.
+
+httpx reads a response body only after the transport has returned, which
+would put the body beyond every timeout and every retry. So the attempt
+reads bodies that announce a ``Content-Length`` of at most
+:data:`PREREAD_LIMIT` inside its own scope: an error or a stall there is an
+attempt failure that the retry layer sees, and the connection goes back to
+the pool at once. Longer or unsized bodies (downloads, event streams) are
+streamed to the caller, each chunk bounded by the total deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import httpx
+
+from .._call import Call, Next
+from .._exceptions import DeadlineExceededError, TimeoutKind
+from .._metrics import HostMetrics, outcome_of_status
+
+PREREAD_LIMIT = 1 << 20
+_NO_HTTPX_TIMEOUTS = {"connect": None, "read": None, "write": None, "pool": None}
+
+
+class BufferedStream(httpx.AsyncByteStream):
+    """A body read in full inside the attempt; ``body`` holds the raw (still encoded) bytes."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.body:
+            yield self.body
+
+
+class DeadlineStream(httpx.AsyncByteStream):
+    """A streamed body whose every chunk must arrive before the call's deadline."""
+
+    __slots__ = ("_deadline", "_inner", "_metrics", "_request", "_timeout")
+
+    def __init__(
+        self,
+        inner: httpx.AsyncByteStream,
+        deadline: float,
+        timeout: float,
+        metrics: HostMetrics,
+        request: httpx.Request,
+    ) -> None:
+        self._inner = inner
+        self._deadline = deadline  # on anyio's clock
+        self._timeout = timeout
+        self._metrics = metrics
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        chunks = self._inner.__aiter__()
+        while True:
+            with anyio.CancelScope(deadline=self._deadline) as scope:
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    return
+            if scope.cancelled_caught:
+                self._metrics.timeout("total")
+                raise DeadlineExceededError(
+                    f"total timeout of {self._timeout}s ran out while reading the body",
+                    kind="total",
+                    timeout=self._timeout,
+                    request=self._request,
+                )
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _expired(call: Call, kind: TimeoutKind, timeout: float) -> DeadlineExceededError:
+    call.host.metrics.timeout(kind)
+    what = "attempt" if kind == "attempt" else "total"
+    return DeadlineExceededError(
+        f"{what} timeout of {timeout}s ran out", kind=kind, timeout=timeout, request=call.request
+    )
+
+
+class TotalTimeout:
+    """Bounds the response body by the call's deadline once the headers are back.
+
+    Everything before that (queues, attempts, backoffs) reads the deadline
+    from the call and stops in time on its own.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, host: object) -> None:
+        pass
+
+    async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
+        response = await call_next(call)
+        deadline = call.deadline
+        stream = response.stream
+        if (
+            deadline is not None
+            and isinstance(stream, httpx.AsyncByteStream)
+            and not isinstance(stream, BufferedStream | httpx.ByteStream)
+        ):
+            timeout = call.policy.timeout.total if call.policy.timeout is not None else None
+            remaining = deadline - call.host.clock.now()
+            response.stream = DeadlineStream(
+                stream,
+                anyio.current_time() + remaining,
+                timeout or 0.0,
+                call.host.metrics,
+                call.request,
+            )
+        return response
+
+
+async def _preread(response: httpx.Response) -> None:
+    stream = response.stream
+    if isinstance(stream, BufferedStream | httpx.ByteStream):
+        return
+    length = response.headers.get("content-length")
+    if length is None or not length.isdigit() or int(length) > PREREAD_LIMIT:
+        return
+    assert isinstance(stream, httpx.AsyncByteStream)
+    chunks = []
+    try:
+        async for chunk in stream:
+            chunks.append(chunk)
+    finally:
+        await stream.aclose()
+    response.stream = BufferedStream(b"".join(chunks))
+
+
+async def _close(response: httpx.Response) -> None:
+    with anyio.CancelScope(shield=True):
+        await response.aclose()
+
+
+async def _send(call: Call) -> httpx.Response:
+    response = await call.host.inner.handle_async_request(call.request)
+    try:
+        await _preread(response)
+    except BaseException:
+        await _close(response)
+        raise
+    response.request = call.request
+    return response
+
+
+async def attempt(call: Call) -> httpx.Response:
+    """One try on the network, inside one cancel scope: the end of every chain."""
+    host = call.host
+    clock = host.clock
+    metrics = host.metrics
+    started = clock.now()
+    timeouts = call.policy.timeout
+    scope = None
+    if timeouts is not None:
+        kind: TimeoutKind = "attempt"
+        limit, timeout = (None, 0.0) if timeouts.attempt is None else (started + timeouts.attempt, timeouts.attempt)
+        if call.deadline is not None and (limit is None or call.deadline <= limit):
+            limit, kind, timeout = call.deadline, "total", timeouts.total or 0.0
+        if limit is not None:
+            remaining = limit - started
+            if remaining <= 0:
+                raise _expired(call, kind, timeout)
+            call.request.extensions["timeout"] = _NO_HTTPX_TIMEOUTS
+            scope = anyio.CancelScope(deadline=anyio.current_time() + remaining)
+    call.attempts += 1
+    try:
+        if scope is None:
+            response = await _send(call)
+        else:
+            with scope:
+                response = await _send(call)
+            if scope.cancelled_caught:
+                raise _expired(call, kind, timeout)
+    except httpx.TimeoutException:
+        metrics.attempt("timeout", clock.now() - started)
+        raise
+    except Exception:
+        metrics.attempt("error", clock.now() - started)
+        raise
+    except BaseException:
+        metrics.attempt("cancelled", clock.now() - started)
+        raise
+    metrics.attempt(outcome_of_status(response.status_code), clock.now() - started)
+    return response
