@@ -60,7 +60,20 @@ class Host:
     instances (made on first use) and the chains composed of them.
     """
 
-    __slots__ = ("chain", "chains", "clock", "host", "inner", "label", "layers", "metrics", "policy", "port", "random")
+    __slots__ = (
+        "chain",
+        "chains",
+        "clock",
+        "host",
+        "inner",
+        "label",
+        "layers",
+        "metrics",
+        "observers",
+        "policy",
+        "port",
+        "random",
+    )
 
     def __init__(
         self,
@@ -84,6 +97,9 @@ class Host:
         self.layers: dict[str, Any] = {}
         self.chains: dict[tuple[bool, ...], Next] = {}
         self.chain: Next  # the chain of ``policy``, set once the layers exist
+        # Called with every response an attempt receives (a rate limiter reads
+        # the server's Retry-After and RateLimit hints here); empty costs nothing.
+        self.observers: list[Callable[[httpx.Response, float], None]] = []
 
 
 class Call:
@@ -96,6 +112,7 @@ class Call:
         "deadline",
         "host",
         "policy",
+        "priority",
         "request",
         "retry_stop",
         "stale",
@@ -103,8 +120,11 @@ class Call:
         "waits",
     )
 
-    def __init__(self, request: httpx.Request, host: Host, policy: Policy, started: float) -> None:
+    def __init__(
+        self, request: httpx.Request, host: Host, policy: Policy, started: float, priority: str = "normal"
+    ) -> None:
         self.request = request
+        self.priority = priority
         self.host = host
         self.policy = policy
         self.started = started

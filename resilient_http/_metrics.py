@@ -47,6 +47,15 @@ class Metrics:
         self.circuit_state = gauge(p + "circuit_state", "1 for the breaker's current state, 0 otherwise.", "state")
         self.circuit_opened = counter(p + "circuit_opened", "Times the breaker opened.")
         self.timeouts = counter(p + "timeouts", "Timeouts, per attempt or of the whole call.", "kind")
+        self.rate_limit_wait = histogram(p + "rate_limit_wait_seconds", "Time calls waited for a rate-limit token.")
+        self.rate_limited = counter(p + "rate_limited", "Calls refused by the rate limiter.")
+        self.cooldown = counter(p + "cooldown_seconds", "Time spent in cooldown imposed by the server.")
+        self.bulkhead_in_flight = gauge(p + "bulkhead_in_flight", "Attempts holding a bulkhead slot.")
+        self.bulkhead_queued = gauge(p + "bulkhead_queued", "Calls waiting for a bulkhead slot.")
+        self.bulkhead_rejected = counter(p + "bulkhead_rejected", "Calls shed by the bulkhead.", "priority")
+        self.stale_served = counter(p + "stale_served", "Stale answers served, by what failed.", "reason")
+        self.cache_entries = gauge(p + "cache_entries", "Responses kept for stale fallback.")
+        self.cache_bytes = gauge(p + "cache_bytes", "Bytes of responses kept for stale fallback.")
 
 
 def metrics_for(registry: CollectorRegistry | None) -> Metrics:
@@ -66,8 +75,42 @@ class HostMetrics:
         "_metrics",
         "attempt_duration",
         "budget_exhausted",
+        "bulkhead_in_flight",
+        "bulkhead_queued",
+        "cache_bytes",
+        "cache_entries",
         "circuit_opened",
+        "cooldown",
         "host",
+        "rate_limit_wait",
+        "rate_limited",
+        "request_duration",
+    )
+
+    attempt_duration: Histogram
+    budget_exhausted: Counter
+    bulkhead_in_flight: Gauge
+    bulkhead_queued: Gauge
+    cache_bytes: Gauge
+    cache_entries: Gauge
+    circuit_opened: Counter
+    cooldown: Counter
+    rate_limit_wait: Histogram
+    rate_limited: Counter
+    request_duration: Histogram
+
+    #: The collectors labelled by ``host`` alone; each has a child attribute of the same name.
+    UNLABELLED = (
+        "attempt_duration",
+        "budget_exhausted",
+        "bulkhead_in_flight",
+        "bulkhead_queued",
+        "cache_bytes",
+        "cache_entries",
+        "circuit_opened",
+        "cooldown",
+        "rate_limit_wait",
+        "rate_limited",
         "request_duration",
     )
 
@@ -75,10 +118,8 @@ class HostMetrics:
         self._metrics = metrics
         self.host = host
         self._labelled: dict[tuple[str, str], Any] = {}
-        self.request_duration = metrics.request_duration.labels(host)
-        self.attempt_duration = metrics.attempt_duration.labels(host)
-        self.budget_exhausted = metrics.budget_exhausted.labels(host)
-        self.circuit_opened = metrics.circuit_opened.labels(host)
+        for name in self.UNLABELLED:
+            setattr(self, name, getattr(metrics, name).labels(host))
 
     def _child(self, name: str, value: str) -> Any:
         key = (name, value)
@@ -101,6 +142,10 @@ class HostMetrics:
     def timeout(self, kind: str) -> None:
         self._child("timeouts", kind).inc()
 
+    def labelled(self, name: str, value: str) -> Any:
+        """The child of collector ``name`` for this host and the second label ``value``."""
+        return self._child(name, value)
+
     def circuit(self, state: str) -> None:
         for name in CIRCUIT_STATES:
             self._child("circuit_state", name).set(1 if name == state else 0)
@@ -108,8 +153,8 @@ class HostMetrics:
     def remove(self) -> None:
         """Drop every series of this host from the registry."""
         m = self._metrics
-        for collector in (m.request_duration, m.attempt_duration, m.budget_exhausted, m.circuit_opened):
-            _remove(collector, self.host)
+        for name in self.UNLABELLED:
+            _remove(getattr(m, name), self.host)
         for name, value in self._labelled:
             _remove(getattr(m, name), self.host, value)
         self._labelled.clear()

@@ -42,6 +42,7 @@ from .layers.retry import Retry
 from .layers.timeout import TotalTimeout, attempt
 
 # (policy field that turns the layer on, how to make it for a host), outermost first.
+# The per-attempt timeout and the network are the end of every chain: ``attempt``.
 ORDER: tuple[tuple[str, Callable[[Host], Any]], ...] = (
     ("timeout", TotalTimeout),
     ("circuit_breaker", CircuitBreakerLayer),

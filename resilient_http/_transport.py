@@ -29,6 +29,7 @@ from ._pipeline import chain_for
 #: What a single call may change through ``request.extensions["resilient_http"]``.
 OVERRIDABLE = {"timeout": TimeoutPolicy, "retry": RetryPolicy}
 _OFF_ONLY = ("circuit_breaker", "rate_limit", "bulkhead", "stale_cache")
+PRIORITIES = ("critical", "high", "normal", "low")
 
 _EXCEPTION_OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
     (CircuitOpenError, "circuit_open"),
@@ -47,14 +48,25 @@ def _outcome_of_exception(exc: BaseException) -> str:
     return "cancelled"
 
 
-def _override(policy: Policy, override: Any) -> Policy:
-    """``policy`` with a single call's changes applied; bad changes are ConfigurationErrors."""
+def _override(policy: Policy, override: Any) -> tuple[Policy, str]:
+    """``policy`` with a single call's changes applied, and the call's priority.
+
+    Bad changes raise :class:`ConfigurationError` before anything is sent.
+    """
     if isinstance(override, Policy):
-        return override
+        return override, "normal"
     if not isinstance(override, Mapping):
         raise ConfigurationError('extensions["resilient_http"]', override, "must be a Policy or a mapping")
     changes: dict[str, Any] = {}
+    priority = "normal"
     for name, value in override.items():
+        if name == "priority":
+            if value not in PRIORITIES:
+                raise ConfigurationError(
+                    'extensions["resilient_http"]["priority"]', value, f"must be one of {', '.join(PRIORITIES)}"
+                )
+            priority = value
+            continue
         if name in OVERRIDABLE:
             if value is not None and not isinstance(value, OVERRIDABLE[name]):
                 raise ConfigurationError(
@@ -70,7 +82,7 @@ def _override(policy: Policy, override: Any) -> Policy:
         else:
             raise ConfigurationError('extensions["resilient_http"]', name, "is not a policy field")
         changes[name] = value
-    return dataclasses.replace(policy, **changes)
+    return (dataclasses.replace(policy, **changes) if changes else policy), priority
 
 
 class ResilientTransport(httpx.AsyncBaseTransport):
@@ -85,8 +97,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     its series. State is kept for at most ``max_hosts`` hosts, least
     recently used evicted first. ``clock`` and ``random`` exist for tests.
 
-    A single call may override its host's ``timeout`` and ``retry`` (or turn
-    any layer off) with ``extensions={"resilient_http": {"retry": None}}``.
+    A single call may override its host's ``timeout`` and ``retry``, turn
+    any layer off, and set its bulkhead priority (``critical``, ``high``,
+    ``normal``, ``low``) through request extensions, e.g.
+    ``extensions={"resilient_http": {"retry": None, "priority": "critical"}}``.
     """
 
     def __init__(
@@ -142,13 +156,14 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         host = self._hosts.get(url.host, port)
         policy = host.policy
         chain = host.chain
+        priority = "normal"
         override = request.extensions.get("resilient_http")
         if override is not None:
-            policy = _override(policy, override)
+            policy, priority = _override(policy, override)
             chain = chain_for(host, policy)
         clock = self._clock
         started = clock.now()
-        call = Call(request, host, policy, started)
+        call = Call(request, host, policy, started, priority)
         try:
             response = await chain(call)
         except BaseException as exc:

@@ -197,5 +197,8 @@ async def attempt(call: Call) -> httpx.Response:
     except BaseException:
         metrics.attempt("cancelled", clock.now() - started)
         raise
-    metrics.attempt(outcome_of_status(response.status_code), clock.now() - started)
+    finished = clock.now()
+    metrics.attempt(outcome_of_status(response.status_code), finished - started)
+    for observe in host.observers:
+        observe(response, finished)
     return response
