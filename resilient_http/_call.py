@@ -41,7 +41,8 @@ class CallInfo:
     breaker's state when the call ended (``None`` without a breaker).
     ``retry_stop`` says why no further attempt was made when the last
     outcome was retryable: ``"attempts"``, ``"budget"``, ``"deadline"``,
-    ``"retry_after_too_long"``, ``"not_idempotent"`` or ``"body_not_replayable"``.
+    ``"retry_after_too_long"``, ``"not_idempotent"``, ``"body_not_replayable"``
+    or ``"rate_limit"``.
     """
 
     host: str
@@ -73,6 +74,7 @@ class Host:
         "policy",
         "port",
         "random",
+        "retry_gates",
     )
 
     def __init__(
@@ -100,6 +102,10 @@ class Host:
         # Called with every response an attempt receives (a rate limiter reads
         # the server's Retry-After and RateLimit hints here); empty costs nothing.
         self.observers: list[Callable[[httpx.Response, float], None]] = []
+        # Asked before every retry with (call, earliest send time); each returns
+        # the time the retry may be sent, or None to refuse it. A rate limiter
+        # reserves retries here so that they count against the host's rate too.
+        self.retry_gates: list[Callable[[Call, float], float | None]] = []
 
 
 class Call:

@@ -101,12 +101,13 @@ async def discard(response: httpx.Response) -> None:
 class Retry:
     """The retry layer of one host."""
 
-    __slots__ = ("_budget", "_clock", "_metrics", "_random")
+    __slots__ = ("_budget", "_clock", "_gates", "_metrics", "_random")
 
     def __init__(self, host: Host) -> None:
         self._clock: Clock = host.clock
         self._random = host.random
         self._metrics = host.metrics
+        self._gates = host.retry_gates
         policy = host.policy.retry
         budget = None if policy is None else policy.budget
         self._budget = None if budget is None else Budget(budget)
@@ -115,14 +116,20 @@ class Retry:
         ceiling = min(policy.max_backoff, policy.backoff * 2 ** (attempt - 1))
         return self._random.uniform(0.0, ceiling)
 
-    def _refusal(self, call: Call, now: float, delay: float) -> str | None:
-        """Why a retry after ``delay`` seconds may not be made (and count it), or ``None``."""
+    def _schedule(self, call: Call, now: float, delay: float) -> float | str:
+        """When the retry after ``delay`` seconds may go, or why it may not (and count that)."""
         if call.deadline is not None and now + delay >= call.deadline:
             return "deadline"
         if self._budget is not None and not self._budget.withdraw(now):
             self._metrics.budget_exhausted.inc()
             return "budget"
-        return None
+        when = now + delay
+        for gate in self._gates:
+            allowed = gate(call, when)
+            if allowed is None:
+                return "rate_limit"
+            when = allowed
+        return when - now
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         policy = call.policy.retry
@@ -144,11 +151,13 @@ class Retry:
                         call.retry_stop = "not_idempotent"
                     raise
                 stop = self._stop(call, policy, attempt, replayable)
-                delay = self._backoff(policy, attempt)
-                now = clock.now()
-                stop = stop or self._refusal(call, now, delay)
                 if stop is not None:
                     call.retry_stop = stop
+                    raise
+                backoff = self._backoff(policy, attempt)
+                delay = self._schedule(call, clock.now(), backoff)
+                if isinstance(delay, str):
+                    call.retry_stop = delay
                     raise
                 wait = "backoff"
             else:
@@ -167,16 +176,18 @@ class Retry:
                 if hinted is not None and hinted > policy.max_retry_after:
                     call.retry_stop = "retry_after_too_long"
                     return response
-                delay = self._backoff(policy, attempt) + (hinted or 0.0)
-                stop = self._refusal(call, now, delay)
-                if stop is not None:
-                    call.retry_stop = stop
+                backoff = self._backoff(policy, attempt) + (hinted or 0.0)
+                delay = self._schedule(call, now, backoff)
+                if isinstance(delay, str):
+                    call.retry_stop = delay
                     return response
                 await discard(response)
                 reason = f"status_{status}"
                 wait = "backoff" if hinted is None else "retry_after"
             self._metrics.retry(reason)
-            call.waits.append(Wait(wait, delay))
+            call.waits.append(Wait(wait, backoff))
+            if delay > backoff:
+                call.waits.append(Wait("rate_limit", delay - backoff))
             await clock.sleep(delay)
             attempt += 1
 
