@@ -75,6 +75,7 @@ class Host:
         "port",
         "random",
         "retry_gates",
+        "shared",
     )
 
     def __init__(
@@ -87,6 +88,7 @@ class Host:
         rng: random.Random,
         metrics: HostMetrics,
         inner: httpx.AsyncBaseTransport,
+        shared: dict[str, Any] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -97,6 +99,7 @@ class Host:
         self.metrics = metrics
         self.inner = inner
         self.layers: dict[str, Any] = {}
+        self.shared: dict[str, Any] = {} if shared is None else shared  # one dict for all hosts of a transport
         self.chains: dict[tuple[bool, ...], Next] = {}
         self.chain: Next  # the chain of ``policy``, set once the layers exist
         # Called with every response an attempt receives (a rate limiter reads

@@ -16,6 +16,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import httpx
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -165,6 +166,22 @@ def _remove(collector: Any, *labels: str) -> None:
         collector.remove(*labels)
     except KeyError:  # another transport on the registry already removed it
         pass
+
+
+def outcome_of_exception(exc: BaseException) -> str:
+    """The outcome label of a call or attempt that ended in ``exc``."""
+    from ._exceptions import BulkheadFullError, CircuitOpenError, RateLimitedError
+
+    for kind, outcome in (
+        (CircuitOpenError, "circuit_open"),
+        (RateLimitedError, "rate_limited"),
+        (BulkheadFullError, "bulkhead_full"),
+        (httpx.TimeoutException, "timeout"),
+        (Exception, "error"),
+    ):
+        if isinstance(exc, kind):
+            return outcome
+    return "cancelled"
 
 
 _STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")

@@ -39,11 +39,13 @@ from ._call import Host, Layer, Next
 from ._config import Policy
 from .layers.circuit_breaker import CircuitBreakerLayer
 from .layers.retry import Retry
+from .layers.stale_cache import StaleCache
 from .layers.timeout import TotalTimeout, attempt
 
 # (policy field that turns the layer on, how to make it for a host), outermost first.
 # The per-attempt timeout and the network are the end of every chain: ``attempt``.
 ORDER: tuple[tuple[str, Callable[[Host], Any]], ...] = (
+    ("stale_cache", StaleCache),
     ("timeout", TotalTimeout),
     ("circuit_breaker", CircuitBreakerLayer),
     ("retry", Retry),

@@ -15,37 +15,15 @@ from prometheus_client import CollectorRegistry
 from ._call import Call, Host
 from ._clock import Clock, SystemClock, default_random
 from ._config import Policy, RetryPolicy, TimeoutPolicy
-from ._exceptions import (
-    BulkheadFullError,
-    CircuitOpenError,
-    ConfigurationError,
-    DeadlineExceededError,
-    RateLimitedError,
-)
+from ._exceptions import ConfigurationError
 from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable
-from ._metrics import HostMetrics, metrics_for, outcome_of_status
+from ._metrics import HostMetrics, metrics_for, outcome_of_exception, outcome_of_status
 from ._pipeline import chain_for
 
 #: What a single call may change through ``request.extensions["resilient_http"]``.
 OVERRIDABLE = {"timeout": TimeoutPolicy, "retry": RetryPolicy}
 _OFF_ONLY = ("circuit_breaker", "rate_limit", "bulkhead", "stale_cache")
 PRIORITIES = ("critical", "high", "normal", "low")
-
-_EXCEPTION_OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
-    (CircuitOpenError, "circuit_open"),
-    (RateLimitedError, "rate_limited"),
-    (BulkheadFullError, "bulkhead_full"),
-    (DeadlineExceededError, "timeout"),
-    (httpx.TimeoutException, "timeout"),
-    (Exception, "error"),
-)
-
-
-def _outcome_of_exception(exc: BaseException) -> str:
-    for kind, outcome in _EXCEPTION_OUTCOMES:
-        if isinstance(exc, kind):
-            return outcome
-    return "cancelled"
 
 
 def _override(policy: Policy, override: Any) -> tuple[Policy, str]:
@@ -120,6 +98,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._clock: Clock = SystemClock() if clock is None else clock
         self._random = default_random() if random is None else random
         self._hosts: HostTable[Host] = HostTable(self._make_host, self._evict_host, max_hosts)
+        self._shared: dict[str, Any] = {}  # state layers keep across hosts (the stale cache's store)
 
     @classmethod
     def from_file(cls, path: str | PathLike[str], **kwargs: Any) -> ResilientTransport:
@@ -138,6 +117,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             rng=self._random,
             metrics=HostMetrics(self._metrics, f"{host}:{port}"),
             inner=self._inner,
+            shared=self._shared,
         )
         state.chain = chain_for(state, state.policy)
         return state
@@ -167,7 +147,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         try:
             response = await chain(call)
         except BaseException as exc:
-            host.metrics.request(_outcome_of_exception(exc), clock.now() - started)
+            host.metrics.request(outcome_of_exception(exc), clock.now() - started)
             raise
         host.metrics.request("stale" if call.stale else outcome_of_status(response.status_code), clock.now() - started)
         response.extensions["resilient_http"] = call.info()
