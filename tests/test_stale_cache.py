@@ -38,7 +38,7 @@ class Upstream:
         return behaviour
 
 
-def ok(body: bytes = b'{"v": 1}', **headers: str) -> httpx.Response:
+def ok(body: bytes = b'{"v": 1}', /, **headers: str) -> httpx.Response:
     return httpx.Response(200, content=body, headers={"content-type": "application/json", **headers})
 
 
