@@ -37,6 +37,7 @@ from typing import Any
 
 from ._call import Host, Layer, Next
 from ._config import Policy
+from .layers.bulkhead import Bulkhead
 from .layers.circuit_breaker import CircuitBreakerLayer
 from .layers.retry import Retry
 from .layers.stale_cache import StaleCache
@@ -49,6 +50,7 @@ ORDER: tuple[tuple[str, Callable[[Host], Any]], ...] = (
     ("timeout", TotalTimeout),
     ("circuit_breaker", CircuitBreakerLayer),
     ("retry", Retry),
+    ("bulkhead", Bulkhead),
 )
 
 

@@ -1,0 +1,207 @@
+"""Bulkhead: a slow host only ever uses its own slots, and overload is shed, never queued without end.
+
+Each host gets at most ``max_concurrent`` attempts in flight and at most
+``max_queue`` calls waiting for one; a call beyond that fails at once with
+:class:`BulkheadFullError`. The bulkhead sits inside retry, so every attempt
+takes a slot and gives it back when the attempt returns (its headers, and its
+body when the attempt pre-reads it) or fails: a call waiting out a backoff
+holds nothing. It sits outside the per-attempt timeout, so time spent queueing
+never eats into an attempt's time. State lives on the layer, one per host: a
+hung host fills its own slots and no other host's.
+
+A waiting call gives up after ``queue_timeout`` seconds with
+:class:`BulkheadFullError`, and always when the call's total deadline comes,
+with :class:`DeadlineExceededError` (``kind="total"``).
+
+Priorities decide who is shed when the host is saturated. The queue is
+ordered ``critical``, ``high``, ``normal``, ``low``, first come first served
+within each; a freed slot goes straight to the head of the queue. When the
+queue is full, a newcomer takes the place of the most recently queued of the
+lowest-priority waiters, if that waiter ranks below it; otherwise the newcomer
+is refused. So critical calls may wait, but are never shed while a
+lower-priority call waits.
+
+Slots are counted, not locked: taking a free slot when nobody waits is a
+compare and an increment. Only a call that must wait pays for an
+``anyio.Event`` and a timer. A slot passes from hand to hand without ever
+being counted free, and every way out of the queue (granted, shed, timed out,
+cancelled before or after being granted) settles the counts exactly once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import anyio
+import httpx
+
+from .._call import Call, Host, Next, Wait
+from .._clock import Clock
+from .._exceptions import BulkheadFullError, DeadlineExceededError
+from .._metrics import HostMetrics
+
+PRIORITIES = ("critical", "high", "normal", "low")
+_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+_WAITING, _GRANTED, _SHED = 0, 1, 2
+
+
+class _Waiter:
+    """A call waiting for a slot; made only when the host is saturated."""
+
+    __slots__ = ("event", "rank", "state")
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.state = _WAITING
+        self.event = anyio.Event()
+
+
+class Bulkhead:
+    """The bulkhead layer of one host."""
+
+    __slots__ = (
+        "_clock",
+        "_in_flight",
+        "_in_flight_gauge",
+        "_limit",
+        "_max_queue",
+        "_metrics",
+        "_queue_timeout",
+        "_queued",
+        "_queued_gauge",
+        "_queues",
+    )
+
+    def __init__(self, host: Host) -> None:
+        policy = host.policy.bulkhead
+        assert policy is not None
+        self._limit = policy.max_concurrent
+        self._max_queue = policy.max_queue
+        self._queue_timeout = policy.queue_timeout
+        self._clock: Clock = host.clock
+        self._metrics: HostMetrics = host.metrics
+        self._in_flight_gauge = host.metrics.bulkhead_in_flight
+        self._queued_gauge = host.metrics.bulkhead_queued
+        self._in_flight = 0
+        self._queued = 0
+        self._queues: tuple[deque[_Waiter], ...] = tuple(deque() for _ in PRIORITIES)
+
+    @property
+    def in_flight(self) -> int:
+        """Attempts holding a slot now."""
+        return self._in_flight
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for a slot now."""
+        return self._queued
+
+    async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
+        # A slot is free only when nobody waits: a freed slot is handed to the
+        # head of the queue rather than counted free.
+        if self._in_flight < self._limit:
+            self._in_flight += 1
+            self._in_flight_gauge.inc()
+        else:
+            await self._wait(call)
+        try:
+            return await call_next(call)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Hand the slot to the head of the queue, or free it."""
+        if self._queued:
+            for queue in self._queues:
+                if queue:
+                    waiter = queue.popleft()
+                    self._queued -= 1
+                    self._queued_gauge.dec()
+                    waiter.state = _GRANTED
+                    waiter.event.set()
+                    return
+        self._in_flight -= 1
+        self._in_flight_gauge.dec()
+
+    def _leave(self, waiter: _Waiter) -> None:
+        self._queues[waiter.rank].remove(waiter)
+        self._queued -= 1
+        self._queued_gauge.dec()
+
+    def _reject(self, call: Call, priority: str, why: str) -> BulkheadFullError:
+        self._metrics.labelled("bulkhead_rejected", priority).inc()
+        host = self._metrics.host
+        return BulkheadFullError(f"bulkhead of {host} {why}", host=host, retry_after=None, request=call.request)
+
+    def _expired(self, call: Call) -> DeadlineExceededError:
+        self._metrics.timeout("total")
+        timeout = call.policy.timeout.total if call.policy.timeout is not None else None
+        return DeadlineExceededError(
+            f"total timeout of {timeout}s ran out while waiting for a bulkhead slot",
+            kind="total",
+            timeout=timeout or 0.0,
+            request=call.request,
+        )
+
+    def _make_room(self, call: Call, rank: int) -> None:
+        """Shed the newest of the lowest-ranked waiters below ``rank``, or refuse the newcomer."""
+        for lower in range(len(PRIORITIES) - 1, rank, -1):
+            queue = self._queues[lower]
+            if queue:
+                victim = queue.pop()
+                self._queued -= 1
+                self._queued_gauge.dec()
+                victim.state = _SHED
+                victim.event.set()
+                self._metrics.labelled("bulkhead_rejected", PRIORITIES[lower]).inc()
+                return
+        raise self._reject(call, call.priority, f"is full ({self._limit} in flight, {self._max_queue} waiting)")
+
+    async def _wait(self, call: Call) -> None:
+        """Queue until a slot is handed over; return holding it, or raise."""
+        clock = self._clock
+        started = clock.now()
+        timeout = self._queue_timeout
+        by_deadline = False
+        if call.deadline is not None:
+            left = call.deadline - started
+            if left <= 0:
+                raise self._expired(call)
+            if timeout is None or left <= timeout:
+                timeout, by_deadline = left, True
+        rank = _RANK[call.priority]
+        if self._queued >= self._max_queue:
+            self._make_room(call, rank)
+        waiter = _Waiter(rank)
+        self._queues[rank].append(waiter)
+        self._queued += 1
+        self._queued_gauge.inc()
+        try:
+            with anyio.move_on_after(timeout):
+                await waiter.event.wait()
+        except BaseException:  # cancelled
+            if waiter.state == _GRANTED:  # handed a slot it will not use: pass it on
+                self._release()
+            elif waiter.state == _WAITING:
+                self._leave(waiter)
+            raise
+        finally:
+            waited = clock.now() - started
+            if waited > 0:
+                call.waits.append(Wait("bulkhead", waited))
+        # The state, not the timer, decides: a slot handed over as the timer
+        # fired is still the call's to use.
+        if waiter.state == _GRANTED:
+            return
+        if waiter.state == _SHED:
+            host = self._metrics.host
+            raise BulkheadFullError(
+                f"bulkhead of {host} shed this {call.priority} call for a higher-priority one",
+                host=host,
+                retry_after=None,
+                request=call.request,
+            )
+        self._leave(waiter)
+        if by_deadline:
+            raise self._expired(call)
+        raise self._reject(call, call.priority, f"had no free slot within {self._queue_timeout}s")
