@@ -123,13 +123,15 @@ class Retry:
         if self._budget is not None and not self._budget.withdraw(now):
             self._metrics.budget_exhausted.inc()
             return "budget"
-        when = now + delay
+        earliest = when = now + delay
         for gate in self._gates:
             allowed = gate(call, when)
             if allowed is None:
                 return "rate_limit"
             when = allowed
-        return when - now
+        # Not ``when - now``: float rounding would make it differ from ``delay``
+        # with no gate at all, and a phantom "rate_limit" wait would be recorded.
+        return delay + (when - earliest)
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         policy = call.policy.retry
