@@ -1,9 +1,10 @@
 """Timeouts: the total deadline of a call, and the attempt that goes to the network.
 
-One timer per attempt. The total deadline is not a timer of its own: it is
-a number on the call (set when the call enters the transport) that every
-wait in the chain respects, and that the attempt folds into its own cancel
-scope (whichever of "attempt" and "total" ends first). The client's httpx
+One timer per attempt, and a cheap one (see :mod:`resilient_http._deadline`).
+The total deadline is not a timer of its own: it is a number on the call
+(set when the call enters the transport) that every wait in the chain
+respects, and that the attempt folds into its own timer (whichever of
+"attempt" and "total" ends first). The client's httpx
 timeouts are replaced by ``None`` for the attempt, so that httpcore starts
 no timers of its own and cannot silently cut an attempt shorter than the
 policy says.
@@ -25,8 +26,9 @@ import anyio
 import httpx
 
 from .._call import Call, Next
+from .._deadline import move_on_after
 from .._exceptions import DeadlineExceededError, TimeoutKind
-from .._metrics import HostMetrics, outcome_of_status
+from .._metrics import outcome_of_status
 
 PREREAD_LIMIT = 1 << 20
 _NO_HTTPX_TIMEOUTS = {"connect": None, "read": None, "write": None, "pool": None}
@@ -48,37 +50,31 @@ class BufferedStream(httpx.AsyncByteStream):
 class DeadlineStream(httpx.AsyncByteStream):
     """A streamed body whose every chunk must arrive before the call's deadline."""
 
-    __slots__ = ("_deadline", "_inner", "_metrics", "_request", "_timeout")
+    __slots__ = ("_call", "_inner", "_timeout")
 
-    def __init__(
-        self,
-        inner: httpx.AsyncByteStream,
-        deadline: float,
-        timeout: float,
-        metrics: HostMetrics,
-        request: httpx.Request,
-    ) -> None:
+    def __init__(self, inner: httpx.AsyncByteStream, call: Call, timeout: float) -> None:
         self._inner = inner
-        self._deadline = deadline  # on anyio's clock
+        self._call = call
         self._timeout = timeout
-        self._metrics = metrics
-        self._request = request
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         chunks = self._inner.__aiter__()
+        call = self._call
+        assert call.deadline is not None
+        clock = call.host.clock
         while True:
-            with anyio.CancelScope(deadline=self._deadline) as scope:
+            with move_on_after(call.deadline - clock.now()) as scope:
                 try:
                     chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     return
-            if scope.cancelled_caught:
-                self._metrics.timeout("total")
+            if scope.expired:
+                call.host.metrics.timeout("total")
                 raise DeadlineExceededError(
                     f"total timeout of {self._timeout}s ran out while reading the body",
                     kind="total",
                     timeout=self._timeout,
-                    request=self._request,
+                    request=call.request,
                 )
             yield chunk
 
@@ -116,14 +112,7 @@ class TotalTimeout:
             and not isinstance(stream, BufferedStream | httpx.ByteStream)
         ):
             timeout = call.policy.timeout.total if call.policy.timeout is not None else None
-            remaining = deadline - call.host.clock.now()
-            response.stream = DeadlineStream(
-                stream,
-                anyio.current_time() + remaining,
-                timeout or 0.0,
-                call.host.metrics,
-                call.request,
-            )
+            response.stream = DeadlineStream(stream, call, timeout or 0.0)
         return response
 
 
@@ -178,7 +167,7 @@ async def attempt(call: Call) -> httpx.Response:
             if remaining <= 0:
                 raise _expired(call, kind, timeout)
             call.request.extensions["timeout"] = _NO_HTTPX_TIMEOUTS
-            scope = anyio.CancelScope(deadline=anyio.current_time() + remaining)
+            scope = move_on_after(remaining)
     call.attempts += 1
     try:
         if scope is None:
@@ -186,7 +175,7 @@ async def attempt(call: Call) -> httpx.Response:
         else:
             with scope:
                 response = await _send(call)
-            if scope.cancelled_caught:
+            if scope.expired:
                 raise _expired(call, kind, timeout)
     except httpx.TimeoutException:
         metrics.attempt("timeout", clock.now() - started)
