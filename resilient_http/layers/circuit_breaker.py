@@ -153,7 +153,10 @@ class CircuitBreaker:
 
     def _close(self) -> None:
         self._break = self.policy.break_duration
+        # Counts too, not only epochs: an epoch of -1 is inside the window while the clock is young.
         self._epochs = [-1] * _BUCKETS
+        self._successes = [0] * _BUCKETS
+        self._failures = [0] * _BUCKETS
         self._set(CLOSED)
 
     def retry_after(self, now: float) -> float:
@@ -161,9 +164,11 @@ class CircuitBreaker:
         return max(0.0, self._opened_until - now) if self.state == OPEN else 0.0
 
 
-def _is_host_failure(exc: Exception) -> bool:
+def _is_host_failure(exc: Exception, call: Call) -> bool:
     if isinstance(exc, DeadlineExceededError):
-        return True
+        # A deadline that ran out before any attempt reached the network (in a
+        # queue, say) says nothing about the host.
+        return call.attempts > 0
     if isinstance(exc, ResilienceError):  # a rejection made on this side
         return False
     return isinstance(exc, _HOST_FAILURES)
@@ -190,7 +195,7 @@ class CircuitBreakerLayer:
         try:
             response = await call_next(call)
         except Exception as exc:
-            if _is_host_failure(exc):
+            if _is_host_failure(exc, call):
                 breaker.record(clock.now(), trial, failure=True)
             else:
                 breaker.release(trial)

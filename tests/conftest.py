@@ -1,0 +1,129 @@
+"""Shared fixtures: a fresh metrics registry, a fake clock, and clients over ResilientTransport.
+
+Unit tests never touch a socket and never really sleep: ``httpx.MockTransport``
+plays the server (usually through a :class:`Script`) and
+:class:`~resilient_http.testing.FakeClock` makes every wait instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from resilient_http import Policy, ResilientTransport
+from resilient_http.testing import FakeClock
+
+#: The host every client talks to unless a test says otherwise, and its metric label.
+BASE_URL = "https://api.example.com"
+HOST = "api.example.com:443"
+
+Handler = Callable[[httpx.Request], httpx.Response] | Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
+#: One scripted answer: a status, a status with headers, an exception class raised
+#: with the request, or a handler of its own.
+Step = int | tuple[int, Mapping[str, str]] | type[httpx.TransportError] | Handler
+
+
+class Script:
+    """A MockTransport handler that plays its steps in order, repeating the last, and records requests."""
+
+    def __init__(self, *steps: Step) -> None:
+        assert steps, "a script needs at least one step"
+        self.steps = steps
+        self.requests: list[httpx.Request] = []
+
+    @property
+    def calls(self) -> int:
+        return len(self.requests)
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        step = self.steps[min(self.calls, len(self.steps)) - 1]
+        if isinstance(step, int):
+            return httpx.Response(step)
+        if isinstance(step, tuple):
+            status, headers = step
+            return httpx.Response(status, headers=headers)
+        if isinstance(step, type):
+            raise step(f"scripted failure {self.calls}", request=request)
+        response = step(request)
+        return response if isinstance(response, httpx.Response) else await response
+
+
+def only(**layers: Any) -> Policy:
+    """A policy with every layer off except ``layers``, so a test sees one layer at a time."""
+    off = {field.name: None for field in dataclasses.fields(Policy)}
+    return Policy(**{**off, **layers})
+
+
+class Harness:
+    """Builds transports and clients on the test's registry and clock, and reads the metrics back."""
+
+    def __init__(self, registry: CollectorRegistry, clock: FakeClock) -> None:
+        self.registry = registry
+        self.clock = clock
+        self._clients: list[httpx.AsyncClient] = []
+
+    def transport(
+        self,
+        handler: Handler,
+        default: Policy | None = None,
+        *,
+        policies: Mapping[str, Policy] | None = None,
+        seed: int = 0,
+        max_hosts: int = 1000,
+    ) -> ResilientTransport:
+        return ResilientTransport(
+            policies,
+            default=default,
+            inner=httpx.MockTransport(handler),
+            registry=self.registry,
+            max_hosts=max_hosts,
+            clock=self.clock,
+            random=random.Random(seed),
+        )
+
+    def client(
+        self,
+        handler: Handler,
+        default: Policy | None = None,
+        *,
+        policies: Mapping[str, Policy] | None = None,
+        seed: int = 0,
+        max_hosts: int = 1000,
+    ) -> httpx.AsyncClient:
+        """A client on ``BASE_URL`` over a ResilientTransport whose inner transport runs ``handler``."""
+        transport = self.transport(handler, default, policies=policies, seed=seed, max_hosts=max_hosts)
+        client = httpx.AsyncClient(transport=transport, base_url=BASE_URL)
+        self._clients.append(client)
+        return client
+
+    def value(self, name: str, host: str = HOST, **labels: str) -> float | None:
+        """The sample ``name`` for ``host`` and ``labels``, ``None`` when the series does not exist."""
+        return self.registry.get_sample_value(name, {"host": host, **labels})
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def harness(registry: CollectorRegistry, clock: FakeClock) -> AsyncIterator[Harness]:
+    harness = Harness(registry, clock)
+    yield harness
+    await harness.aclose()

@@ -1,0 +1,245 @@
+"""Policies: every rule is checked at construction and names the field and the value it refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import pytest
+
+from resilient_http import (
+    BulkheadPolicy,
+    CircuitBreakerPolicy,
+    ConfigurationError,
+    Policy,
+    RateLimitPolicy,
+    RetryBudget,
+    RetryPolicy,
+    StaleCachePolicy,
+    TimeoutPolicy,
+)
+
+INVALID: list[tuple[type, dict[str, Any], str]] = [
+    # (policy class, keyword arguments, the field the error must name; the value is the argument's)
+    (TimeoutPolicy, {"attempt": 0}, "TimeoutPolicy.attempt"),
+    (TimeoutPolicy, {"attempt": -1.5}, "TimeoutPolicy.attempt"),
+    (TimeoutPolicy, {"attempt": math.inf}, "TimeoutPolicy.attempt"),
+    (TimeoutPolicy, {"attempt": math.nan}, "TimeoutPolicy.attempt"),
+    (TimeoutPolicy, {"attempt": True}, "TimeoutPolicy.attempt"),
+    (TimeoutPolicy, {"attempt": "5"}, "TimeoutPolicy.attempt"),
+    (TimeoutPolicy, {"total": 0.0}, "TimeoutPolicy.total"),
+    (TimeoutPolicy, {"total": -30}, "TimeoutPolicy.total"),
+    (TimeoutPolicy, {"total": False}, "TimeoutPolicy.total"),
+    (TimeoutPolicy, {"attempt": 31, "total": 30}, "TimeoutPolicy.attempt"),
+    (RetryBudget, {"ratio": -0.1}, "RetryBudget.ratio"),
+    (RetryBudget, {"ratio": 1.5}, "RetryBudget.ratio"),
+    (RetryBudget, {"ratio": True}, "RetryBudget.ratio"),
+    (RetryBudget, {"ratio": math.nan}, "RetryBudget.ratio"),
+    (RetryBudget, {"min_per_second": -1}, "RetryBudget.min_per_second"),
+    (RetryBudget, {"min_per_second": math.inf}, "RetryBudget.min_per_second"),
+    (RetryBudget, {"window": 0}, "RetryBudget.window"),
+    (RetryBudget, {"window": "10"}, "RetryBudget.window"),
+    (RetryPolicy, {"attempts": 0}, "RetryPolicy.attempts"),
+    (RetryPolicy, {"attempts": -2}, "RetryPolicy.attempts"),
+    (RetryPolicy, {"attempts": 2.0}, "RetryPolicy.attempts"),
+    (RetryPolicy, {"attempts": True}, "RetryPolicy.attempts"),
+    (RetryPolicy, {"backoff": 0}, "RetryPolicy.backoff"),
+    (RetryPolicy, {"backoff": -0.1}, "RetryPolicy.backoff"),
+    (RetryPolicy, {"max_backoff": 0}, "RetryPolicy.max_backoff"),
+    (RetryPolicy, {"backoff": 2.0, "max_backoff": 1.0}, "RetryPolicy.max_backoff"),
+    (RetryPolicy, {"statuses": "503"}, "RetryPolicy.statuses"),
+    (RetryPolicy, {"statuses": 503}, "RetryPolicy.statuses"),
+    (RetryPolicy, {"statuses": [99]}, "RetryPolicy.statuses"),
+    (RetryPolicy, {"statuses": [503, 600]}, "RetryPolicy.statuses"),
+    (RetryPolicy, {"statuses": [True]}, "RetryPolicy.statuses"),
+    (RetryPolicy, {"statuses": [503.0]}, "RetryPolicy.statuses"),
+    (RetryPolicy, {"statuses": ["503"]}, "RetryPolicy.statuses"),
+    (RetryPolicy, {"max_retry_after": -1}, "RetryPolicy.max_retry_after"),
+    (RetryPolicy, {"max_retry_after": True}, "RetryPolicy.max_retry_after"),
+    (RetryPolicy, {"budget": {"ratio": 0.1}}, "RetryPolicy.budget"),
+    (RetryPolicy, {"budget": False}, "RetryPolicy.budget"),
+    (CircuitBreakerPolicy, {"failure_ratio": 0}, "CircuitBreakerPolicy.failure_ratio"),
+    (CircuitBreakerPolicy, {"failure_ratio": 1.01}, "CircuitBreakerPolicy.failure_ratio"),
+    (CircuitBreakerPolicy, {"failure_ratio": -0.5}, "CircuitBreakerPolicy.failure_ratio"),
+    (CircuitBreakerPolicy, {"failure_ratio": True}, "CircuitBreakerPolicy.failure_ratio"),
+    (CircuitBreakerPolicy, {"minimum_calls": 0}, "CircuitBreakerPolicy.minimum_calls"),
+    (CircuitBreakerPolicy, {"minimum_calls": 10.0}, "CircuitBreakerPolicy.minimum_calls"),
+    (CircuitBreakerPolicy, {"window": -10}, "CircuitBreakerPolicy.window"),
+    (CircuitBreakerPolicy, {"break_duration": 0}, "CircuitBreakerPolicy.break_duration"),
+    (CircuitBreakerPolicy, {"max_break_duration": math.inf}, "CircuitBreakerPolicy.max_break_duration"),
+    (CircuitBreakerPolicy, {"break_duration": 10, "max_break_duration": 5}, "CircuitBreakerPolicy.max_break_duration"),
+    (CircuitBreakerPolicy, {"half_open_calls": 0}, "CircuitBreakerPolicy.half_open_calls"),
+    (CircuitBreakerPolicy, {"half_open_calls": False}, "CircuitBreakerPolicy.half_open_calls"),
+    (CircuitBreakerPolicy, {"failure_statuses": [1000]}, "CircuitBreakerPolicy.failure_statuses"),
+    (CircuitBreakerPolicy, {"failure_statuses": b"500"}, "CircuitBreakerPolicy.failure_statuses"),
+    (RateLimitPolicy, {"rate": 0}, "RateLimitPolicy.rate"),
+    (RateLimitPolicy, {"rate": True}, "RateLimitPolicy.rate"),
+    (RateLimitPolicy, {"rate": 1, "burst": 0}, "RateLimitPolicy.burst"),
+    (RateLimitPolicy, {"rate": 1, "burst": 1.5}, "RateLimitPolicy.burst"),
+    (RateLimitPolicy, {"rate": 1, "max_wait": -1}, "RateLimitPolicy.max_wait"),
+    (BulkheadPolicy, {"max_concurrent": 0}, "BulkheadPolicy.max_concurrent"),
+    (BulkheadPolicy, {"max_concurrent": True}, "BulkheadPolicy.max_concurrent"),
+    (BulkheadPolicy, {"max_queue": -1}, "BulkheadPolicy.max_queue"),
+    (BulkheadPolicy, {"queue_timeout": 0}, "BulkheadPolicy.queue_timeout"),
+    (StaleCachePolicy, {"max_stale": 0}, "StaleCachePolicy.max_stale"),
+    (StaleCachePolicy, {"max_entries": 0}, "StaleCachePolicy.max_entries"),
+    (StaleCachePolicy, {"max_bytes": 0}, "StaleCachePolicy.max_bytes"),
+    (StaleCachePolicy, {"max_body_bytes": -1}, "StaleCachePolicy.max_body_bytes"),
+    (StaleCachePolicy, {"max_bytes": 100, "max_body_bytes": 101}, "StaleCachePolicy.max_body_bytes"),
+    (Policy, {"timeout": RetryPolicy()}, "Policy.timeout"),
+    (Policy, {"retry": 3}, "Policy.retry"),
+    (Policy, {"retry": True}, "Policy.retry"),
+    (Policy, {"circuit_breaker": {"failure_ratio": 0.5}}, "Policy.circuit_breaker"),
+    (Policy, {"rate_limit": 10}, "Policy.rate_limit"),
+    (Policy, {"bulkhead": "100"}, "Policy.bulkhead"),
+    (Policy, {"stale_cache": TimeoutPolicy()}, "Policy.stale_cache"),
+]
+
+VALID_EDGES: list[tuple[type, dict[str, Any]]] = [
+    (TimeoutPolicy, {"attempt": None, "total": None}),
+    (TimeoutPolicy, {"attempt": 5, "total": 5}),
+    (TimeoutPolicy, {"attempt": 60, "total": None}),
+    (TimeoutPolicy, {"attempt": None, "total": 0.001}),
+    (RetryBudget, {"ratio": 0, "min_per_second": 0}),
+    (RetryBudget, {"ratio": 1, "window": 0.5}),
+    (RetryPolicy, {"attempts": 1}),
+    (RetryPolicy, {"backoff": 2, "max_backoff": 2}),
+    (RetryPolicy, {"max_retry_after": 0}),
+    (RetryPolicy, {"statuses": []}),
+    (RetryPolicy, {"statuses": [100, 599]}),
+    (RetryPolicy, {"budget": None}),
+    (CircuitBreakerPolicy, {"failure_ratio": 1, "minimum_calls": 1, "half_open_calls": 1}),
+    (CircuitBreakerPolicy, {"break_duration": 7, "max_break_duration": 7}),
+    (RateLimitPolicy, {"rate": 0.01}),
+    (RateLimitPolicy, {"rate": 100, "burst": 1, "max_wait": 0}),
+    (BulkheadPolicy, {"max_concurrent": 1, "max_queue": 0}),
+    (StaleCachePolicy, {"max_entries": 1, "max_bytes": 1, "max_body_bytes": 1}),
+    (StaleCachePolicy, {"max_body_bytes": 0}),
+    (Policy, {"timeout": None, "retry": None, "circuit_breaker": None, "bulkhead": None}),
+]
+
+ALL_POLICIES: list[Any] = [
+    TimeoutPolicy(),
+    RetryBudget(),
+    RetryPolicy(),
+    CircuitBreakerPolicy(),
+    RateLimitPolicy(rate=1),
+    BulkheadPolicy(),
+    StaleCachePolicy(),
+    Policy(),
+]
+
+
+def _case_id(case: tuple[type, dict[str, Any], str] | tuple[type, dict[str, Any]]) -> str:
+    return f"{case[0].__name__}({', '.join(f'{k}={v!r}' for k, v in case[1].items())})"
+
+
+@pytest.mark.parametrize("case", INVALID, ids=_case_id)
+def test_invalid_values_raise_naming_the_field_and_the_value(case: tuple[type, dict[str, Any], str]) -> None:
+    """Every validation rule raises ConfigurationError whose message names the field and the refused value."""
+    kind, kwargs, field = case
+    with pytest.raises(ConfigurationError) as caught:
+        kind(**kwargs)
+    value = kwargs[field.rpartition(".")[2]]
+    assert caught.value.field == field
+    assert field in str(caught.value)
+    assert repr(value) in str(caught.value)
+    assert caught.value.value is value
+
+
+@pytest.mark.parametrize("case", VALID_EDGES, ids=_case_id)
+def test_valid_edge_values_are_accepted(case: tuple[type, dict[str, Any]]) -> None:
+    """Values on the edge of what a rule allows make a policy that keeps them."""
+    kind, kwargs = case
+    made = kind(**kwargs)
+    for name, value in kwargs.items():
+        expected = frozenset(value) if name.endswith("statuses") else value
+        assert getattr(made, name) == expected
+
+
+def test_configuration_error_is_a_value_error_and_not_an_http_error() -> None:
+    """A bad policy is a programming error, not something HTTP error handlers should swallow."""
+    import httpx
+
+    with pytest.raises(ConfigurationError) as caught:
+        RetryPolicy(attempts=0)
+    assert isinstance(caught.value, ValueError)
+    assert not isinstance(caught.value, httpx.HTTPError)
+    assert caught.value.reason
+    assert caught.value.value == 0
+
+
+@pytest.mark.parametrize(
+    "statuses",
+    [[503, 429], (503, 429), {503, 429}, frozenset({503, 429}), {503: "x", 429: "y"}.keys(), [503, 429, 503]],
+    ids=["list", "tuple", "set", "frozenset", "dict_keys", "duplicates"],
+)
+def test_statuses_accept_any_collection_and_become_a_frozenset(statuses: Any) -> None:
+    """Whatever collection is given, the policy holds an immutable frozenset of its statuses."""
+    retry = RetryPolicy(statuses=statuses)
+    breaker = CircuitBreakerPolicy(failure_statuses=statuses)
+    assert retry.statuses == frozenset({503, 429})
+    assert type(retry.statuses) is frozenset
+    assert breaker.failure_statuses == frozenset({503, 429})
+    assert type(breaker.failure_statuses) is frozenset
+
+
+def test_statuses_accept_a_range() -> None:
+    """A range is a collection of statuses too."""
+    assert RetryPolicy(statuses=range(500, 505)).statuses == frozenset({500, 501, 502, 503, 504})
+
+
+def test_whole_numbers_are_accepted_where_seconds_are_expected() -> None:
+    """Integers are fine for every duration and ratio."""
+    policy = TimeoutPolicy(attempt=1, total=2)
+    assert (policy.attempt, policy.total) == (1, 2)
+    assert RetryBudget(ratio=1, min_per_second=0, window=1).ratio == 1
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES, ids=lambda p: type(p).__name__)
+def test_policies_are_frozen(policy: Any) -> None:
+    """No field of a policy can be changed once it is made, nor new ones added."""
+    name = dataclasses.fields(policy)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(policy, name, getattr(policy, name))
+    with pytest.raises((AttributeError, TypeError)):
+        policy.unexpected = 1
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES, ids=lambda p: type(p).__name__)
+def test_policies_take_keyword_arguments_only(policy: Any) -> None:
+    """Positional arguments are refused, so a reordered field can never silently change a policy."""
+    kind = type(policy)
+    args = [getattr(policy, dataclasses.fields(policy)[0].name)]
+    with pytest.raises(TypeError):
+        kind(*args)
+
+
+def test_replace_revalidates() -> None:
+    """A policy derived with dataclasses.replace is checked like a new one."""
+    with pytest.raises(ConfigurationError, match=r"RetryPolicy\.attempts"):
+        dataclasses.replace(RetryPolicy(), attempts=0)
+
+
+def test_default_policy_turns_on_timeouts_retries_breaker_and_bulkhead_only() -> None:
+    """Policy() has the always-safe layers on and the opt-in ones (rate limit, stale cache) off."""
+    policy = Policy()
+    assert policy.timeout == TimeoutPolicy()
+    assert policy.retry == RetryPolicy()
+    assert policy.circuit_breaker == CircuitBreakerPolicy()
+    assert policy.bulkhead == BulkheadPolicy()
+    assert policy.rate_limit is None
+    assert policy.stale_cache is None
+
+
+def test_documented_defaults() -> None:
+    """The defaults are the documented ones (10 s attempt, 30 s total, 3 attempts, 20 % + 10/s budget)."""
+    assert (TimeoutPolicy().attempt, TimeoutPolicy().total) == (10.0, 30.0)
+    retry = RetryPolicy()
+    assert (retry.attempts, retry.backoff, retry.max_backoff, retry.max_retry_after) == (3, 0.1, 10.0, 60.0)
+    assert retry.statuses == frozenset({408, 429, 502, 503, 504})
+    assert retry.budget == RetryBudget(ratio=0.2, min_per_second=10.0, window=10.0)
+    breaker = CircuitBreakerPolicy()
+    assert breaker.failure_statuses == frozenset({500, 502, 503, 504})
+    assert 429 not in breaker.failure_statuses

@@ -1,0 +1,219 @@
+"""Host patterns and per-host state: the most specific pattern wins, state is per host:port, memory is bounded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from conftest import Harness, Script, only
+from prometheus_client import CollectorRegistry
+
+from resilient_http import (
+    CircuitBreakerPolicy,
+    CircuitOpenError,
+    ConfigurationError,
+    Policy,
+    ResilientTransport,
+    RetryPolicy,
+)
+
+HOST_PORT = Policy(retry=RetryPolicy(attempts=2))
+HOST = Policy(retry=RetryPolicy(attempts=3))
+WILDCARD = Policy(retry=RetryPolicy(attempts=4))
+WILDCARD_PORT = Policy(retry=RetryPolicy(attempts=5))
+LONG_WILDCARD = Policy(retry=RetryPolicy(attempts=6))
+DEFAULT = Policy(retry=RetryPolicy(attempts=7))
+
+POLICIES = {
+    "api.example.com:8443": HOST_PORT,
+    "api.example.com": HOST,
+    "*.example.com": WILDCARD,
+    "*.example.com:8443": WILDCARD_PORT,
+    "*.eu.example.com": LONG_WILDCARD,
+}
+
+
+def _transport(policies: dict[str, Policy] | None = None, default: Policy | None = DEFAULT) -> ResilientTransport:
+    return ResilientTransport(
+        POLICIES if policies is None else policies,
+        default=default,
+        inner=httpx.MockTransport(lambda request: httpx.Response(200)),
+        registry=CollectorRegistry(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "expected"),
+    [
+        ("api.example.com", 8443, HOST_PORT),
+        ("api.example.com", 443, HOST),
+        ("api.example.com", 80, HOST),
+        ("www.example.com", 443, WILDCARD),
+        ("a.b.c.example.com", 443, WILDCARD),
+        ("www.example.com", 8443, WILDCARD_PORT),
+        ("api.eu.example.com", 443, LONG_WILDCARD),
+        ("api.eu.example.com", 8443, LONG_WILDCARD),
+        ("example.com", 443, DEFAULT),
+        ("example.com", 8443, DEFAULT),
+        ("example.org", 443, DEFAULT),
+        ("notexample.com", 443, DEFAULT),
+        ("api.example.com.evil.org", 443, DEFAULT),
+    ],
+)
+def test_the_most_specific_pattern_wins(host: str, port: int, expected: Policy) -> None:
+    """host:port beats host, host beats any wildcard, the longest wildcard wins, then the default."""
+    assert _transport().policy_for(host, port) is expected
+
+
+def test_a_wildcard_does_not_match_the_bare_domain() -> None:
+    """`*.example.com` is for subdomains only: example.com itself gets the default."""
+    transport = _transport({"*.example.com": WILDCARD})
+    assert transport.policy_for("example.com") is DEFAULT
+    assert transport.policy_for("x.example.com") is WILDCARD
+
+
+def test_patterns_and_hosts_match_without_regard_to_case() -> None:
+    """Host names are case-insensitive, in patterns and in lookups."""
+    transport = _transport({"API.Example.COM": HOST, "*.Internal.Example": WILDCARD})
+    assert transport.policy_for("api.example.com") is HOST
+    assert transport.policy_for("Api.EXAMPLE.com") is HOST
+    assert transport.policy_for("db.internal.example") is WILDCARD
+
+
+def test_ip_addresses_are_patterns_too() -> None:
+    """IPv4 and bracketed IPv6 addresses, with or without a port, are valid patterns."""
+    transport = _transport({"10.0.0.1": HOST, "[::1]:8080": HOST_PORT, "10.0.0.2:9000": WILDCARD})
+    assert transport.policy_for("10.0.0.1", 80) is HOST
+    assert transport.policy_for("::1", 8080) is HOST_PORT
+    assert transport.policy_for("::1", 8081) is DEFAULT
+    assert transport.policy_for("10.0.0.2", 9000) is WILDCARD
+
+
+def test_without_a_default_unmatched_hosts_get_policy() -> None:
+    """Hosts no pattern matches get Policy() when no default is given."""
+    assert _transport({}, default=None).policy_for("example.org") == Policy()
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "",
+        "*",
+        "*.",
+        "api.*.example.com",
+        "*.*.example.com",
+        "**.example.com",
+        "api.example.com:http",
+        "api.example.com:",
+        "api.example.com:0",
+        "api.example.com:65536",
+        ":443",
+        "api.example.com/v1",
+        "https://api.example.com/",
+        "api example.com",
+        "[::1]x",
+    ],
+)
+def test_bad_patterns_raise(pattern: str) -> None:
+    """A key that is not host, host:port or *.domain is refused when the transport is built, naming it."""
+    with pytest.raises(ConfigurationError) as caught:
+        _transport({pattern: HOST})
+    assert repr(pattern) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("policies", "default"),
+    [({1: HOST}, None), ({"api.example.com": RetryPolicy()}, None), ({}, RetryPolicy())],
+    ids=["non-string pattern", "non-policy value", "non-policy default"],
+)
+def test_bad_policy_tables_raise(policies: Any, default: Any) -> None:
+    """Patterns must be strings and policies must be Policy objects."""
+    with pytest.raises(ConfigurationError):
+        ResilientTransport(policies, default=default, inner=httpx.MockTransport(lambda r: httpx.Response(200)))
+
+
+@pytest.mark.parametrize("max_hosts", [0, -1, True, 2.0, "10"])
+def test_max_hosts_must_be_a_positive_whole_number(max_hosts: Any) -> None:
+    """max_hosts below 1 or not an integer is refused."""
+    with pytest.raises(ConfigurationError, match="max_hosts"):
+        ResilientTransport(inner=httpx.MockTransport(lambda r: httpx.Response(200)), max_hosts=max_hosts)
+
+
+async def test_calls_get_the_policy_of_their_host(harness: Harness) -> None:
+    """A call is handled by the policy its URL's host and port resolve to."""
+    script = Script(503)
+    policies = {
+        "api.example.com": only(retry=RetryPolicy(attempts=2, budget=None)),
+        "*.example.com:8443": only(retry=RetryPolicy(attempts=3, budget=None)),
+    }
+    client = harness.client(script, only(), policies=policies)
+    expectations = [
+        ("https://api.example.com/", 2),
+        ("https://x.example.com:8443/", 3),
+        ("https://x.example.com/", 1),
+        ("http://api.example.com:8080/", 2),
+    ]
+    for url, attempts in expectations:
+        before = script.calls
+        await client.get(url)
+        assert script.calls - before == attempts, url
+
+
+def _tripping_breaker() -> Policy:
+    return only(circuit_breaker=CircuitBreakerPolicy(minimum_calls=1, failure_ratio=1.0))
+
+
+async def test_hosts_matching_one_wildcard_get_separate_breakers(harness: Harness) -> None:
+    """State is per host, never per pattern: opening one host's breaker leaves its sibling working."""
+    script = Script(lambda request: httpx.Response(503 if request.url.host == "a.example.com" else 200))
+    client = harness.client(script, only(), policies={"*.example.com": _tripping_breaker()})
+    assert (await client.get("https://a.example.com/")).status_code == 503
+    with pytest.raises(CircuitOpenError) as caught:
+        await client.get("https://a.example.com/")
+    assert caught.value.host == "a.example.com:443"
+    assert (await client.get("https://b.example.com/")).status_code == 200
+    assert script.calls == 2
+    assert harness.value("resilient_http_circuit_state", "a.example.com:443", state="open") == 1
+    assert harness.value("resilient_http_circuit_state", "b.example.com:443", state="closed") == 1
+
+
+async def test_ports_of_one_host_get_separate_breakers(harness: Harness) -> None:
+    """api.example.com:443 and api.example.com:8443 are different hosts for every layer."""
+    script = Script(lambda request: httpx.Response(503 if request.url.port is None else 200))
+    client = harness.client(script, _tripping_breaker())
+    await client.get("https://api.example.com/")
+    with pytest.raises(CircuitOpenError):
+        await client.get("https://api.example.com/")
+    assert (await client.get("https://api.example.com:8443/")).status_code == 200
+
+
+async def test_the_least_recently_used_host_is_evicted_with_its_metric_series(harness: Harness) -> None:
+    """Past max_hosts the host used longest ago is dropped, and its series leave the registry."""
+    script = Script(200)
+    client = harness.client(script, only(circuit_breaker=CircuitBreakerPolicy()), max_hosts=2)
+    await client.get("https://a.example.com/")
+    await client.get("https://b.example.com/")
+    await client.get("https://a.example.com/")  # a is now the most recently used
+    await client.get("https://c.example.com/")  # evicts b
+    labels = {
+        sample.labels.get("host")
+        for family in harness.registry.collect()
+        for sample in family.samples
+        if family.name.startswith("resilient_http_")
+    }
+    assert labels == {"a.example.com:443", "c.example.com:443"}
+    assert harness.value("resilient_http_requests_total", "a.example.com:443", outcome="2xx") == 2
+    assert harness.value("resilient_http_requests_total", "b.example.com:443", outcome="2xx") is None
+    assert harness.value("resilient_http_circuit_state", "b.example.com:443", state="closed") is None
+
+
+async def test_an_evicted_host_comes_back_with_fresh_series(harness: Harness) -> None:
+    """A host called again after eviction counts from zero instead of resurrecting its old series."""
+    client = harness.client(Script(200), only(), max_hosts=1)
+    await client.get("https://a.example.com/")
+    await client.get("https://a.example.com/")
+    await client.get("https://b.example.com/")
+    await client.get("https://a.example.com/")
+    assert harness.value("resilient_http_requests_total", "a.example.com:443", outcome="2xx") == 1
+    assert harness.value("resilient_http_requests_total", "b.example.com:443", outcome="2xx") is None
