@@ -15,6 +15,9 @@ from ._metrics import HostMetrics
 
 Next = Callable[["Call"], Awaitable[httpx.Response]]
 
+#: Bulkhead priorities, highest first; a call sets one through its request extensions.
+PRIORITIES = ("critical", "high", "normal", "low")
+
 
 class Layer(Protocol):
     """One resilience layer: it may act before, after or instead of ``call_next``."""

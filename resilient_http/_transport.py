@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry
 
-from ._call import Call, Host
+from ._call import PRIORITIES, Call, Host
 from ._clock import Clock, SystemClock, default_random
 from ._config import Policy, RetryPolicy, TimeoutPolicy
 from ._exceptions import ConfigurationError
@@ -23,7 +23,6 @@ from ._pipeline import chain_for
 #: What a single call may change through ``request.extensions["resilient_http"]``.
 OVERRIDABLE = {"timeout": TimeoutPolicy, "retry": RetryPolicy}
 _OFF_ONLY = ("circuit_breaker", "rate_limit", "bulkhead", "stale_cache")
-PRIORITIES = ("critical", "high", "normal", "low")
 
 
 def _override(policy: Policy, override: Any) -> tuple[Policy, str]:

@@ -35,12 +35,11 @@ from collections import deque
 import anyio
 import httpx
 
-from .._call import Call, Host, Next, Wait
+from .._call import PRIORITIES, Call, Host, Next, Wait
 from .._clock import Clock
 from .._exceptions import BulkheadFullError, DeadlineExceededError
 from .._metrics import HostMetrics
 
-PRIORITIES = ("critical", "high", "normal", "low")
 _RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 _WAITING, _GRANTED, _SHED = 0, 1, 2
 
