@@ -31,6 +31,13 @@ def _override(policy: Policy, override: Any) -> tuple[Policy, str]:
     Bad changes raise :class:`ConfigurationError` before anything is sent.
     """
     if isinstance(override, Policy):
+        # The same rule as for a mapping: layers whose state is the host's can only be turned off.
+        for name in _OFF_ONLY:
+            value = getattr(override, name)
+            if value is not None and value != getattr(policy, name):
+                raise ConfigurationError(
+                    f'extensions["resilient_http"].{name}', value, "a single call may only turn this layer off (None)"
+                )
         return override, "normal"
     if not isinstance(override, Mapping):
         raise ConfigurationError('extensions["resilient_http"]', override, "must be a Policy or a mapping")
