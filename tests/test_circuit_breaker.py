@@ -246,9 +246,10 @@ async def test_all_trials_succeeding_closes_the_circuit(harness: Harness) -> Non
         assert _state(await client.get("/")) == "closed"
 
 
-async def test_a_failing_trial_reopens_for_about_twice_as_long(harness: Harness) -> None:
-    """Each failed trial doubles the break (±20 % jitter) up to max_break_duration."""
-    client = harness.client(Script(503), _breaker(**{**TRIGGER_HAPPY, "max_break_duration": 35.0}))
+@pytest.mark.parametrize("seed", range(8))
+async def test_a_failing_trial_reopens_for_about_twice_as_long(harness: Harness, seed: int) -> None:
+    """Each failed trial doubles the break (±20 % jitter) up to max_break_duration, jitter included."""
+    client = harness.client(Script(503), _breaker(**{**TRIGGER_HAPPY, "max_break_duration": 35.0}), seed=seed)
     await client.get("/")
     breaks = []
     for _ in range(4):
@@ -325,6 +326,48 @@ async def test_a_cancelled_trial_gives_its_slot_back(harness: Harness) -> None:
     assert _state(response) == "closed"
     assert harness.value("resilient_http_requests_total", outcome="cancelled") == 1
     assert harness.value("resilient_http_attempts_total", outcome="cancelled") == 1
+
+
+async def test_a_trial_from_an_earlier_round_does_not_count_in_the_next(harness: Harness) -> None:
+    """A trial still running when its round failed neither frees a slot nor closes the circuit in the next round."""
+    gates = {path: anyio.Event() for path in ("/a", "/b", "/c")}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path in gates:
+            await gates[path].wait()
+        return httpx.Response(503 if path in ("/fail", "/a") else 200)
+
+    client = harness.client(Script(handler), _breaker(**TRIGGER_HAPPY, half_open_calls=2))
+    answered: list[str] = []
+    refused: list[str] = []
+
+    async def call(path: str) -> None:
+        try:
+            await client.get(path)
+            answered.append(path)
+        except CircuitOpenError:
+            refused.append(path)
+
+    await client.get("/fail")
+    async with anyio.create_task_group() as tg:
+        harness.clock.advance(await _open_for(client))
+        tg.start_soon(call, "/a")  # round 1: trials a and b
+        tg.start_soon(call, "/b")
+        await anyio.wait_all_tasks_blocked()
+        gates["/a"].set()  # a fails: open again, b is still out
+        await anyio.wait_all_tasks_blocked()
+        harness.clock.advance(await _open_for(client))
+        tg.start_soon(call, "/c")  # round 2: first trial
+        await anyio.wait_all_tasks_blocked()
+        gates["/b"].set()  # the round-1 trial ends well, late
+        await anyio.wait_all_tasks_blocked()
+        await call("/d")  # round 2: second and last trial
+        await call("/e")  # both round-2 slots are taken (c out, d done): refused
+        assert _gauge(harness)["half_open"] == 1  # c has not answered yet: not closed
+        gates["/c"].set()
+    assert refused == ["/e"]
+    assert _gauge(harness)["closed"] == 1
 
 
 async def test_a_trial_ending_in_an_error_made_on_this_side_gives_its_slot_back(harness: Harness) -> None:

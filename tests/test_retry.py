@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from conftest import Harness, Script, only
+from conftest import Harness, Script, Step, only
 
 from resilient_http import CallInfo, RetryBudget, RetryPolicy, TimeoutPolicy, Wait
 from resilient_http.testing import FakeClock
@@ -236,15 +236,19 @@ async def test_the_injected_random_makes_backoff_reproducible(registry: Any) -> 
     assert len(sleeps[0]) == 3
 
 
-@pytest.mark.parametrize("seed", range(10))
-async def test_retry_after_seconds_is_the_least_wait(harness: Harness, seed: int) -> None:
-    """A Retry-After in seconds is never cut short: the jitter is added to it."""
-    script = Script((503, {"Retry-After": "3"}), 200)
-    response = await harness.client(script, _retrying(), seed=seed).get("/")
-    assert response.status_code == 200
-    [slept] = harness.clock.sleeps
-    assert 3.0 <= slept <= 3.0 + PLAIN.backoff
-    assert _info(response).waits == (Wait("retry_after", slept),)
+async def test_retry_after_seconds_is_the_least_wait_and_jitter_only_adds(harness: Harness) -> None:
+    """A Retry-After in seconds is never cut short, and jitter is spread on top of it so callers do not stampede."""
+    steps: list[Step] = [(503, {"Retry-After": "3"}), 200] * 30
+    script = Script(*steps)
+    client = harness.client(script, _retrying(RetryPolicy(attempts=2, budget=None)))
+    slept = []
+    for _ in range(30):
+        info = _info(await client.get("/"))
+        assert info.waits == (Wait("retry_after", info.waits[0].seconds),)
+        slept.append(info.waits[0].seconds)
+    assert slept == harness.clock.sleeps
+    assert all(3.0 <= seconds <= 3.0 + PLAIN.backoff for seconds in slept)
+    assert max(slept) - min(slept) > PLAIN.backoff / 2
 
 
 async def test_retry_after_date_is_read_against_the_response_date(harness: Harness) -> None:

@@ -50,6 +50,7 @@ class CircuitBreaker:
         "_metrics",
         "_opened_until",
         "_random",
+        "_round",
         "_successes",
         "_total",
         "_trial_successes",
@@ -71,6 +72,7 @@ class CircuitBreaker:
         self._opened_until = 0.0
         self._trials_out = 0
         self._trial_successes = 0
+        self._round = 0  # numbers the half-open periods, so a late trial cannot count in a later one
         self.state = CLOSED
         metrics.circuit(CLOSED)
 
@@ -78,11 +80,11 @@ class CircuitBreaker:
         self.state = state
         self._metrics.circuit(state)
 
-    def acquire(self, now: float) -> bool:
-        """Let a call through, returning whether it is a half-open trial; raise if refused."""
+    def acquire(self, now: float) -> int:
+        """Let a call through, returning its half-open round if it is a trial (else 0); raise if refused."""
         state = self.state
         if state == CLOSED:
-            return False
+            return 0
         if state == OPEN:
             if now < self._opened_until:
                 raise CircuitOpenError(
@@ -92,6 +94,7 @@ class CircuitBreaker:
                 )
             self._set(HALF_OPEN)
             self._trials_out = self._trial_successes = 0
+            self._round += 1
         if self._trials_out + self._trial_successes >= self.policy.half_open_calls:
             raise CircuitOpenError(
                 f"circuit half-open for {self._metrics.host}: trial calls in flight",
@@ -99,17 +102,17 @@ class CircuitBreaker:
                 retry_after=None,
             )
         self._trials_out += 1
-        return True
+        return self._round
 
-    def release(self, trial: bool) -> None:
+    def release(self, trial: int) -> None:
         """A call ended without a verdict on the host: give back its trial slot."""
-        if trial and self.state == HALF_OPEN:
+        if trial and trial == self._round and self.state == HALF_OPEN:
             self._trials_out -= 1
 
-    def record(self, now: float, trial: bool, failure: bool, hinted: float | None = None) -> None:
+    def record(self, now: float, trial: int, failure: bool, hinted: float | None = None) -> None:
         """Count a finished call; open or close the circuit when the counts say so."""
         if trial:
-            if self.state != HALF_OPEN:  # a stale trial from before a reset
+            if self.state != HALF_OPEN or trial != self._round:  # a stale trial from an earlier round
                 return
             self._trials_out -= 1
             if failure:

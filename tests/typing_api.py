@@ -1,0 +1,177 @@
+"""Every public signature used the way a user would: checked by mypy --strict, never run (pytest skips it)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Literal, assert_type
+
+import httpx
+from prometheus_client import CollectorRegistry
+
+import resilient_http
+from resilient_http import (
+    BulkheadFullError,
+    BulkheadPolicy,
+    CallInfo,
+    CircuitBreakerPolicy,
+    CircuitOpenError,
+    ConfigurationError,
+    DeadlineExceededError,
+    Policy,
+    RateLimitedError,
+    RateLimitPolicy,
+    RejectedError,
+    ResilienceError,
+    ResilientTransport,
+    RetryBudget,
+    RetryPolicy,
+    StaleCachePolicy,
+    TimeoutPolicy,
+    Wait,
+)
+from resilient_http.testing import FakeClock
+
+
+def every_policy() -> Policy:
+    timeout = TimeoutPolicy(attempt=1.5, total=None)
+    assert_type(timeout.attempt, float | None)
+    assert_type(timeout.total, float | None)
+    budget = RetryBudget(ratio=0.1, min_per_second=1, window=5.0)
+    assert_type(budget.ratio, float)
+    retry = RetryPolicy(
+        attempts=3,
+        backoff=0.1,
+        max_backoff=2,
+        statuses={429, 503},
+        max_retry_after=30,
+        budget=budget,
+    )
+    assert_type(retry.attempts, int)
+    assert_type(retry.budget, RetryBudget | None)
+    RetryPolicy(statuses=[503], budget=None)
+    RetryPolicy(statuses=range(500, 505))
+    breaker = CircuitBreakerPolicy(
+        failure_ratio=0.5,
+        minimum_calls=10,
+        window=10,
+        break_duration=5,
+        max_break_duration=60,
+        half_open_calls=2,
+        failure_statuses=(500, 503),
+    )
+    assert_type(breaker.half_open_calls, int)
+    rate_limit = RateLimitPolicy(rate=10, burst=5, max_wait=None)
+    assert_type(rate_limit.max_wait, float | None)
+    bulkhead = BulkheadPolicy(max_concurrent=10, max_queue=0, queue_timeout=1.0)
+    assert_type(bulkhead.queue_timeout, float | None)
+    stale_cache = StaleCachePolicy(max_stale=60, max_entries=10, max_bytes=1000, max_body_bytes=100)
+    assert_type(stale_cache.max_bytes, int)
+    Policy(timeout=None, retry=None, circuit_breaker=None, rate_limit=None, bulkhead=None, stale_cache=None)
+    policy = Policy(
+        timeout=timeout,
+        retry=retry,
+        circuit_breaker=breaker,
+        rate_limit=rate_limit,
+        bulkhead=bulkhead,
+        stale_cache=stale_cache,
+    )
+    assert_type(policy.retry, RetryPolicy | None)
+    assert_type(policy.timeout, TimeoutPolicy | None)
+    return policy
+
+
+async def the_transport(policy: Policy) -> None:
+    transport = ResilientTransport(
+        {"api.example.com": policy, "*.example.com:8443": Policy()},
+        default=Policy(),
+        inner=httpx.AsyncHTTPTransport(),
+        registry=CollectorRegistry(),
+        max_hosts=100,
+        clock=FakeClock(),
+        random=random.Random(1),
+    )
+    ResilientTransport()
+    ResilientTransport(None, default=None, inner=None, registry=None, clock=None, random=None)
+    assert_type(ResilientTransport.from_file("policies.toml"), ResilientTransport)
+    ResilientTransport.from_file(Path("policies.toml"), registry=CollectorRegistry(), max_hosts=10)
+    assert_type(transport.policy_for("api.example.com"), Policy)
+    assert_type(transport.policy_for("api.example.com", 8443), Policy)
+    assert_type(await transport.handle_async_request(httpx.Request("GET", "https://api.example.com/")), httpx.Response)
+    async with ResilientTransport() as entered:
+        assert_type(entered, ResilientTransport)
+    async with httpx.AsyncClient(transport=transport) as client:
+        response = await client.get(
+            "https://api.example.com/",
+            extensions={"resilient_http": {"retry": None, "timeout": TimeoutPolicy(total=2), "priority": "critical"}},
+        )
+        info = response.extensions["resilient_http"]
+        if isinstance(info, CallInfo):
+            the_story(info)
+    await transport.aclose()
+
+
+def the_story(info: CallInfo) -> None:
+    assert_type(info.host, str)
+    assert_type(info.attempts, int)
+    assert_type(info.stale, bool)
+    assert_type(info.age, float | None)
+    assert_type(info.waits, tuple[Wait, ...])
+    assert_type(info.circuit_state, str | None)
+    assert_type(info.retry_stop, str | None)
+    for wait in info.waits:
+        assert_type(wait.reason, str)
+        assert_type(wait.seconds, float)
+    CallInfo(host="api.example.com:443", attempts=1)
+    CallInfo(
+        host="api.example.com:443",
+        attempts=2,
+        stale=False,
+        age=None,
+        waits=(Wait("backoff", 0.1), Wait(reason="retry_after", seconds=2.0)),
+        circuit_state="closed",
+        retry_stop=None,
+    )
+
+
+def the_exceptions(request: httpx.Request) -> None:
+    errors: list[Exception] = [
+        ResilienceError("failed", request=request),
+        RejectedError("refused", host="api.example.com:443", retry_after=None, request=None),
+        CircuitOpenError("open", host="api.example.com:443", retry_after=1.0),
+        RateLimitedError("limited", host="api.example.com:443"),
+        BulkheadFullError("full", host="api.example.com:443", retry_after=0.5, request=request),
+        DeadlineExceededError("late", kind="attempt", timeout=1.0),
+        DeadlineExceededError("late", kind="total", timeout=30.0, request=request),
+        ConfigurationError("RetryPolicy.attempts", 0, "must be at least 1"),
+    ]
+    for error in errors:
+        try:
+            raise error
+        except RejectedError as exc:
+            assert_type(exc.retry_after, float | None)
+            assert_type(exc.host, str)
+        except DeadlineExceededError as exc:
+            assert_type(exc.kind, Literal["attempt", "total"])
+            assert_type(exc.timeout, float)
+        except httpx.TransportError:
+            pass
+        except ConfigurationError as exc:
+            assert_type(exc.field, str)
+            assert_type(exc.value, Any)
+            assert_type(exc.reason, str)
+
+
+async def the_fake_clock() -> None:
+    clock = FakeClock()
+    FakeClock(start=0.0, wall=1_700_000_000.0)
+    assert_type(clock.now(), float)
+    assert_type(clock.wall(), float)
+    clock.advance(1.5)
+    await clock.sleep(0.5)
+    assert_type(clock.sleeps, list[float])
+
+
+def the_version() -> None:
+    assert_type(resilient_http.__version__, str)
+    assert_type(resilient_http.__all__, list[str])
