@@ -39,6 +39,7 @@ from ._call import Host, Layer, Next
 from ._config import Policy
 from .layers.bulkhead import Bulkhead
 from .layers.circuit_breaker import CircuitBreakerLayer
+from .layers.rate_limit import RateLimiter
 from .layers.retry import Retry
 from .layers.stale_cache import StaleCache
 from .layers.timeout import TotalTimeout, attempt
@@ -47,6 +48,7 @@ from .layers.timeout import TotalTimeout, attempt
 # The per-attempt timeout and the network are the end of every chain: ``attempt``.
 ORDER: tuple[tuple[str, Callable[[Host], Any]], ...] = (
     ("stale_cache", StaleCache),
+    ("rate_limit", RateLimiter),
     ("timeout", TotalTimeout),
     ("circuit_breaker", CircuitBreakerLayer),
     ("retry", Retry),

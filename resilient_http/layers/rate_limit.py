@@ -1,0 +1,329 @@
+"""Rate limiter: never send a host more than it can take, and slow down when it says so.
+
+A token bucket per host, ``rate`` calls a second with room for ``burst`` at
+once, kept as a schedule rather than a queue (GCRA, "virtual scheduling"):
+a call reserves, on arrival, the first send time left free by the calls
+before it, then sleeps until then. Reservation order is arrival order, so
+calls go first come, first served and none can starve, and a call with a
+token free costs a few float operations. Over any one-second window the
+host receives at most ``rate + burst`` calls, retries included: the retry
+layer asks this limiter for a send time before every retry (a retry gate).
+
+A call waits at most ``max_wait`` seconds, and never past its total
+deadline. One that could not be sent in time fails at once with
+:class:`RateLimitedError`, whose ``retry_after`` says when it would have
+been its turn, instead of queueing for a turn it could not use. A call
+cancelled while it waits gives its turn back when nobody has reserved after
+it; otherwise the turn stays empty, as moving later calls forward could
+break the bound.
+
+The server has the last word. A 429, or a 503 with ``Retry-After``, starts
+a cooldown: nothing is sent to the host before the time it named (one token
+interval for a 429 without it), whichever call received it. The schedule
+is paused, not emptied: waiting calls keep their order and spacing and move
+back by the length of the pause, the bucket does not refill meanwhile, and
+waiting calls that cannot wait that long fail at once. The IETF
+``RateLimit`` fields (and the older ``RateLimit-Remaining`` and
+``RateLimit-Reset``) slow the host down before its quota runs out: with
+``r`` units left for ``t`` seconds, calls reserved from then on are spaced at
+least ``t/r`` apart until the reset, and ``r=0`` is a cooldown of ``t``.
+``Retry-After`` wins over them; malformed fields are ignored.
+
+A retry takes its turn when its backoff begins, as any call would on
+arrival: calls that arrive during the backoff queue behind it. Its send time
+is then fixed, since the retry layer sleeps until it without asking again,
+so a cooldown that begins meanwhile does not move it.
+
+Metrics: every call let through observes its wait (0 included) in
+``rate_limit_wait_seconds``, and the share of it spent in a server's
+cooldown in ``cooldown_seconds``; every refusal counts in ``rate_limited``.
+A retry's wait for its turn is recorded by the retry layer, in ``CallInfo.waits``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import anyio
+import httpx
+
+from .._call import Call, Host, Next, Wait
+from .._clock import Clock
+from .._exceptions import RateLimitedError
+from .._headers import retry_after
+
+_NEVER = -math.inf
+
+
+class RateLimiter:
+    """The rate limiter of one host.
+
+    Times are on the host's clock. Reservations are kept in *virtual* time,
+    which stands still during a cooldown: a reservation ``v`` is sent at
+    ``v + shift``, ``shift`` being the length of every cooldown so far.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_cooldown",
+        "_cooldown_until",
+        "_hold_until",
+        "_interval",
+        "_label",
+        "_last",
+        "_max_wait",
+        "_pace",
+        "_pace_until",
+        "_rate_limited",
+        "_shift",
+        "_sleepers",
+        "_tat",
+        "_tolerance",
+        "_wait_seconds",
+    )
+
+    def __init__(self, host: Host) -> None:
+        policy = host.policy.rate_limit
+        assert policy is not None
+        self._clock: Clock = host.clock
+        self._label = host.label
+        self._interval = 1.0 / policy.rate
+        self._tolerance = (policy.burst - 1) * self._interval
+        self._max_wait = policy.max_wait
+        self._tat = _NEVER  # theoretical arrival time: the bucket is full while it is in the past
+        self._last = _NEVER  # the latest reserved slot, from which pacing is measured
+        self._shift = 0.0
+        self._cooldown_until = _NEVER
+        self._pace = 0.0
+        self._pace_until = _NEVER
+        self._hold_until = _NEVER  # before this, the server has a say: no fast path
+        self._sleepers: set[anyio.CancelScope] = set()
+        metrics = host.metrics
+        self._wait_seconds = metrics.rate_limit_wait
+        self._rate_limited = metrics.rate_limited
+        self._cooldown = metrics.cooldown
+        host.observers.append(self._observe)
+        host.retry_gates.append(self._gate)
+
+    async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
+        now = self._clock.now()
+        virtual = now - self._shift
+        tat = self._tat
+        if now >= self._hold_until and tat - self._tolerance <= virtual:
+            self._tat = (tat if tat > virtual else virtual) + self._interval
+            self._last = virtual
+            self._wait_seconds.observe(0.0)
+            return await call_next(call)
+        await self._wait_turn(call, now)
+        return await call_next(call)
+
+    def _reserve(self, earliest: float) -> float:
+        """Take the first free slot at or after ``earliest``; return it in virtual time."""
+        shift = self._shift
+        slot = max(earliest, self._cooldown_until) - shift
+        free = self._tat - self._tolerance
+        if free > slot:
+            slot = free
+        if slot + shift < self._pace_until:
+            paced = self._last + self._pace
+            if paced > slot:
+                slot = min(paced, self._pace_until - shift)
+        self._tat = max(self._tat, slot) + self._interval
+        self._last = slot
+        return slot
+
+    def _give_back(self, tat_after: float, tat_before: float, last_before: float) -> None:
+        """Undo a reservation if nobody has reserved after it (else leave a hole)."""
+        if self._tat == tat_after:
+            self._tat = tat_before
+            self._last = last_before
+
+    async def _wait_turn(self, call: Call, now: float) -> None:
+        clock = self._clock
+        arrival = now
+        limit = math.inf if self._max_wait is None else arrival + self._max_wait
+        deadline = math.inf if call.deadline is None else call.deadline
+        shift_before = self._shift
+        cooling = self._cooldown_until - arrival
+        tat_before, last_before = self._tat, self._last
+        slot = self._reserve(now)
+        tat_after, shift = self._tat, self._shift
+        refused = None
+        try:
+            while True:
+                if self._shift != shift and slot + self._shift < self._cooldown_until:
+                    # It was due when a cooldown began but had not gone yet: it
+                    # takes a new turn, behind the calls that were paused.
+                    self._give_back(tat_after, tat_before, last_before)
+                    tat_before, last_before = self._tat, self._last
+                    slot = self._reserve(now)
+                    tat_after, shift = self._tat, self._shift
+                target = max(slot + self._shift, self._cooldown_until)
+                if target <= now:
+                    break
+                if target > limit or target >= deadline:  # at the deadline there is no time left to send
+                    refused = target - now
+                    break
+                scope = anyio.CancelScope()
+                self._sleepers.add(scope)
+                try:
+                    with scope:  # cancelled when a cooldown moves the schedule
+                        await clock.sleep(target - now)
+                finally:
+                    self._sleepers.discard(scope)
+                now = clock.now()
+        except BaseException:
+            self._give_back(tat_after, tat_before, last_before)
+            raise
+        if refused is not None:
+            self._give_back(tat_after, tat_before, last_before)
+            self._rate_limited.inc()
+            raise RateLimitedError(
+                f"rate limit of {self._label}: no turn within the time this call may wait",
+                host=self._label,
+                retry_after=refused,
+                request=call.request,
+            )
+        waited = now - arrival
+        self._wait_seconds.observe(waited)
+        if waited > 0:
+            call.waits.append(Wait("rate_limit", waited))
+            cooled = self._shift - shift_before + (cooling if cooling > 0 else 0.0)
+            if cooled > 0:
+                self._cooldown.inc(min(cooled, waited))
+
+    def _gate(self, call: Call, earliest: float) -> float | None:
+        """A retry's turn: its send time at or after ``earliest``, or ``None`` when too late."""
+        if call.policy.rate_limit is None:  # this call turned the limiter off
+            return earliest
+        tat_before, last_before = self._tat, self._last
+        send = max(self._reserve(earliest) + self._shift, self._cooldown_until, earliest)
+        max_wait = self._max_wait
+        if (max_wait is not None and send - earliest > max_wait) or (
+            call.deadline is not None and send >= call.deadline
+        ):
+            self._tat, self._last = tat_before, last_before
+            return None
+        return send
+
+    def _observe(self, response: httpx.Response, now: float) -> None:
+        """Read what the server says about its limits from every response."""
+        status = response.status_code
+        headers = response.headers
+        if status == 429 or status == 503:
+            hinted = retry_after(headers, self._clock.wall())
+            if hinted is not None:  # Retry-After wins over the RateLimit fields
+                self._cool(now, now + hinted)
+                return
+        found = quota(headers)
+        if found is not None:
+            remaining, reset = found
+            if remaining == 0:
+                self._cool(now, now + max(reset, self._interval if status == 429 else 0.0))
+                return
+            spacing = reset / remaining
+            if spacing > self._interval:
+                self._pace = spacing
+                self._pace_until = now + reset
+            else:
+                self._pace_until = _NEVER
+            self._hold_until = max(self._cooldown_until, self._pace_until)
+        if status == 429:
+            self._cool(now, now + self._interval)
+
+    def _cool(self, now: float, until: float) -> None:
+        """Send nothing before ``until``: pause the schedule, and wake waiting calls to re-check."""
+        start = max(now, self._cooldown_until)
+        if until <= start:
+            return
+        self._shift += until - start
+        self._cooldown_until = until
+        self._hold_until = max(until, self._pace_until)
+        sleepers, self._sleepers = self._sleepers, set()
+        for scope in sleepers:
+            scope.cancel()
+
+
+# RFC 8941 structured fields, as much as the RateLimit fields use: a List of
+# Items with parameters. Anything else in a field makes the whole field malformed.
+_KEY = r"[a-z*][a-z0-9_.*-]*"
+_BARE = r'"(?:[^"\\]|\\["\\])*"|-?[0-9]+(?:\.[0-9]+)?|\?[01]|[A-Za-z*][A-Za-z0-9!#$%&\'*+.^_`|~:/-]*'
+_MEMBER = re.compile(rf"[ \t]*({_BARE})((?:;[ ]*{_KEY}(?:=(?:{_BARE}))?)*)[ \t]*(,|\Z)")
+_PARAM = re.compile(rf";[ ]*({_KEY})(?:=({_BARE}))?")
+_COUNT = re.compile(r"[0-9]{1,15}")  # a non-negative sf-integer
+
+_Item = tuple[str, dict[str, str]]
+
+
+def _items(value: str) -> list[_Item] | None:
+    """The members of a List field as (bare item, parameters), or ``None`` if it is malformed."""
+    items: list[_Item] = []
+    pos = 0
+    while True:
+        match = _MEMBER.match(value, pos)
+        if match is None:
+            return None
+        params = {key: raw or "?1" for key, raw in _PARAM.findall(match.group(2))}
+        items.append((match.group(1).strip('"'), params))
+        if not match.group(3):
+            return items
+        pos = match.end()
+
+
+def _count(raw: str | None) -> int | None:
+    return int(raw) if raw is not None and _COUNT.fullmatch(raw) else None
+
+
+def _single(headers: httpx.Headers, name: str) -> int | None:
+    value = headers.get(name)
+    items = None if value is None else _items(value)
+    return _count(items[0][0]) if items is not None and len(items) == 1 else None
+
+
+def quota(headers: httpx.Headers) -> tuple[int, int] | None:
+    """The tightest (remaining, seconds to reset) that the response announces, or ``None``.
+
+    Read from ``RateLimit`` (a policy's ``t`` defaults to the window ``w`` of
+    the ``RateLimit-Policy`` item of the same name), else from the older
+    ``RateLimit-Remaining`` and ``RateLimit-Reset``. Of several policies the
+    tightest is the one that asks for the widest spacing.
+    """
+    items = _items(headers["ratelimit"]) if "ratelimit" in headers else None
+    if items:
+        windows: dict[str, int] | None = None  # read only when a policy lacks its t
+        best: tuple[int, int] | None = None
+        for name, params in items:
+            remaining = _count(params.get("r"))
+            reset = _count(params.get("t"))
+            if reset is None:
+                if windows is None:
+                    windows = _windows(headers)
+                reset = windows.get(name)
+            if remaining is None or reset is None:
+                continue
+            if best is None or _tightness(remaining, reset) > _tightness(*best):
+                best = (remaining, reset)
+        if best is not None:
+            return best
+    if "ratelimit-remaining" not in headers:
+        return None
+    remaining = _single(headers, "ratelimit-remaining")
+    reset = _single(headers, "ratelimit-reset")
+    return None if remaining is None or reset is None else (remaining, reset)
+
+
+def _windows(headers: httpx.Headers) -> dict[str, int]:
+    """The window ``w`` of each policy named in ``RateLimit-Policy``."""
+    policy = headers.get("ratelimit-policy")
+    windows = {}
+    for name, params in (None if policy is None else _items(policy)) or ():
+        window = _count(params.get("w"))
+        if window is not None:
+            windows[name] = window
+    return windows
+
+
+def _tightness(remaining: int, reset: int) -> tuple[bool, float]:
+    """Sorts quotas by the spacing they ask for; an exhausted one is the tightest."""
+    return (remaining == 0, reset if remaining == 0 else reset / remaining)
