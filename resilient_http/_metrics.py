@@ -6,57 +6,181 @@ every later transport on the same registry shares it (registering the same
 names twice would fail). Series are labelled by ``host`` (``host:port``) and
 a small closed set of values; paths and query strings never become labels.
 
-The hot path never calls ``.labels()``: each host gets a :class:`HostMetrics`
-holding its children, made once, and removed from the registry when the host
-is evicted from the transport's host table.
+The hot path pays for plain arithmetic only. Each host gets a
+:class:`HostMetrics` whose counters, gauges and histograms are small objects
+with prometheus-client's method names (``inc``, ``dec``, ``set``,
+``observe``) that add to Python numbers; a collector registered once per
+registry turns them into samples when Prometheus scrapes. An
+``inc`` costs about 0.1 µs instead of about 1 µs for a prometheus-client
+child (lock, validation, a Python loop over histogram buckets), and a call
+makes a dozen of them.
+
+Under prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``
+set, for gunicorn or uvicorn workers), values must live in the shared
+files that only prometheus-client's own metric classes write, so there
+:class:`HostMetrics` holds their labelled children instead; the layers do
+not know the difference. Gauges then aggregate with ``livesum`` (the
+circuit state with ``livemax``: 1 if any worker's breaker is in that state).
 """
 
 from __future__ import annotations
 
+import os
 import weakref
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CIRCUIT_STATES = ("closed", "open", "half_open")
+PREFIX = "resilient_http_"
 
-_shared: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
+# (attribute, kind, name without prefix or _total, help, second label or None), in exposition order.
+SPECS: tuple[tuple[str, str, str, str, str | None], ...] = (
+    ("requests", "counter", "requests", "Calls made through the transport, by final outcome.", "outcome"),
+    ("attempts", "counter", "attempts", "Tries that reached, or tried to reach, the network.", "outcome"),
+    ("request_duration", "histogram", "request_duration_seconds", "Time from call to response headers.", None),
+    ("attempt_duration", "histogram", "attempt_duration_seconds", "Time of one try on the network.", None),
+    ("retries", "counter", "retries", "Retries made, by what caused them.", "reason"),
+    ("budget_exhausted", "counter", "retry_budget_exhausted", "Retries refused by the retry budget.", None),
+    ("circuit_state", "gauge", "circuit_state", "1 for the breaker's current state, 0 otherwise.", "state"),
+    ("circuit_opened", "counter", "circuit_opened", "Times the breaker opened.", None),
+    ("timeouts", "counter", "timeouts", "Timeouts, per attempt or of the whole call.", "kind"),
+    ("rate_limit_wait", "histogram", "rate_limit_wait_seconds", "Time calls waited for a rate-limit token.", None),
+    ("rate_limited", "counter", "rate_limited", "Calls refused by the rate limiter.", None),
+    ("cooldown", "counter", "cooldown_seconds", "Time spent in cooldown imposed by the server.", None),
+    ("bulkhead_in_flight", "gauge", "bulkhead_in_flight", "Attempts holding a bulkhead slot.", None),
+    ("bulkhead_queued", "gauge", "bulkhead_queued", "Calls waiting for a bulkhead slot.", None),
+    ("bulkhead_rejected", "counter", "bulkhead_rejected", "Calls shed by the bulkhead.", "priority"),
+    ("stale_served", "counter", "stale_served", "Stale answers served, by what failed.", "reason"),
+    ("cache_entries", "gauge", "cache_entries", "Responses kept for stale fallback.", None),
+    ("cache_bytes", "gauge", "cache_bytes", "Bytes of responses kept for stale fallback.", None),
+)
+_KINDS = {attribute: kind for attribute, kind, *_ in SPECS}
+
+
+class Value:
+    """A counter's or a gauge's value: prometheus-client's method names, plain arithmetic."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
+class Buckets:
+    """A histogram's value: a count per bucket (not cumulative) and a sum."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(DURATION_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(DURATION_BUCKETS, amount)] += 1
+        self.sum += amount
+
+
+def _multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"))
+
+
+class _Collector(Collector):
+    """Turns the live :class:`HostMetrics` of a registry into samples at scrape time."""
+
+    def __init__(self) -> None:
+        self.hosts: set[HostMetrics] = set()
+
+    def describe(self) -> Iterator[Metric]:
+        for _, kind, name, doc, label in SPECS:
+            yield _family(kind, name, doc, label)
+
+    def collect(self) -> Iterator[Metric]:
+        hosts = list(self.hosts)
+        for attribute, kind, name, doc, label in SPECS:
+            family = _family(kind, name, doc, label)
+            merged: dict[tuple[str, ...], Any] = {}
+            for host in hosts:
+                for labels, value in host.values(attribute):
+                    if kind == "histogram":
+                        counts, total = merged.get(labels, ([0] * len(value.counts), 0.0))
+                        merged[labels] = ([a + b for a, b in zip(counts, value.counts, strict=True)], total + value.sum)
+                    elif attribute == "circuit_state":
+                        merged[labels] = max(merged.get(labels, 0.0), value.value)
+                    else:
+                        merged[labels] = merged.get(labels, 0.0) + value.value
+            for labels, value in merged.items():
+                if kind == "histogram":
+                    counts, total = value
+                    cumulative, running = [], 0
+                    for bound, count in zip((*DURATION_BUCKETS, float("inf")), counts, strict=True):
+                        running += count
+                        cumulative.append((_le(bound), float(running)))
+                    assert isinstance(family, HistogramMetricFamily)
+                    family.add_metric(list(labels), cumulative, total)
+                else:
+                    assert not isinstance(family, HistogramMetricFamily)
+                    family.add_metric(list(labels), value)
+            yield family
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+def _family(
+    kind: str, name: str, doc: str, label: str | None
+) -> CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily:
+    labels = ["host"] if label is None else ["host", label]
+    full = PREFIX + name
+    if kind == "counter":
+        return CounterMetricFamily(full, doc, labels=labels)
+    if kind == "gauge":
+        return GaugeMetricFamily(full, doc, labels=labels)
+    return HistogramMetricFamily(full, doc, labels=labels)
 
 
 class Metrics:
-    """The collectors; one instance per registry."""
+    """The metrics of one registry: a collector of plain values, or prometheus-client's classes."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        def counter(name: str, doc: str, *labels: str) -> Counter:
-            return Counter(name, doc, ("host", *labels), registry=registry)
+    def __init__(self, registry: CollectorRegistry, multiprocess: bool) -> None:
+        self.multiprocess = multiprocess
+        self.collector: _Collector | None = None
+        self.collectors: dict[str, Any] = {}
+        if not multiprocess:
+            self.collector = _Collector()
+            registry.register(self.collector)
+            return
+        for attribute, kind, name, doc, label in SPECS:
+            labels = ("host",) if label is None else ("host", label)
+            if kind == "counter":
+                made: Any = Counter(PREFIX + name, doc, labels, registry=registry)
+            elif kind == "gauge":
+                if attribute == "circuit_state":
+                    made = Gauge(PREFIX + name, doc, labels, registry=registry, multiprocess_mode="livemax")
+                else:
+                    made = Gauge(PREFIX + name, doc, labels, registry=registry, multiprocess_mode="livesum")
+            else:
+                made = Histogram(PREFIX + name, doc, labels, registry=registry, buckets=DURATION_BUCKETS)
+            self.collectors[attribute] = made
 
-        def gauge(name: str, doc: str, *labels: str) -> Gauge:
-            return Gauge(name, doc, ("host", *labels), registry=registry, multiprocess_mode="livesum")
 
-        def histogram(name: str, doc: str) -> Histogram:
-            return Histogram(name, doc, ("host",), registry=registry, buckets=DURATION_BUCKETS)
-
-        p = "resilient_http_"
-        self.requests = counter(p + "requests", "Calls made through the transport, by final outcome.", "outcome")
-        self.attempts = counter(p + "attempts", "Tries that reached, or tried to reach, the network.", "outcome")
-        self.request_duration = histogram(p + "request_duration_seconds", "Time from call to response headers.")
-        self.attempt_duration = histogram(p + "attempt_duration_seconds", "Time of one try on the network.")
-        self.retries = counter(p + "retries", "Retries made, by what caused them.", "reason")
-        self.budget_exhausted = counter(p + "retry_budget_exhausted", "Retries refused by the retry budget.")
-        self.circuit_state = gauge(p + "circuit_state", "1 for the breaker's current state, 0 otherwise.", "state")
-        self.circuit_opened = counter(p + "circuit_opened", "Times the breaker opened.")
-        self.timeouts = counter(p + "timeouts", "Timeouts, per attempt or of the whole call.", "kind")
-        self.rate_limit_wait = histogram(p + "rate_limit_wait_seconds", "Time calls waited for a rate-limit token.")
-        self.rate_limited = counter(p + "rate_limited", "Calls refused by the rate limiter.")
-        self.cooldown = counter(p + "cooldown_seconds", "Time spent in cooldown imposed by the server.")
-        self.bulkhead_in_flight = gauge(p + "bulkhead_in_flight", "Attempts holding a bulkhead slot.")
-        self.bulkhead_queued = gauge(p + "bulkhead_queued", "Calls waiting for a bulkhead slot.")
-        self.bulkhead_rejected = counter(p + "bulkhead_rejected", "Calls shed by the bulkhead.", "priority")
-        self.stale_served = counter(p + "stale_served", "Stale answers served, by what failed.", "reason")
-        self.cache_entries = gauge(p + "cache_entries", "Responses kept for stale fallback.")
-        self.cache_bytes = gauge(p + "cache_bytes", "Bytes of responses kept for stale fallback.")
+_shared: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
 
 
 def metrics_for(registry: CollectorRegistry | None) -> Metrics:
@@ -64,12 +188,12 @@ def metrics_for(registry: CollectorRegistry | None) -> Metrics:
     registry = REGISTRY if registry is None else registry
     found = _shared.get(registry)
     if found is None:
-        found = _shared[registry] = Metrics(registry)
+        found = _shared[registry] = Metrics(registry, _multiprocess())
     return found
 
 
 class HostMetrics:
-    """One host's metric children, made lazily and cached for the hot path."""
+    """One host's counters, gauges and histograms, made once and kept for the hot path."""
 
     __slots__ = (
         "_labelled",
@@ -88,46 +212,54 @@ class HostMetrics:
         "request_duration",
     )
 
-    attempt_duration: Histogram
-    budget_exhausted: Counter
-    bulkhead_in_flight: Gauge
-    bulkhead_queued: Gauge
-    cache_bytes: Gauge
-    cache_entries: Gauge
-    circuit_opened: Counter
-    cooldown: Counter
-    rate_limit_wait: Histogram
-    rate_limited: Counter
-    request_duration: Histogram
+    attempt_duration: Buckets
+    budget_exhausted: Value
+    bulkhead_in_flight: Value
+    bulkhead_queued: Value
+    cache_bytes: Value
+    cache_entries: Value
+    circuit_opened: Value
+    cooldown: Value
+    rate_limit_wait: Buckets
+    rate_limited: Value
+    request_duration: Buckets
 
-    #: The collectors labelled by ``host`` alone; each has a child attribute of the same name.
-    UNLABELLED = (
-        "attempt_duration",
-        "budget_exhausted",
-        "bulkhead_in_flight",
-        "bulkhead_queued",
-        "cache_bytes",
-        "cache_entries",
-        "circuit_opened",
-        "cooldown",
-        "rate_limit_wait",
-        "rate_limited",
-        "request_duration",
-    )
+    #: The metrics labelled by ``host`` alone; each has an attribute of the same name.
+    UNLABELLED = tuple(attribute for attribute, _, _, _, label in SPECS if label is None)
 
     def __init__(self, metrics: Metrics, host: str) -> None:
         self._metrics = metrics
         self.host = host
         self._labelled: dict[tuple[str, str], Any] = {}
         for name in self.UNLABELLED:
-            setattr(self, name, getattr(metrics, name).labels(host))
+            setattr(self, name, self._make(name, ()))
+        if metrics.collector is not None:
+            metrics.collector.hosts.add(self)
+
+    def _make(self, name: str, extra: tuple[str, ...]) -> Any:
+        if self._metrics.multiprocess:
+            return self._metrics.collectors[name].labels(self.host, *extra)
+        return Buckets() if _KINDS[name] == "histogram" else Value()
 
     def _child(self, name: str, value: str) -> Any:
         key = (name, value)
         child = self._labelled.get(key)
         if child is None:
-            child = self._labelled[key] = getattr(self._metrics, name).labels(self.host, value)
+            child = self._labelled[key] = self._make(name, (value,))
         return child
+
+    def values(self, name: str) -> Iterator[tuple[tuple[str, ...], Any]]:
+        """``(label values, value)`` of every series of metric ``name`` for this host."""
+        if name in self.UNLABELLED:
+            yield (self.host,), getattr(self, name)
+            return
+        for (kind, value), child in list(self._labelled.items()):
+            if kind == name:
+                yield (self.host, value), child
+
+    def labelled(self, name: str, value: str) -> Any:
+        """The series of metric ``name`` for this host and the second label ``value``."""
+        return self._child(name, value)
 
     def request(self, outcome: str, seconds: float) -> None:
         self._child("requests", outcome).inc()
@@ -143,10 +275,6 @@ class HostMetrics:
     def timeout(self, kind: str) -> None:
         self._child("timeouts", kind).inc()
 
-    def labelled(self, name: str, value: str) -> Any:
-        """The child of collector ``name`` for this host and the second label ``value``."""
-        return self._child(name, value)
-
     def circuit(self, state: str) -> None:
         for name in CIRCUIT_STATES:
             self._child("circuit_state", name).set(1 if name == state else 0)
@@ -154,10 +282,13 @@ class HostMetrics:
     def remove(self) -> None:
         """Drop every series of this host from the registry."""
         m = self._metrics
+        if m.collector is not None:
+            m.collector.hosts.discard(self)
+            return
         for name in self.UNLABELLED:
-            _remove(getattr(m, name), self.host)
+            _remove(m.collectors[name], self.host)
         for name, value in self._labelled:
-            _remove(getattr(m, name), self.host, value)
+            _remove(m.collectors[name], self.host, value)
         self._labelled.clear()
 
 
