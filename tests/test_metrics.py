@@ -226,6 +226,26 @@ async def test_two_transports_on_one_registry_do_not_collide() -> None:
     assert value("resilient_http_requests_total", {"host": "two.example:443", "outcome": "2xx"}) == 1
 
 
+async def test_evicting_a_host_in_one_transport_keeps_another_transports_counts() -> None:
+    """Host eviction in one transport never detaches the series another transport on the registry still writes."""
+    registry = CollectorRegistry()
+
+    def make(max_hosts: int) -> ResilientTransport:
+        inner = httpx.MockTransport(lambda r: httpx.Response(200))
+        return ResilientTransport(default=only(), inner=inner, registry=registry, max_hosts=max_hosts)
+
+    small, large = make(1), make(10)
+    async with httpx.AsyncClient(transport=small) as a, httpx.AsyncClient(transport=large) as b:
+        await a.get("https://x.example/")
+        await b.get("https://x.example/")
+        await a.get("https://y.example/")  # the small transport evicts x
+        for _ in range(5):
+            await b.get("https://x.example/")
+    count = registry.get_sample_value("resilient_http_requests_total", {"host": "x.example:443", "outcome": "2xx"})
+    assert count is not None
+    assert count >= 5
+
+
 async def test_transports_on_separate_registries_are_independent(clock: FakeClock) -> None:
     """Each registry gets its own collectors: counts never leak from one to another."""
     registries = [CollectorRegistry(), CollectorRegistry()]
