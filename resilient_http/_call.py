@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import httpx
 
@@ -25,16 +24,14 @@ class Layer(Protocol):
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Wait:
+class Wait(NamedTuple):
     """A pause the call made: ``reason`` is ``"backoff"``, ``"retry_after"``, ``"rate_limit"`` or ``"bulkhead"``."""
 
     reason: str
     seconds: float
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CallInfo:
+class CallInfo(NamedTuple):
     """What happened to a call, found in ``response.extensions["resilient_http"]``.
 
     ``attempts`` counts the tries that reached, or tried to reach, the
@@ -46,6 +43,8 @@ class CallInfo:
     outcome was retryable: ``"attempts"``, ``"budget"``, ``"deadline"``,
     ``"retry_after_too_long"``, ``"not_idempotent"``, ``"body_not_replayable"``
     or ``"rate_limit"``.
+
+    A named tuple: immutable, and cheap to make on every call.
     """
 
     host: str
@@ -154,13 +153,13 @@ class Call:
 
     def info(self) -> CallInfo:
         return CallInfo(
-            host=self.host.label,
-            attempts=self.attempts,
-            stale=self.stale,
-            age=self.age,
-            waits=tuple(self.waits),
-            circuit_state=self.circuit_state,
-            retry_stop=self.retry_stop,
+            self.host.label,
+            self.attempts,
+            self.stale,
+            self.age,
+            tuple(self.waits),
+            self.circuit_state,
+            self.retry_stop,
         )
 
     def remaining(self, now: float) -> float | None:

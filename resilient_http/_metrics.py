@@ -196,8 +196,10 @@ class HostMetrics:
     """One host's counters, gauges and histograms, made once and kept for the hot path."""
 
     __slots__ = (
+        "_attempts",
         "_labelled",
         "_metrics",
+        "_requests",
         "attempt_duration",
         "budget_exhausted",
         "bulkhead_in_flight",
@@ -230,7 +232,10 @@ class HostMetrics:
     def __init__(self, metrics: Metrics, host: str) -> None:
         self._metrics = metrics
         self.host = host
-        self._labelled: dict[tuple[str, str], Any] = {}
+        # metric name -> second label value -> series
+        self._labelled: dict[str, dict[str, Any]] = {name: {} for name in _KINDS if name not in self.UNLABELLED}
+        self._requests = self._labelled["requests"]
+        self._attempts = self._labelled["attempts"]
         for name in self.UNLABELLED:
             setattr(self, name, self._make(name, ()))
         if metrics.collector is not None:
@@ -242,10 +247,10 @@ class HostMetrics:
         return Buckets() if _KINDS[name] == "histogram" else Value()
 
     def _child(self, name: str, value: str) -> Any:
-        key = (name, value)
-        child = self._labelled.get(key)
+        series = self._labelled[name]
+        child = series.get(value)
         if child is None:
-            child = self._labelled[key] = self._make(name, (value,))
+            child = series[value] = self._make(name, (value,))
         return child
 
     def values(self, name: str) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -253,20 +258,25 @@ class HostMetrics:
         if name in self.UNLABELLED:
             yield (self.host,), getattr(self, name)
             return
-        for (kind, value), child in list(self._labelled.items()):
-            if kind == name:
-                yield (self.host, value), child
+        for value, child in list(self._labelled[name].items()):
+            yield (self.host, value), child
 
     def labelled(self, name: str, value: str) -> Any:
         """The series of metric ``name`` for this host and the second label ``value``."""
         return self._child(name, value)
 
     def request(self, outcome: str, seconds: float) -> None:
-        self._child("requests", outcome).inc()
+        child = self._requests.get(outcome)
+        if child is None:
+            child = self._child("requests", outcome)
+        child.inc()
         self.request_duration.observe(seconds)
 
     def attempt(self, outcome: str, seconds: float) -> None:
-        self._child("attempts", outcome).inc()
+        child = self._attempts.get(outcome)
+        if child is None:
+            child = self._child("attempts", outcome)
+        child.inc()
         self.attempt_duration.observe(seconds)
 
     def retry(self, reason: str) -> None:
@@ -287,9 +297,10 @@ class HostMetrics:
             return
         for name in self.UNLABELLED:
             _remove(m.collectors[name], self.host)
-        for name, value in self._labelled:
-            _remove(m.collectors[name], self.host, value)
-        self._labelled.clear()
+        for name, series in self._labelled.items():
+            for value in series:
+                _remove(m.collectors[name], self.host, value)
+            series.clear()
 
 
 def _remove(collector: Any, *labels: str) -> None:

@@ -14,6 +14,10 @@ Why this order:
   refuses never counts against the breaker or the budget. Its wait is
   bounded by the total timeout, which starts when the call enters.
 - The **total timeout** bounds all that follows, the response body included.
+  It is not a layer of its own but a deadline on the call, set when the call
+  enters the transport (so it bounds the rate limiter's wait too), which
+  every wait respects, which the attempt folds into its timer, and which the
+  transport puts on a streamed response body before returning it.
 - The **circuit breaker** sits outside retry, so an open circuit fails fast
   without retrying, and it judges whole calls rather than single tries.
 - **Retry** is outside the bulkhead so that a call waiting out its backoff
@@ -42,14 +46,13 @@ from .layers.circuit_breaker import CircuitBreakerLayer
 from .layers.rate_limit import RateLimiter
 from .layers.retry import Retry
 from .layers.stale_cache import StaleCache
-from .layers.timeout import TotalTimeout, attempt
+from .layers.timeout import attempt
 
 # (policy field that turns the layer on, how to make it for a host), outermost first.
 # The per-attempt timeout and the network are the end of every chain: ``attempt``.
 ORDER: tuple[tuple[str, Callable[[Host], Any]], ...] = (
     ("stale_cache", StaleCache),
     ("rate_limit", RateLimiter),
-    ("timeout", TotalTimeout),
     ("circuit_breaker", CircuitBreakerLayer),
     ("retry", Retry),
     ("bulkhead", Bulkhead),

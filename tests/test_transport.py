@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -51,7 +50,7 @@ async def test_every_response_carries_a_frozen_call_info(harness: Harness, steps
     info = _info(response)
     assert info.host == HOST
     assert info.attempts >= 1
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         info.attempts = 99  # type: ignore[misc]
 
 

@@ -29,7 +29,7 @@ from .._clock import Clock
 from .._config import IDEMPOTENT_METHODS, RetryBudget, RetryPolicy
 from .._exceptions import DeadlineExceededError, ResilienceError
 from .._headers import retry_after
-from .timeout import BufferedStream
+from .timeout import IN_MEMORY
 
 _NOTHING_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _MAYBE_SENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
@@ -94,7 +94,7 @@ def _error_reason(exc: Exception, retry_safe: bool) -> str | None:
 
 async def discard(response: httpx.Response) -> None:
     """Close a response that will not be returned, freeing its connection."""
-    if not isinstance(response.stream, BufferedStream | httpx.ByteStream):
+    if not isinstance(response.stream, IN_MEMORY):
         await response.aclose()
 
 

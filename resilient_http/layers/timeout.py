@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 import anyio
 import httpx
 
-from .._call import Call, Next
+from .._call import Call
 from .._deadline import move_on_after
 from .._exceptions import DeadlineExceededError, TimeoutKind
 from .._metrics import outcome_of_status
@@ -45,6 +45,9 @@ class BufferedStream(httpx.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self.body:
             yield self.body
+
+
+IN_MEMORY = (BufferedStream, httpx.ByteStream)
 
 
 class DeadlineStream(httpx.AsyncByteStream):
@@ -90,35 +93,18 @@ def _expired(call: Call, kind: TimeoutKind, timeout: float) -> DeadlineExceededE
     )
 
 
-class TotalTimeout:
-    """Bounds the response body by the call's deadline once the headers are back.
-
-    Everything before that (queues, attempts, backoffs) reads the deadline
-    from the call and stops in time on its own.
-    """
-
-    __slots__ = ()
-
-    def __init__(self, host: object) -> None:
-        pass
-
-    async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
-        response = await call_next(call)
-        deadline = call.deadline
-        stream = response.stream
-        if (
-            deadline is not None
-            and isinstance(stream, httpx.AsyncByteStream)
-            and not isinstance(stream, BufferedStream | httpx.ByteStream)
-        ):
-            timeout = call.policy.timeout.total if call.policy.timeout is not None else None
-            response.stream = DeadlineStream(stream, call, timeout or 0.0)
-        return response
+def guard_body(call: Call, response: httpx.Response) -> None:
+    """Bound a streamed body by the call's total deadline (in-memory bodies need nothing)."""
+    stream = response.stream
+    if isinstance(stream, httpx.AsyncByteStream) and not isinstance(stream, IN_MEMORY):
+        timeouts = call.policy.timeout
+        total = None if timeouts is None else timeouts.total
+        response.stream = DeadlineStream(stream, call, total or 0.0)
 
 
 async def _preread(response: httpx.Response) -> None:
     stream = response.stream
-    if isinstance(stream, BufferedStream | httpx.ByteStream):
+    if isinstance(stream, IN_MEMORY):
         return
     length = response.headers.get("content-length")
     if length is None or not length.isdigit() or int(length) > PREREAD_LIMIT:
