@@ -37,3 +37,27 @@ def retry_after(headers: httpx.Headers, wall_now: float) -> float | None:
     date = headers.get("date")
     sent = _http_date(date) if date is not None else None
     return max(0.0, when - (wall_now if sent is None else sent))
+
+
+def pick(headers: httpx.Headers, names: frozenset[bytes]) -> dict[bytes, str]:
+    """The wanted headers (lower-case names) in one pass; repeated ones joined with ", "."""
+    # httpx keeps (raw name, lower-case name, value) triples; reading them
+    # once beats a Headers.get per name, each of which lower-cases, encodes
+    # and scans the whole list again.
+    items = getattr(headers, "_list", None)
+    if items is None:
+        items = [(key, key.lower(), value) for key, value in headers.raw]
+    found: dict[bytes, str] = {}
+    for _, key, value in items:
+        if key in names:
+            text = value.decode("latin-1")
+            found[key] = f"{found[key]}, {text}" if key in found else text
+    return found
+
+
+def mentions(headers: httpx.Headers, prefix: bytes) -> bool:
+    """Whether any header name starts with ``prefix`` (lower-case)."""
+    items = getattr(headers, "_list", None)
+    if items is None:
+        return any(key.lower().startswith(prefix) for key, _ in headers.raw)
+    return any(key.startswith(prefix) for _, key, _ in items)

@@ -367,3 +367,17 @@ async def test_head_answers_are_kept_apart_from_get(clock: FakeClock, registry: 
         assert (await c.head(URL)).extensions["resilient_http"].stale is True
         with pytest.raises(httpx.ConnectError):
             await c.get(URL)
+
+
+async def test_the_newest_good_answer_replaces_the_stored_one(clock: FakeClock, registry: CollectorRegistry) -> None:
+    """Each good answer replaces the last one for that URL, and the byte gauge follows its size."""
+    upstream = Upstream(ok(b"old"), ok(b"newer"), down())
+    async with client(upstream, clock, registry) as c:
+        await c.get(URL)
+        before = registry.get_sample_value("resilient_http_cache_bytes", {"host": HOST})
+        await c.get(URL)
+        after = registry.get_sample_value("resilient_http_cache_bytes", {"host": HOST})
+        stale = await c.get(URL)
+    assert stale.content == b"newer"
+    assert before is not None and after == before + 2
+    assert registry.get_sample_value("resilient_http_cache_entries", {"host": HOST}) == 1

@@ -51,7 +51,7 @@ import httpx
 from .._call import Call, Host, Next, Wait
 from .._clock import Clock
 from .._exceptions import RateLimitedError
-from .._headers import retry_after
+from .._headers import mentions, retry_after
 
 _NEVER = -math.inf
 
@@ -211,6 +211,8 @@ class RateLimiter:
         """Read what the server says about its limits from every response."""
         status = response.status_code
         headers = response.headers
+        if status != 429 and status != 503 and not mentions(headers, b"ratelimit"):
+            return  # the usual answer: nothing to read
         if status == 429 or status == 503:
             hinted = retry_after(headers, self._clock.wall())
             if hinted is not None:  # Retry-After wins over the RateLimit fields

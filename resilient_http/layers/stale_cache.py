@@ -39,6 +39,7 @@ import httpx
 
 from .._call import Call, Host, Next
 from .._config import StaleCachePolicy
+from .._headers import pick
 from .._metrics import HostMetrics, outcome_of_exception
 from .timeout import BufferedStream
 
@@ -46,7 +47,7 @@ STORABLE_STATUSES = frozenset({200, 203, 204})
 FAILURE_STATUSES = frozenset({500, 502, 503, 504})
 _METHODS = frozenset({"GET", "HEAD"})
 
-Key = tuple[str, str, str]  # method, URL, credentials digest
+Key = tuple[str, str, str, bytes, str]  # method, host:port, scheme, path and query, credentials digest
 
 
 def cache_control(value: str | None) -> dict[str, str]:
@@ -78,10 +79,10 @@ class Entry:
     stored: float  # host clock
     initial_age: float
     limit: float  # seconds of age up to which it may be served stale
+    size: int = 0
 
-    @property
-    def size(self) -> int:
-        return len(self.body) + sum(len(k) + len(v) for k, v in self.headers)
+    def measure(self) -> None:
+        self.size = len(self.body) + sum(len(k) + len(v) for k, v in self.headers)
 
 
 Slot = tuple[Key, tuple[tuple[str, str | None], ...]]
@@ -111,11 +112,23 @@ class Store:
         host = entry.host
         self.metrics[host] = metrics
         slot = (entry.key, entry.vary)
-        self._remove(slot)
-        own = self.hosts.setdefault(host, OrderedDict())
-        self.entries[slot] = own[slot] = entry
-        self.by_key.setdefault(entry.key, []).append(entry)
-        self._count(entry, +1)
+        entry.measure()
+        old = self.entries.get(slot)
+        if old is not None:
+            # The same resource again (the usual case): replace it where it stands.
+            own = self.hosts[host]
+            self.entries[slot] = own[slot] = entry
+            self.entries.move_to_end(slot)
+            own.move_to_end(slot)
+            variants = self.by_key[entry.key]
+            variants[variants.index(old)] = entry
+            if entry.size != old.size:
+                self._count(entry, entry.size - old.size)
+        else:
+            own = self.hosts.setdefault(host, OrderedDict())
+            self.entries[slot] = own[slot] = entry
+            self.by_key.setdefault(entry.key, []).append(entry)
+            self._count(entry, entry.size)
         # Least recently used go first: this host's own, then anyone's.
         while len(own) > 1 and (len(own) > policy.max_entries or self.host_bytes[host] > policy.max_bytes):
             self._remove(next(iter(own)))
@@ -132,13 +145,12 @@ class Store:
         variants.remove(entry)
         if not variants:
             del self.by_key[entry.key]
-        self._count(entry, -1)
+        self._count(entry, -entry.size)
         if not own:
             del self.hosts[entry.host]
 
-    def _count(self, entry: Entry, sign: int) -> None:
+    def _count(self, entry: Entry, size: int) -> None:
         host = entry.host
-        size = sign * entry.size
         self.host_bytes[host] = self.host_bytes.get(host, 0) + size
         self.total_bytes += size
         metrics = self.metrics.get(host)
@@ -147,9 +159,13 @@ class Store:
             metrics.cache_bytes.set(self.host_bytes[host])
 
 
-def _credentials(request: httpx.Request) -> str:
-    authorization = request.headers.get("authorization")
-    cookie = request.headers.get("cookie")
+_REQUEST_HEADERS = frozenset({b"cache-control", b"authorization", b"cookie"})
+_RESPONSE_HEADERS = frozenset({b"cache-control", b"vary", b"age"})
+
+
+def _credentials(found: dict[bytes, str]) -> str:
+    authorization = found.get(b"authorization")
+    cookie = found.get(b"cookie")
     if authorization is None and cookie is None:
         return ""
     return hashlib.sha256(f"{authorization}\x00{cookie}".encode()).hexdigest()
@@ -206,10 +222,11 @@ class StaleCache:
         request = call.request
         if request.method not in _METHODS:
             return await call_next(call)
-        request_cc = cache_control(request.headers.get("cache-control"))
-        if "no-store" in request_cc:
+        found = pick(request.headers, _REQUEST_HEADERS)
+        if "no-store" in cache_control(found.get(b"cache-control")):
             return await call_next(call)
-        key: Key = (request.method, str(request.url), _credentials(request))
+        url = request.url
+        key: Key = (request.method, call.host.label, url.scheme, url.raw_path, _credentials(found))
         try:
             response = await call_next(call)
         except Exception as exc:
@@ -229,20 +246,22 @@ class StaleCache:
 
     def _offer(self, call: Call, key: Key, response: httpx.Response) -> None:
         headers = response.headers
-        directives = cache_control(headers.get("cache-control"))
+        found = pick(headers, _RESPONSE_HEADERS)
+        directives = cache_control(found.get(b"cache-control"))
         if "no-store" in directives or "no-cache" in directives or "must-revalidate" in directives:
             return
-        vary_names = [name.strip().lower() for name in headers.get("vary", "").split(",") if name.strip()]
+        vary = found.get(b"vary")
+        vary_names = [name.strip().lower() for name in vary.split(",") if name.strip()] if vary else []
         if "*" in vary_names:
             return
         sie = _seconds(directives, "stale-if-error")
         limit = self._policy.max_stale if sie is None else (_seconds(directives, "max-age") or 0.0) + sie
-        age = headers.get("age", "")
+        age = found.get(b"age", "")
         entry = Entry(
             key=key,
             host=call.host.label,
             status=response.status_code,
-            headers=[(k, v) for k, v in headers.raw if k.lower() != b"age"],
+            headers=[(k, v) for k, v in headers.raw if k.lower() != b"age"] if b"age" in found else headers.raw,
             body=b"",
             http_version=response.extensions.get("http_version", b"HTTP/1.1"),
             vary=tuple((name, call.request.headers.get(name)) for name in vary_names),
