@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import math
 import weakref
 from types import TracebackType
@@ -26,50 +27,49 @@ from types import TracebackType
 import anyio
 
 _get_running_loop = asyncio._get_running_loop
+current_task = asyncio.current_task
 
 
 class _Entry:
-    __slots__ = ("deadline", "expired", "task")
+    __slots__ = ("expired", "task")
 
-    def __init__(self, deadline: float, task: asyncio.Task[object]) -> None:
-        self.deadline = deadline
+    def __init__(self, task: asyncio.Task[object]) -> None:
         self.task: asyncio.Task[object] | None = task
         self.expired = False
-
-    def __lt__(self, other: _Entry) -> bool:
-        return self.deadline < other.deadline
 
 
 class _Watchdog:
     """All the deadlines of one event loop, behind a single timer."""
 
-    __slots__ = ("__weakref__", "_heap", "_loop", "_timer", "_timer_at")
+    __slots__ = ("__weakref__", "_heap", "_loop", "_order", "_timer", "_timer_at")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._heap: list[_Entry] = []
+        # (deadline, order, entry): tuples compare in C, and order breaks ties.
+        self._heap: list[tuple[float, int, _Entry]] = []
+        self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
 
-    def watch(self, entry: _Entry) -> None:
-        heapq.heappush(self._heap, entry)
-        if entry.deadline < self._timer_at:
+    def watch(self, deadline: float, entry: _Entry) -> None:
+        heapq.heappush(self._heap, (deadline, next(self._order), entry))
+        if deadline < self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer_at = entry.deadline
-            self._timer = self._loop.call_at(entry.deadline, self._fire)
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._fire)
 
     def _fire(self) -> None:
         heap = self._heap
         now = self._loop.time()
-        while heap and (heap[0].task is None or heap[0].deadline <= now):
-            entry = heapq.heappop(heap)
+        while heap and (heap[0][2].task is None or heap[0][0] <= now):
+            entry = heapq.heappop(heap)[2]
             if entry.task is not None:
                 entry.expired = True
                 entry.task.cancel()
                 entry.task = None
         if heap:
-            self._timer_at = heap[0].deadline
+            self._timer_at = heap[0][0]
             self._timer = self._loop.call_at(self._timer_at, self._fire)
         else:
             self._timer_at = math.inf
@@ -79,26 +79,31 @@ class _Watchdog:
 _watchdogs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watchdog] = weakref.WeakKeyDictionary()
 
 
-class _AsyncioScope:
-    __slots__ = ("_cancelling", "_entry", "_loop", "_seconds", "_task", "expired")
+def _watchdog(loop: asyncio.AbstractEventLoop) -> _Watchdog:
+    watchdog = _watchdogs.get(loop)
+    if watchdog is None:
+        watchdog = _watchdogs[loop] = _Watchdog(loop)
+    return watchdog
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+
+class _AsyncioScope:
+    __slots__ = ("_cancelling", "_entry", "_loop", "_seconds", "_task", "_watchdog", "expired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, watchdog: _Watchdog, seconds: float) -> None:
         self._loop = loop
+        self._watchdog = watchdog
         self._seconds = seconds
         self.expired = False
 
     def __enter__(self) -> _AsyncioScope:
         loop = self._loop
-        task = asyncio.current_task(loop)
+        task = current_task(loop)
         if task is None:
             raise RuntimeError("move_on_after() must be used inside a task")
         self._task = task
         self._cancelling = task.cancelling()
-        self._entry = _Entry(loop.time() + self._seconds, task)
-        watchdog = _watchdogs.get(loop)
-        if watchdog is None:
-            watchdog = _watchdogs[loop] = _Watchdog(loop)
-        watchdog.watch(self._entry)
+        self._entry = entry = _Entry(task)
+        self._watchdog.watch(loop.time() + self._seconds, entry)
         return self
 
     def __exit__(
@@ -132,9 +137,17 @@ class _AnyioScope:
         return self._scope.cancelled_caught
 
 
+_last: tuple[asyncio.AbstractEventLoop | None, _Watchdog | None] = (None, None)
+
+
 def move_on_after(seconds: float) -> _AsyncioScope | _AnyioScope:
     """A ``with`` block that is cancelled after ``seconds``; ``.expired`` tells whether it was."""
+    global _last
     loop = _get_running_loop()
-    if loop is not None:
-        return _AsyncioScope(loop, seconds)
-    return _AnyioScope(seconds)
+    if loop is None:
+        return _AnyioScope(seconds)
+    last_loop, watchdog = _last
+    if last_loop is not loop or watchdog is None:
+        watchdog = _watchdog(loop)
+        _last = (loop, watchdog)
+    return _AsyncioScope(loop, watchdog, seconds)

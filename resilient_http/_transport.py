@@ -19,7 +19,7 @@ from ._exceptions import ConfigurationError
 from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable
 from ._metrics import HostMetrics, metrics_for, outcome_of_exception, outcome_of_status
 from ._pipeline import chain_for
-from .layers.timeout import guard_body
+from .layers.timeout import IN_MEMORY, guard_body
 
 #: What a single call may change through ``request.extensions["resilient_http"]``.
 OVERRIDABLE = {"timeout": TimeoutPolicy, "retry": RetryPolicy}
@@ -157,7 +157,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             host.metrics.request(outcome_of_exception(exc), clock.now() - started)
             raise
         host.metrics.request("stale" if call.stale else outcome_of_status(response.status_code), clock.now() - started)
-        if call.deadline is not None:
+        if call.deadline is not None and not isinstance(response.stream, IN_MEMORY):
             guard_body(call, response)
         response.extensions["resilient_http"] = call.info()
         return response
