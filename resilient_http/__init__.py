@@ -18,6 +18,7 @@ from ._exceptions import RateLimitedError as RateLimitedError
 from ._exceptions import RejectedError as RejectedError
 from ._exceptions import ResilienceError as ResilienceError
 from ._transport import ResilientTransport as ResilientTransport
+from ._transport import call_info as call_info
 
 __version__ = "0.1.0"
 
@@ -40,4 +41,5 @@ __all__ = [
     "StaleCachePolicy",
     "TimeoutPolicy",
     "Wait",
+    "call_info",
 ]

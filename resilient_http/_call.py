@@ -67,6 +67,7 @@ class Host:
         "chain",
         "chains",
         "clock",
+        "holds",
         "host",
         "inner",
         "label",
@@ -111,6 +112,10 @@ class Host:
         # the time the retry may be sent, or None to refuse it. A rate limiter
         # reserves retries here so that they count against the host's rate too.
         self.retry_gates: list[Callable[[Call, float], float | None]] = []
+        # Asked again once a retry's wait is over: the time before which the
+        # host must not be sent anything (a cooldown the server imposed
+        # while the retry was waiting). Empty costs nothing.
+        self.holds: list[Callable[[], float]] = []
 
 
 class Call:

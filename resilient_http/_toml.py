@@ -17,7 +17,8 @@
 
 Keys mirror the dataclasses. A host table is laid over ``[default]`` key by
 key: what the host does not say, it inherits. ``layer = false`` turns a
-layer off, ``layer = true`` turns it on with its defaults. Unknown keys and
+layer off, ``layer = true`` turns it on (with ``[default]``'s settings for
+it, or the dataclass defaults). Unknown keys and
 bad values raise :class:`ConfigurationError` naming the key path and value.
 """
 
@@ -42,6 +43,8 @@ def _merge(base: Any, over: Any) -> Any:
         for key, value in over.items():
             merged[key] = _merge(base.get(key), value)
         return merged
+    if over is True and isinstance(base, dict):  # "on", as [default] has it
+        return base
     return over
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry
 
-from ._call import PRIORITIES, Call, Host
+from ._call import PRIORITIES, Call, CallInfo, Host
 from ._clock import Clock, SystemClock, default_random
 from ._config import Policy, RetryPolicy, TimeoutPolicy
 from ._exceptions import ConfigurationError
@@ -122,7 +122,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             policy=self._table.resolve(host, port),
             clock=self._clock,
             rng=self._random,
-            metrics=HostMetrics(self._metrics, f"{host}:{port}"),
+            metrics=HostMetrics(self._metrics, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"),
             inner=self._inner,
             shared=self._shared,
         )
@@ -155,6 +155,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             response = await chain(call)
         except BaseException as exc:
             host.metrics.request(outcome_of_exception(exc), clock.now() - started)
+            if isinstance(exc, Exception):
+                exc.resilient_http = call.info()  # type: ignore[attr-defined]
             raise
         host.metrics.request("stale" if call.stale else outcome_of_status(response.status_code), clock.now() - started)
         if call.deadline is not None and not isinstance(response.stream, IN_MEMORY):
@@ -176,3 +178,16 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         traceback: TracebackType | None = None,
     ) -> None:
         await self._inner.__aexit__(exc_type, exc_value, traceback)
+
+
+def call_info(outcome: httpx.Response | BaseException) -> CallInfo | None:
+    """What happened to a call, from its response or from the exception it raised.
+
+    ``None`` for a response or an exception that did not come through a
+    :class:`ResilientTransport`.
+    """
+    if isinstance(outcome, httpx.Response):
+        found = outcome.extensions.get("resilient_http")
+    else:
+        found = getattr(outcome, "resilient_http", None)
+    return found if isinstance(found, CallInfo) else None

@@ -292,6 +292,15 @@ async def test_a_503_retry_after_longer_than_the_break_keeps_it_open_that_long(h
     assert (await client.get("/")).status_code == 200
 
 
+async def test_a_503_retry_after_is_held_within_max_break_duration(harness: Harness) -> None:
+    """A server asking for a day keeps the breaker open max_break_duration, no longer."""
+    client = harness.client(Script((503, {"Retry-After": "86400"}), 200), _breaker(**TRIGGER_HAPPY))
+    await client.get("/")
+    assert await _open_for(client) == pytest.approx(100.0)
+    harness.clock.advance(100.0)
+    assert (await client.get("/")).status_code == 200
+
+
 async def test_a_503_retry_after_shorter_than_the_break_does_not_shorten_it(harness: Harness) -> None:
     """The server's hint only ever lengthens the break."""
     client = harness.client(Script((503, {"Retry-After": "1"})), _breaker(**TRIGGER_HAPPY))

@@ -564,6 +564,55 @@ async def test_retries_keep_the_host_within_its_bound(registry: CollectorRegistr
     assert most_in_one_second(server.times) <= 5 + 2
 
 
+async def test_a_cooldown_that_begins_during_a_retrys_backoff_holds_the_retry_back(registry: CollectorRegistry) -> None:
+    """A 429 with Retry-After received by another call while a retry waits out its backoff delays that retry too."""
+    clock = SteppedClock()
+    server = Server(clock, {"/a": [(503, {})], "/b": [(429, {"retry-after": "5"})]})
+    retry = RetryPolicy(attempts=2, backoff=1.0, max_backoff=1.0, budget=None)
+    results: dict[str, httpx.Response] = {}
+    async with client(server, registry, rate=100, burst=10, retry=retry) as http:
+
+        async def first() -> None:
+            results["a"] = await http.get("/a")
+
+        async def second() -> None:
+            await clock.sleep(0.001)  # inside /a's backoff (at least 0.001 s with this seed)
+            results["b"] = await http.get("/b")
+
+        await clock.run(first, second)
+    retried = [when for when, path in server.sent if path == "/a"][1]
+    assert retried >= START + 0.001 + 5.0 - EPSILON
+    assert results["a"].status_code == 200
+    assert [wait.reason for wait in info(results["a"]).waits] == ["backoff", "rate_limit"]
+
+
+async def test_a_cooldown_past_the_deadline_ends_the_waiting_retry(registry: CollectorRegistry) -> None:
+    """If the server's cooldown outlasts the call, the waiting retry fails with RateLimitedError instead of sending."""
+    clock = SteppedClock()
+    server = Server(clock, {"/a": [(503, {})], "/b": [(429, {"retry-after": "30"})]})
+    retry = RetryPolicy(attempts=2, backoff=1.0, max_backoff=1.0, budget=None)
+    errors: list[BaseException] = []
+    async with client(
+        server, registry, rate=100, burst=10, retry=retry, timeout=TimeoutPolicy(attempt=5, total=10)
+    ) as http:
+
+        async def first() -> None:
+            try:
+                await http.get("/a")
+            except RateLimitedError as exc:
+                errors.append(exc)
+
+        async def second() -> None:
+            await clock.sleep(0.001)
+            await http.get("/b")
+
+        await clock.run(first, second)
+    assert [path for _, path in server.sent] == ["/a", "/b"]
+    [error] = errors
+    assert isinstance(error, RateLimitedError)
+    assert error.retry_after is not None and error.retry_after > 25
+
+
 @pytest.mark.parametrize(
     "limits",
     [{"max_wait": 0.5}, {"timeout": TimeoutPolicy(attempt=0.5, total=0.9)}],

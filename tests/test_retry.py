@@ -467,6 +467,16 @@ async def test_without_a_budget_retries_are_only_bounded_by_attempts(harness: Ha
     assert harness.value("resilient_http_retry_budget_exhausted_total") == 0
 
 
+async def test_a_call_that_overrides_its_retry_policy_is_held_to_its_own_budget(harness: Harness) -> None:
+    """A per-call RetryPolicy brings its budget: one that allows no retries stops the call after one attempt."""
+    client = harness.client(Script(503), _retrying(RetryPolicy(attempts=3, backoff=0.001, budget=None)))
+    stingy = RetryPolicy(attempts=3, backoff=0.001, budget=RetryBudget(ratio=0.0, min_per_second=0.0))
+    response = await client.get("/", extensions={"resilient_http": {"retry": stingy}})
+    assert (_info(response).attempts, _info(response).retry_stop) == (1, "budget")
+    generous = await client.get("/")  # the host's own policy has no budget
+    assert (_info(generous).attempts, _info(generous).retry_stop) == (3, "attempts")
+
+
 # The story of the call
 
 

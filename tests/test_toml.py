@@ -144,6 +144,19 @@ def test_true_turns_a_layer_on_with_its_defaults(write: Writer) -> None:
     assert policies["api.example.com"].bulkhead is None
 
 
+def test_true_in_a_host_table_keeps_the_default_tables_settings(write: Writer) -> None:
+    """`layer = true` where [default] configures that layer means "on, as [default] has it"."""
+    path = write("""
+        [default.retry]
+        attempts = 5
+
+        [hosts."api.example.com"]
+        retry = true
+    """)
+    policies, _ = load_policies(path)
+    assert policies["api.example.com"].retry == RetryPolicy(attempts=5)
+
+
 def test_a_host_table_turns_on_a_layer_that_default_turned_off(write: Writer) -> None:
     """A host table with settings for a layer [default] turned off gets that layer."""
     path = write("""

@@ -27,6 +27,7 @@ from resilient_http import (
     ResilientTransport,
     RetryPolicy,
     TimeoutPolicy,
+    call_info,
 )
 from resilient_http.testing import FakeClock
 
@@ -60,6 +61,25 @@ async def test_call_info_belongs_to_one_call(harness: Harness) -> None:
     first, second = _info(await client.get("/")), _info(await client.get("/"))
     assert (first.attempts, len(first.waits)) == (2, 1)
     assert (second.attempts, second.waits) == (1, ())
+
+
+async def test_a_failed_call_carries_its_story_on_the_exception(harness: Harness) -> None:
+    """call_info() reads the CallInfo off an exception as off a response: attempts, waits and why it stopped."""
+    client = harness.client(Script(httpx.ConnectError), only(retry=PLAIN))
+    with pytest.raises(httpx.ConnectError) as caught:
+        await client.get("/")
+    info = call_info(caught.value)
+    assert info is not None
+    assert (info.host, info.attempts, len(info.waits), info.retry_stop) == (HOST, 3, 2, "attempts")
+    response = await harness.client(Script(200), only()).get("/")
+    assert call_info(response) == response.extensions["resilient_http"]
+    assert call_info(ValueError("not ours")) is None
+
+
+async def test_ipv6_hosts_are_labelled_with_brackets(harness: Harness) -> None:
+    """An IPv6 host's label is ``[addr]:port``, so the port cannot be read as part of the address."""
+    response = await harness.client(Script(200), only()).get("http://[::1]:8080/")
+    assert _info(response).host == "[::1]:8080"
 
 
 async def test_the_response_knows_its_request(harness: Harness) -> None:

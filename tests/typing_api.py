@@ -29,6 +29,7 @@ from resilient_http import (
     StaleCachePolicy,
     TimeoutPolicy,
     Wait,
+    call_info,
 )
 from resilient_http.testing import FakeClock
 
@@ -108,6 +109,8 @@ async def the_transport(policy: Policy) -> None:
         info = response.extensions["resilient_http"]
         if isinstance(info, CallInfo):
             the_story(info)
+        assert_type(call_info(response), CallInfo | None)
+        assert_type(call_info(httpx.ConnectError("refused")), CallInfo | None)
     await transport.aclose()
 
 

@@ -11,7 +11,8 @@ errors, timeouts and the statuses in ``failure_statuses`` (500, 502, 503,
 504 by default).
 
 Open: calls fail with :class:`CircuitOpenError` carrying ``retry_after``.
-A 503 whose Retry-After opened the circuit keeps it open at least that long.
+A 503 whose Retry-After opened the circuit keeps it open at least that long
+(up to ``max_break_duration``: a server cannot switch a host off for days).
 
 Half-open: after the break, exactly ``half_open_calls`` trial calls are let
 through however many callers arrive at once; the others fail at once. When
@@ -147,8 +148,8 @@ class CircuitBreaker:
     def _open(self, now: float, hinted: float | None) -> None:
         duration = self._break * self._random.uniform(0.8, 1.2)
         duration = min(duration, self.policy.max_break_duration)
-        if hinted is not None:
-            duration = max(duration, hinted)
+        if hinted is not None:  # the server's own estimate, within the policy's bound
+            duration = max(duration, min(hinted, self.policy.max_break_duration))
         self._opened_until = now + duration
         self._trials_out = self._trial_successes = 0
         self._set(OPEN)

@@ -30,9 +30,10 @@ least ``t/r`` apart until the reset, and ``r=0`` is a cooldown of ``t``.
 ``Retry-After`` wins over them; malformed fields are ignored.
 
 A retry takes its turn when its backoff begins, as any call would on
-arrival: calls that arrive during the backoff queue behind it. Its send time
-is then fixed, since the retry layer sleeps until it without asking again,
-so a cooldown that begins meanwhile does not move it.
+arrival: calls that arrive during the backoff queue behind it. A cooldown
+that begins while it waits still holds it back (the retry layer asks again
+when its wait is over), though not behind the calls that were paused: in
+that one race the host may see one call more than the bound per such retry.
 
 Metrics: every call let through observes its wait (0 included) in
 ``rate_limit_wait_seconds``, and the share of it spent in a server's
@@ -105,6 +106,7 @@ class RateLimiter:
         self._cooldown = metrics.cooldown
         host.observers.append(self._observe)
         host.retry_gates.append(self._gate)
+        host.holds.append(self._hold)
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         now = self._clock.now()
@@ -192,6 +194,10 @@ class RateLimiter:
             cooled = self._shift - shift_before + (cooling if cooling > 0 else 0.0)
             if cooled > 0:
                 self._cooldown.inc(min(cooled, waited))
+
+    def _hold(self) -> float:
+        """The end of the server's current cooldown (in the past when there is none)."""
+        return self._cooldown_until
 
     def _gate(self, call: Call, earliest: float) -> float | None:
         """A retry's turn: its send time at or after ``earliest``, or ``None`` when too late."""

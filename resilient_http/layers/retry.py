@@ -27,7 +27,7 @@ import httpx
 from .._call import Call, Host, Next, Wait
 from .._clock import Clock
 from .._config import IDEMPOTENT_METHODS, RetryBudget, RetryPolicy
-from .._exceptions import DeadlineExceededError, ResilienceError
+from .._exceptions import DeadlineExceededError, RateLimitedError, ResilienceError
 from .._headers import retry_after
 from .timeout import IN_MEMORY
 
@@ -36,14 +36,18 @@ _MAYBE_SENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolE
 
 
 class Budget:
-    """Counts calls and retries over a sliding window of one-second buckets."""
+    """Counts calls and retries over a sliding window of one-second buckets.
 
-    __slots__ = ("_calls", "_epochs", "_retries", "_width", "policy")
+    The counts are the host's; the limits come with each retry, so that a
+    call that overrides its retry policy is held to its own budget.
+    """
 
-    def __init__(self, policy: RetryBudget) -> None:
-        self.policy = policy
-        size = max(1, math.ceil(policy.window))
-        self._width = policy.window / size
+    __slots__ = ("_calls", "_epochs", "_retries", "_width", "window")
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        size = max(1, math.ceil(window))
+        self._width = window / size
         self._epochs = [-1] * size
         self._calls = [0] * size
         self._retries = [0] * size
@@ -61,8 +65,8 @@ class Budget:
         """Count a call: each one earns ``ratio`` of a retry."""
         self._calls[self._slot(now)] += 1
 
-    def withdraw(self, now: float) -> bool:
-        """Take one retry if the budget has one; ``False`` when it is spent."""
+    def withdraw(self, now: float, policy: RetryBudget) -> bool:
+        """Take one retry if ``policy`` allows it; ``False`` when the budget is spent."""
         slot = self._slot(now)
         oldest = int(now / self._width) - len(self._epochs)
         calls = retries = 0
@@ -70,8 +74,7 @@ class Budget:
             if epoch > oldest:
                 calls += self._calls[i]
                 retries += self._retries[i]
-        policy = self.policy
-        if retries + 1 > policy.ratio * calls + policy.min_per_second * policy.window:
+        if retries + 1 > policy.ratio * calls + policy.min_per_second * self.window:
             return False
         self._retries[slot] += 1
         return True
@@ -101,16 +104,18 @@ async def discard(response: httpx.Response) -> None:
 class Retry:
     """The retry layer of one host."""
 
-    __slots__ = ("_budget", "_clock", "_gates", "_metrics", "_random")
+    __slots__ = ("_budget", "_clock", "_gates", "_holds", "_label", "_metrics", "_random")
 
     def __init__(self, host: Host) -> None:
         self._clock: Clock = host.clock
         self._random = host.random
         self._metrics = host.metrics
+        self._label = host.label
         self._gates = host.retry_gates
+        self._holds = host.holds
         policy = host.policy.retry
         budget = None if policy is None else policy.budget
-        self._budget = None if budget is None else Budget(budget)
+        self._budget = Budget(RetryBudget().window if budget is None else budget.window)
 
     def _backoff(self, policy: RetryPolicy, attempt: int) -> float:
         ceiling = min(policy.max_backoff, policy.backoff * 2 ** (attempt - 1))
@@ -120,7 +125,8 @@ class Retry:
         """When the retry after ``delay`` seconds may go, or why it may not (and count that)."""
         if call.deadline is not None and now + delay >= call.deadline:
             return "deadline"
-        if self._budget is not None and not self._budget.withdraw(now):
+        budget = call.policy.retry.budget if call.policy.retry is not None else None
+        if budget is not None and not self._budget.withdraw(now, budget):
             self._metrics.budget_exhausted.inc()
             return "budget"
         earliest = when = now + delay
@@ -138,8 +144,7 @@ class Retry:
         assert policy is not None
         request = call.request
         clock = self._clock
-        if self._budget is not None:
-            self._budget.deposit(clock.now())
+        self._budget.deposit(clock.now())
         retry_safe = request.method in IDEMPOTENT_METHODS or "idempotency-key" in request.headers
         replayable = isinstance(request.stream, httpx.ByteStream)
         attempt = 1
@@ -191,7 +196,27 @@ class Retry:
             if delay > backoff:
                 call.waits.append(Wait("rate_limit", delay - backoff))
             await clock.sleep(delay)
+            if self._holds:
+                await self._hold_back(call)
             attempt += 1
+
+    async def _hold_back(self, call: Call) -> None:
+        """Wait out a cooldown the server imposed while this retry was waiting for its turn."""
+        clock = self._clock
+        now = clock.now()
+        until = max(hold() for hold in self._holds)
+        if until <= now:
+            return
+        if call.deadline is not None and until >= call.deadline:
+            call.retry_stop = "rate_limit"
+            raise RateLimitedError(
+                f"rate limit of {self._label}: the server's cooldown outlasts this call",
+                host=self._label,
+                retry_after=until - now,
+                request=call.request,
+            )
+        call.waits.append(Wait("rate_limit", until - now))
+        await clock.sleep(until - now)
 
     @staticmethod
     def _stop(call: Call, policy: RetryPolicy, attempt: int, replayable: bool) -> str | None:
