@@ -63,7 +63,12 @@ class Budget:
 
     def deposit(self, now: float) -> None:
         """Count a call: each one earns ``ratio`` of a retry."""
-        self._calls[self._slot(now)] += 1
+        epoch = int(now / self._width)
+        slot = epoch % len(self._epochs)
+        if self._epochs[slot] == epoch:  # the usual case, inlined: this runs on every call
+            self._calls[slot] += 1
+        else:
+            self._calls[self._slot(now)] += 1
 
     def withdraw(self, now: float, policy: RetryBudget) -> bool:
         """Take one retry if ``policy`` allows it; ``False`` when the budget is spent."""

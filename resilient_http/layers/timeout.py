@@ -104,8 +104,6 @@ def guard_body(call: Call, response: httpx.Response) -> None:
 
 async def _preread(response: httpx.Response) -> None:
     stream = response.stream
-    if isinstance(stream, IN_MEMORY):
-        return
     length = response.headers.get("content-length")
     if length is None or not length.isdigit() or int(length) > PREREAD_LIMIT:
         return
@@ -126,11 +124,12 @@ async def _close(response: httpx.Response) -> None:
 
 async def _send(call: Call) -> httpx.Response:
     response = await call.host.inner.handle_async_request(call.request)
-    try:
-        await _preread(response)
-    except BaseException:
-        await _close(response)
-        raise
+    if not isinstance(response.stream, IN_MEMORY):
+        try:
+            await _preread(response)
+        except BaseException:
+            await _close(response)
+            raise
     response.request = call.request
     return response
 
