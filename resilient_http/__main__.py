@@ -1,0 +1,353 @@
+"""The command line: ``python -m resilient_http demo`` and ``python -m resilient_http check FILE``.
+
+``demo`` shows, in twenty seconds on one machine, what the library is for:
+the same traffic through a bare httpx client and through
+:class:`~resilient_http.ResilientTransport`, against dependencies that fail
+in every common way (see :mod:`resilient_http._demo`).
+
+``check`` validates a policy file before a service loads it, and prints the
+policy each host pattern resolves to, so that what a host table inherits
+from ``[default]`` is visible rather than guessed. A bad file is reported
+by key, value and line, without a traceback, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import sys
+import textwrap
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._config import Policy
+from ._exceptions import ConfigurationError
+from ._hosts import PolicyTable
+from ._toml import parse_policies
+
+_DEMO_EPILOG = """\
+phases (scaled to --duration): healthy 15 %, errors 15 % (503 with Retry-After: 1 on
+half the requests), quota 15 % (api traffic doubles; api serves 50/s, 429 beyond),
+hang 20 % (api never answers; search is healthy), outage 15 % (both hosts: 503
+without Retry-After, or a connection reset), recovery 20 %.
+
+--policy FILE: the resilient client takes its policies from FILE instead of the
+built-in ones. Name the demo's hosts "api.demo" and "search.demo" (port 80) in it,
+e.g. [hosts."api.demo".retry]; wildcards such as "*.demo" work too. The demo
+resolves the policy each name gets from the file and gives it to the local port
+that plays that host; [default] serves any other host. `check FILE` prints what
+each pattern resolves to.
+
+Exit status: 0 when the run ends on its own, 130 when interrupted (Ctrl-C), after
+printing the table of the calls made so far; 2 for a bad --policy file.
+"""
+
+
+class PolicyFileError(Exception):
+    """A policy file that cannot be used; the message says where and why."""
+
+
+def load_policy_file(path: str) -> tuple[dict[str, Policy], Policy]:
+    """``(policies, default)`` from the file at ``path``, or :class:`PolicyFileError` naming key, value and line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyFileError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise PolicyFileError(f"{path}: is not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        found = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+        if found is None:
+            raise PolicyFileError(f"{path}: invalid TOML: {message}") from None
+        where = f"line {found[1]}, column {found[2]}"
+        raise PolicyFileError(f"{path}: {where}: invalid TOML: {message[: found.start()]}") from None
+    try:
+        policies, default = parse_policies(data)
+        PolicyTable(policies, default)  # checks the host patterns
+    except ConfigurationError as exc:
+        field = exc.field
+        if field == "policies":  # a bad pattern: name it as the file does
+            field = f"hosts.{_quoted(str(exc.value))}"
+            message = f"{field}: {exc.reason}"
+        else:
+            message = str(exc)
+        line = _line_of(text, field)
+        where = f"line {line}: " if line is not None else ""
+        raise PolicyFileError(f"{path}: {where}{message}") from None
+    return policies, default
+
+
+# Finding the line of a key. tomllib does not say where a value came from, so
+# the file is scanned for table headers, ``key = value`` lines and the keys of
+# inline tables; good enough for policy files, and only ever used for a message.
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_SEGMENT = re.compile(r"""[ \t]*(?:"((?:[^"\\]|\\.)*)"|'([^']*)'|([A-Za-z0-9_-]+))[ \t]*""")
+
+
+def _quoted(segment: str) -> str:
+    return segment if _BARE_KEY.fullmatch(segment) else json.dumps(segment)
+
+
+def _key(text: str, i: int) -> tuple[tuple[str, ...], int] | None:
+    """The dotted key at ``text[i]`` (blanks around it allowed) and where it ends; ``None`` if there is none."""
+    parts: list[str] = []
+    while True:
+        found = _SEGMENT.match(text, i)
+        if found is None:
+            return None
+        basic, literal, bare = found.groups()
+        if basic is not None:
+            try:
+                parts.append(json.loads(f'"{basic}"'))
+            except ValueError:  # an escape TOML has and JSON lacks: close enough for a message
+                parts.append(basic)
+        else:
+            parts.append(literal if literal is not None else bare)
+        i = found.end()
+        if not text.startswith(".", i):
+            return tuple(parts), i
+        i += 1
+
+
+def _note(lines: dict[tuple[str, ...], int], path: tuple[str, ...], number: int) -> None:
+    for n in range(1, len(path) + 1):
+        lines.setdefault(path[:n], number)
+
+
+def _inline(lines: dict[tuple[str, ...], int], path: tuple[str, ...], text: str, i: int, number: int) -> int:
+    """Note the keys of the inline table opening at ``text[i]``; return where it closes."""
+    i += 1
+    while i < len(text):
+        if text[i] in " \t,":
+            i += 1
+            continue
+        if text[i] == "}":
+            return i + 1
+        found = _key(text, i)
+        if found is None:
+            return len(text)
+        keys, i = found
+        if not text.startswith("=", i):
+            return len(text)
+        i += 1
+        while i < len(text) and text[i] in " \t":
+            i += 1
+        _note(lines, path + keys, number)
+        if text.startswith("{", i):
+            i = _inline(lines, path + keys, text, i, number)
+            continue
+        depth, quote = 0, ""
+        while i < len(text):  # skip the value: up to a comma or brace outside strings and arrays
+            char = text[i]
+            if quote:
+                quote = "" if char == quote else quote
+            elif char in "\"'":
+                quote = char
+            elif char == "[":
+                depth += 1
+            elif char == "]":
+                depth -= 1
+            elif char in ",}" and depth <= 0:
+                break
+            i += 1
+    return i
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """The line where each key path of the file first appears."""
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("["):
+            found = _key(stripped, 2 if stripped.startswith("[[") else 1)
+            if found is not None:
+                table = found[0]
+                _note(lines, table, number)
+            continue
+        found = _key(stripped, 0)
+        if found is None or not stripped.startswith("=", found[1]):
+            continue
+        keys, i = found
+        _note(lines, table + keys, number)
+        value = stripped[i + 1 :].lstrip()
+        if value.startswith("{"):
+            _inline(lines, table + keys, value, 0, number)
+    return lines
+
+
+def _line_of(text: str, field: str) -> int | None:
+    """The line of ``field`` (a key path such as ``hosts."api.x".retry.attempts``), as best it can be told.
+
+    A host table inherits from ``[default]`` what it does not set, so a key
+    missing from the host's table is looked for in ``[default]`` before the
+    nearest table that encloses it.
+    """
+    found = _key(field, 0)
+    if found is None:
+        return None
+    path = found[0]
+    lines = _key_lines(text)
+    inherited = ("default", *path[2:]) if path[:1] == ("hosts",) and len(path) > 2 else None
+    for candidate in (path, inherited):
+        if candidate is not None and candidate in lines:
+            return lines[candidate]
+    for n in range(len(path) - 1, 0, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return None
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, frozenset | set):
+        return "[" + ", ".join(str(v) for v in sorted(value)) + "]"
+    return str(value)
+
+
+def describe_policy(policy: Policy) -> list[str]:
+    """One line per layer: its settings as ``key=value``, or ``off``."""
+    lines = []
+    for layer in dataclasses.fields(policy):
+        settings = getattr(policy, layer.name)
+        if settings is None:
+            lines.append(f"  {layer.name:<16} off")
+            continue
+        parts = []
+        for setting in dataclasses.fields(settings):
+            value = getattr(settings, setting.name)
+            if dataclasses.is_dataclass(value):
+                parts += [
+                    f"{setting.name}.{f.name}={_value(getattr(value, f.name))}" for f in dataclasses.fields(value)
+                ]
+            elif setting.name == "budget" and value is None:
+                parts.append("budget=off")
+            else:
+                parts.append(f"{setting.name}={_value(value)}")
+        wrapped = textwrap.wrap(" ".join(parts), width=100, break_long_words=False, break_on_hyphens=False)
+        lines.append(f"  {layer.name:<16} " + f"\n  {'':<16} ".join(wrapped))
+    return lines
+
+
+def _check(args: argparse.Namespace) -> int:
+    policies, default = load_policy_file(args.file)
+    patterns = len(policies)
+    print(f"{args.file}: valid; a default and {patterns} host pattern{'' if patterns == 1 else 's'}")
+    for title, policy in [("[default]  (hosts no pattern matches)", default)] + [
+        (f"[hosts.{_quoted(pattern)}]", policy) for pattern, policy in policies.items()
+    ]:
+        print(f"\n{title}")
+        print("\n".join(describe_policy(policy)))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from ._demo import API, SEARCH, demo_policies, run_demo
+
+    policies = demo_policies() if args.policy is None else load_policy_file(args.policy)
+    table = PolicyTable(*policies)
+    print(f"resilient_http policies ({args.policy or 'built in'}):")
+    for host in (API, SEARCH):
+        print(f"[hosts.{_quoted(host)}]")
+        print("\n".join(describe_policy(table.resolve(host, 80))))
+    registry = CollectorRegistry()
+    server = None
+    if args.metrics_port is not None:
+        try:
+            server, thread = start_http_server(args.metrics_port, addr="127.0.0.1", registry=registry)
+        except OSError as exc:
+            print(f"error: cannot serve metrics on 127.0.0.1:{args.metrics_port}: {exc.strerror}", file=sys.stderr)
+            return 2
+        print(f"metrics: http://127.0.0.1:{server.server_port}/metrics", flush=True)
+    try:
+        interrupted = asyncio.run(run_demo(args.duration, policies, registry=registry, out=sys.stdout))
+    except KeyboardInterrupt:  # a second Ctrl-C, during shutdown
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+            thread.join()
+    return 130 if interrupted else 0
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a duration the demo can run for."""
+    value = float(text)
+    if not 0.5 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0.5 and 3600 seconds (got {text})")
+    return value
+
+
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 0 for any free one."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number, 0 for any free one (got {text})")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m resilient_http", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = commands.add_parser(
+        "demo",
+        help="the same traffic through bare httpx and resilient_http, against failing local upstreams",
+        description="The same open-loop traffic through a bare httpx.AsyncClient and through\n"
+        "ResilientTransport, each against its own local upstreams that go through the same\n"
+        "failures at the same moments; a line a second, then a table that compares them.",
+        epilog=_DEMO_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument("--duration", type=seconds, default=20.0, metavar="SECONDS", help="length of the run (20)")
+    demo.add_argument("--policy", metavar="FILE", help="policy TOML for the resilient client (see below)")
+    demo.add_argument(
+        "--metrics-port",
+        type=port,
+        metavar="PORT",
+        help="serve the transport's Prometheus metrics at http://127.0.0.1:PORT/metrics while it runs (0: any port)",
+    )
+    demo.set_defaults(run=_demo)
+    check = commands.add_parser(
+        "check",
+        help="validate a policy TOML file and print the policy of every host pattern",
+        description="Validate a policy TOML file and print what [default] and each host pattern resolve to. "
+        "Exit 0 when valid, 2 with the key, value and line on stderr when not.",
+    )
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(run=_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; the exit status is returned."""
+    args = _parser().parse_args(argv)
+    try:
+        status: int = args.run(args)
+    except PolicyFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into head, say: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
