@@ -1,0 +1,97 @@
+"""The benchmarks' smoke modes, so that CI keeps them from rotting; nothing here asserts on speed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import chaos, overhead
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Both benchmarks run once in smoke mode through their command lines, writing JSON."""
+    out = tmp_path_factory.mktemp("bench")
+    paths = {"overhead": out / "overhead.json", "chaos": out / "chaos.json"}
+    assert overhead.main(["--smoke", "--profile", "--json", str(paths["overhead"])]) == 0
+    assert chaos.main(["--smoke", "--json", str(paths["chaos"])]) == 0
+    return paths
+
+
+def test_overhead_reports_every_subject(results: dict[str, Path]) -> None:
+    """The in-process table has every subject, each with a time and a ratio to bare httpx."""
+    data = json.loads(results["overhead"].read_text())
+    rows = {row["name"]: row for row in data["in_process"]["rows"]}
+    assert set(rows) == set(overhead.SUBJECTS)
+    for row in rows.values():
+        assert _number(row["us_per_call"]) and row["us_per_call"] > 0
+        assert _number(row["ratio"]) and row["ratio"] > 0
+    assert rows[overhead.BARE]["ratio"] == 1.0
+
+
+def test_overhead_reports_every_layer_throughput_and_profile(results: dict[str, Path]) -> None:
+    """Per-layer costs, socket throughput for bare and resilient, and a profile with functions in it."""
+    data = json.loads(results["overhead"].read_text())
+    layers = [row["name"] for row in data["per_layer"]["rows"]]
+    assert all(name in layers for name in overhead.LAYER_ALONE)
+    throughput = {row["name"]: row for row in data["throughput"]["rows"]}
+    assert set(throughput) == {overhead.BARE, overhead.DEFAULT, overhead.ALL_SIX}
+    assert all(row["calls_per_second"] > 0 for row in throughput.values())
+    assert data["profile"]["rows"] and all(_number(row["extra_own_us"]) for row in data["profile"]["rows"])
+    assert {t["target"] for t in data["targets"]} and all(isinstance(t["met"], bool) for t in data["targets"])
+    assert data["machine"]["cpus"] >= 1
+
+
+def test_chaos_reports_every_scenario_and_client(results: dict[str, Path]) -> None:
+    """Every scenario ran with each of its clients, and each reported its numbers."""
+    data = json.loads(results["chaos"].read_text())
+    assert set(data["scenarios"]) == set(chaos.SCENARIOS)
+    for name, (_, clients) in chaos.SCENARIOS.items():
+        reported = data["scenarios"][name]["clients"]
+        assert list(reported) == list(clients), name
+        for client, numbers in reported.items():
+            latency = numbers["healthy_beside_hung"] if name == "hung" else numbers["latency"]
+            assert set(latency) == {"p50", "p90", "p99", "max"}, (name, client)
+            assert numbers["outcomes"] if name != "hung" else numbers["healthy_outcomes"], (name, client)
+
+
+def test_chaos_measures_what_its_targets_need(results: dict[str, Path]) -> None:
+    """The numbers behind every target are there, and every target has a verdict."""
+    data = json.loads(results["chaos"].read_text())
+    sc = data["scenarios"]
+    naive = sc["outage"]["clients"][chaos.NAIVE]
+    assert naive["attempts_per_call_outage"] > 1  # it retries into the outage
+    assert len(naive["timeline"]) == len(naive["offered_timeline"]) > 0
+    assert "recovery_bound" in sc["outage"]["clients"][chaos.RESILIENT]["breaker"]
+    assert 0 <= sc["errors"]["clients"][chaos.RESILIENT]["success_share"] <= 1
+    limiter = sc["quota"]["clients"][chaos.RESILIENT_LIMITER]
+    assert isinstance(limiter["early"], int) and (math.isnan(limiter["share_429"]) or 0 <= limiter["share_429"] <= 1)
+    assert _number(sc["hung"]["clients"][chaos.RESILIENT]["p99_ratio"])
+    assert _number(sc["cached"]["clients"][chaos.RESILIENT]["answered_stale"])
+    scenarios = {t["scenario"] for t in data["targets"]}
+    assert scenarios == {"outage", "errors", "quota", "hung"}
+
+
+def test_plots_and_results_are_written(results: dict[str, Path], tmp_path: Path) -> None:
+    """plots.py draws every figure and fills every generated block of RESULTS.md."""
+    pytest.importorskip("matplotlib")
+    from benchmarks import plots
+
+    (tmp_path / "RESULTS.md").write_text(
+        "# Results\n\n<!-- generated:overhead -->\nold\n<!-- end:overhead -->\n\nkept\n"
+    )
+    argv = ["--overhead", str(results["overhead"]), "--chaos", str(results["chaos"]), "--out", str(tmp_path)]
+    assert plots.main(argv) == 0
+    assert {p.name for p in tmp_path.glob("*.png")} == {"outage_load.png", "latency_percentiles.png", "overhead.png"}
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "old" not in text and "kept" in text
+    for block in ("machine", "overhead", "chaos", "targets"):
+        assert text.count(f"<!-- generated:{block} -->") == 1
