@@ -375,8 +375,8 @@ async def test_waiting_calls_are_held_back_by_a_cooldown_and_keep_their_order_an
     held = server.times[1:]
     assert min(held) >= START + 10.5
     assert [b - a for a, b in itertools.pairwise(held)] == pytest.approx([1.0, 1.0])
-    # Each of the three waited out the 10 s pause on top of its turn.
-    assert value(registry, "resilient_http_cooldown_seconds_total") == pytest.approx(30.0)
+    # Three calls waited out one 10 s pause: the host spent 10 s in cooldown.
+    assert value(registry, "resilient_http_cooldown_seconds_total") == pytest.approx(10.0)
 
 
 async def test_waiting_call_that_cannot_wait_out_a_new_cooldown_fails_when_it_begins(
@@ -742,7 +742,7 @@ async def test_cancelled_calls_never_let_the_host_exceed_its_bound(registry: Col
 
 
 async def test_metrics_count_waits_refusals_and_cooldown(registry: CollectorRegistry) -> None:
-    """Every call let through observes its wait (0 included), refusals are counted, cooldown time is summed."""
+    """Every call let through observes its wait (0 included), refusals count, the host's cooldown time is summed."""
     clock = FakeClock()
     answers = {"/hinted": [(429, {"Retry-After": "2"})], "/2": [(429, {"Retry-After": "10"})]}
     server = Server(clock, answers)
@@ -759,7 +759,7 @@ async def test_metrics_count_waits_refusals_and_cooldown(registry: CollectorRegi
     assert value(registry, f"{wait}_sum") == pytest.approx(3.5)
     assert registry.get_sample_value(f"{wait}_bucket", {"host": HOST, "le": "0.005"}) == 1
     assert value(registry, "resilient_http_rate_limited_total") == 1
-    assert value(registry, "resilient_http_cooldown_seconds_total") == pytest.approx(2.0)
+    assert value(registry, "resilient_http_cooldown_seconds_total") == pytest.approx(2.0 + 10.0)
 
 
 def test_rate_limiter_comes_before_the_timeout_and_every_layer_that_costs() -> None:

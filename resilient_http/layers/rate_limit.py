@@ -36,8 +36,10 @@ when its wait is over), though not behind the calls that were paused: in
 that one race the host may see one call more than the bound per such retry.
 
 Metrics: every call let through observes its wait (0 included) in
-``rate_limit_wait_seconds``, and the share of it spent in a server's
-cooldown in ``cooldown_seconds``; every refusal counts in ``rate_limited``.
+``rate_limit_wait_seconds``; ``cooldown_seconds`` adds up the time the host
+spent in server-imposed cooldown (its rate is the share of time the host
+was paused, however many calls waited); every refusal counts in
+``rate_limited``.
 A retry's wait for its turn is recorded by the retry layer, in ``CallInfo.waits``.
 """
 
@@ -146,8 +148,6 @@ class RateLimiter:
         arrival = now
         limit = math.inf if self._max_wait is None else arrival + self._max_wait
         deadline = math.inf if call.deadline is None else call.deadline
-        shift_before = self._shift
-        cooling = self._cooldown_until - arrival
         tat_before, last_before = self._tat, self._last
         slot = self._reserve(now)
         tat_after, shift = self._tat, self._shift
@@ -191,9 +191,6 @@ class RateLimiter:
         self._wait_seconds.observe(waited)
         if waited > 0:
             call.waits.append(Wait("rate_limit", waited))
-            cooled = self._shift - shift_before + (cooling if cooling > 0 else 0.0)
-            if cooled > 0:
-                self._cooldown.inc(min(cooled, waited))
 
     def _hold(self) -> float:
         """The end of the server's current cooldown (in the past when there is none)."""
@@ -246,6 +243,7 @@ class RateLimiter:
         if until <= start:
             return
         self._shift += until - start
+        self._cooldown.inc(until - start)  # the host's time in cooldown, however many calls wait it out
         self._cooldown_until = until
         self._hold_until = max(until, self._pace_until)
         sleepers, self._sleepers = self._sleepers, set()
