@@ -295,19 +295,16 @@ class HostMetrics:
         if m.collector is not None:
             m.collector.hosts.discard(self)
             return
+        # prometheus-client cannot remove series in multiprocess mode (it warns and
+        # keeps them in the files): the counters stay, and the gauges are zeroed
+        # so that an evicted host does not read "open" or "in flight" for ever.
         for name in self.UNLABELLED:
-            _remove(m.collectors[name], self.host)
+            if _KINDS[name] == "gauge":
+                getattr(self, name).set(0)
         for name, series in self._labelled.items():
-            for value in series:
-                _remove(m.collectors[name], self.host, value)
-            series.clear()
-
-
-def _remove(collector: Any, *labels: str) -> None:
-    try:
-        collector.remove(*labels)
-    except KeyError:  # another transport on the registry already removed it
-        pass
+            if _KINDS[name] == "gauge":
+                for child in series.values():
+                    child.set(0)
 
 
 def outcome_of_exception(exc: BaseException) -> str:

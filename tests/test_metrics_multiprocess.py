@@ -67,3 +67,33 @@ def test_worker_processes_add_up_in_multiprocess_mode(tmp_path: Path) -> None:
         mark_process_dead(pid, str(tmp_path))  # type: ignore[no-untyped-call]
     assert value("resilient_http_circuit_state", host="down.example:80", state="open") is None
     assert value("resilient_http_requests_total", host="api.example:80", outcome="2xx") == 7
+
+
+EVICTING_WORKER = textwrap.dedent(
+    """
+    import asyncio
+    import httpx
+    from resilient_http import ResilientTransport
+
+    async def main():
+        transport = ResilientTransport(inner=httpx.MockTransport(lambda r: httpx.Response(200)), max_hosts=1)
+        async with httpx.AsyncClient(transport=transport) as client:
+            await client.get("http://a.example/")
+            await client.get("http://b.example/")  # evicts a.example
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_an_evicted_host_leaves_no_live_gauge_in_multiprocess_mode(tmp_path: Path) -> None:
+    """Series cannot be removed from the files: an evicted host's gauges read 0, its counters stay, and no warning."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    command = [sys.executable, "-W", "error", "-c", EVICTING_WORKER]
+    subprocess.run(command, env=env, check=True, timeout=60, capture_output=True)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
+    state = "resilient_http_circuit_state"
+    assert registry.get_sample_value(state, {"host": "a.example:80", "state": "closed"}) == 0
+    assert registry.get_sample_value(state, {"host": "b.example:80", "state": "closed"}) == 1
+    assert registry.get_sample_value("resilient_http_requests_total", {"host": "a.example:80", "outcome": "2xx"}) == 1
