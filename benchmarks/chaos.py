@@ -40,7 +40,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import hishel
@@ -70,6 +70,7 @@ HISHEL = "hishel"
 RESILIENT = "resilient_http"
 RESILIENT_LIMITER = "resilient_http + limiter"
 RESILIENT_BULKHEAD_20 = "resilient_http, bulkhead 20"
+BARE_PER_HOST = "bare httpx, a client per host"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 Send = Callable[[str], Awaitable[httpx.Response]]
@@ -87,6 +88,11 @@ class Client:
     send: Send
     registry: CollectorRegistry | None = None
     policy: Policy | None = None
+    others: list[httpx.AsyncClient] = field(default_factory=list)  # more pools to close
+
+    async def aclose(self) -> None:
+        for http in [self.http, *self.others]:
+            await http.aclose()
 
     def metric(self, name: str, labels: dict[str, str]) -> float:
         if self.registry is None:
@@ -115,6 +121,23 @@ def make_client(name: str, policy: Policy | None = None) -> Client:
             return await http.get(url)
 
         return Client(name, http, resilient_send, registry, policy)
+    if name == BARE_PER_HOST:
+        # The isolation floor: nothing shared between hosts but the event loop.
+        pools: dict[str, httpx.AsyncClient] = {}
+        first = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport())
+        per_host = Client(name, first, lambda url: first.get(url))
+
+        async def per_host_send(url: str) -> httpx.Response:
+            netloc = httpx.URL(url).netloc.decode()
+            http = pools.get(netloc)
+            if http is None:
+                http = pools[netloc] = first if not pools else httpx.AsyncClient(transport=httpx.AsyncHTTPTransport())
+                if http is not first:
+                    per_host.others.append(http)
+            return await http.get(url)
+
+        per_host.send = per_host_send
+        return per_host
     if name == HTTPX_RETRIES:
         retry = Retry(total=2, backoff_factor=0.1)
         http = httpx.AsyncClient(transport=RetryTransport(transport=httpx.AsyncHTTPTransport(), retry=retry))
@@ -179,7 +202,7 @@ class Stream:
     offset: float = 0.0  # of its first call, in seconds
 
 
-async def _one(client: Client, stream: Stream, start: float) -> Record:
+async def _one(client: Client, stream: Stream, start: float, cutoff: list[float]) -> Record:
     began = time.monotonic()
     scheduled = began - start
     status: int | None = None
@@ -202,7 +225,8 @@ async def _one(client: Client, stream: Stream, start: float) -> Record:
             kind = "cached"
         else:
             kind = "ok" if 200 <= status < 300 else "status"
-    ended = time.monotonic()
+    # A cancelled call ends when it was cancelled, not when its clean-up (which may queue) is done.
+    ended = cutoff[0] if kind == "unfinished" and cutoff else time.monotonic()
     return Record(stream.target, scheduled, ended - start, ended - began, kind, status, error)
 
 
@@ -234,17 +258,19 @@ async def drive(
     for at, action in phases:
         loop.call_at(start + at, action)
     tasks: list[tuple[Stream, asyncio.Task[Record]]] = []
+    cutoff: list[float] = []  # when the calls still running were cancelled
     for at, stream in schedule:
         delay = start + at - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append((stream, asyncio.create_task(_one(client, stream, start))))
+        tasks.append((stream, asyncio.create_task(_one(client, stream, start, cutoff))))
     end = start + duration
     if end > time.monotonic():
         await asyncio.sleep(end - time.monotonic())
     waited = [task for stream, task in tasks if wait_for(stream)]
     if waited:
         await asyncio.wait(waited, timeout=drain)
+    cutoff.append(time.monotonic())
     for _, task in tasks:
         task.cancel()
     records = await asyncio.gather(*(task for _, task in tasks))
@@ -320,7 +346,7 @@ async def _run_client(
     try:
         return await body(client)
     finally:
-        await client.http.aclose()
+        await client.aclose()
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -588,7 +614,7 @@ SCENARIOS: dict[str, tuple[Callable[[Settings, Sequence[str]], Awaitable[dict[st
     "outage": (outage, RETRYING),
     "errors": (errors, RETRYING),
     "quota": (quota, (*RETRYING, RESILIENT_LIMITER)),
-    "hung": (hung, (*RETRYING, RESILIENT_BULKHEAD_20)),
+    "hung": (hung, (*RETRYING, RESILIENT_BULKHEAD_20, BARE_PER_HOST)),
     "cached": (cached, (BARE, NAIVE, HTTPX_RETRIES, STAMINA, HISHEL, RESILIENT)),
 }
 

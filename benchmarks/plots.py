@@ -29,6 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from . import chaos, overhead
 from ._common import HERE, table, verdict
@@ -41,6 +42,8 @@ COLORS = {
     chaos.HISHEL: "#8c564b",
     chaos.RESILIENT: "#1f77b4",
     chaos.RESILIENT_LIMITER: "#17becf",
+    chaos.RESILIENT_BULKHEAD_20: "#17becf",
+    chaos.BARE_PER_HOST: "#bcbd22",
 }
 
 
@@ -128,6 +131,8 @@ def overhead_plot(result: dict[str, Any], path: Path) -> None:
     values = [r["us_per_call"] for r in rows]
     left.barh(names, values, color=["#7f7f7f", "#1f77b4", "#1f77b4", "#ff7f0e", "#9467bd", "#2ca02c", "#8c564b"])
     left.set_xscale("log")
+    left.xaxis.set_minor_formatter(NullFormatter())
+    left.xaxis.set_major_formatter(ScalarFormatter())
     left.invert_yaxis()
     left.set_xlabel("µs per call (median, log)")
     left.set_title("In process (MockTransport): client stack per call", fontsize=9)
