@@ -70,15 +70,27 @@ def _override(policy: Policy, override: Any) -> tuple[Policy, str]:
     return (dataclasses.replace(policy, **changes) if changes else policy), priority
 
 
+def default_inner() -> httpx.AsyncHTTPTransport:
+    """The network transport used when none is given: httpx's, without a global connection cap.
+
+    httpx's pool caps connections across *all* hosts (100 by default), so one
+    hung host would hold every connection and starve the healthy ones, whatever
+    their bulkheads say. Here the cap per host is the host's bulkhead
+    (``max_concurrent``), which is the isolation a bulkhead promises.
+    """
+    return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=None, max_keepalive_connections=100))
+
+
 class ResilientTransport(httpx.AsyncBaseTransport):
     """An httpx transport that gives every call, per host, the layers its policy asks for.
 
     ``policies`` maps host patterns (``api.example.com``,
     ``api.example.com:8443``, ``*.example.com``) to :class:`Policy`;
     ``default`` serves hosts no pattern matches (``Policy()`` when omitted).
-    ``inner`` does the network I/O (``httpx.AsyncHTTPTransport()`` when
-    omitted) and is closed by :meth:`aclose`. Metrics go to ``registry``
-    (the global registry when omitted); transports sharing a registry share
+    ``inner`` does the network I/O (:func:`default_inner` when omitted:
+    give your own a pool without a global connection cap, or one hung host
+    can take every connection) and is closed by :meth:`aclose`. Metrics go
+    to ``registry`` (the global registry when omitted); transports sharing a registry share
     its series. State is kept for at most ``max_hosts`` hosts, least
     recently used evicted first. ``clock`` and ``random`` exist for tests.
 
@@ -100,7 +112,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         random: random.Random | None = None,
     ) -> None:
         self._table = PolicyTable(policies, default)
-        self._inner = httpx.AsyncHTTPTransport() if inner is None else inner
+        self._inner = default_inner() if inner is None else inner
         self._metrics = metrics_for(registry)
         self._clock: Clock = SystemClock() if clock is None else clock
         self._random = default_random() if random is None else random
