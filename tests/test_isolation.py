@@ -28,8 +28,7 @@ async def test_a_hung_host_cannot_take_the_healthy_hosts_connections() -> None:
             for _ in range(100):  # the default bulkhead's max_concurrent
                 stuck.start_soon(client.get, hung.url("/"))
             with anyio.fail_after(10):
-                while len(hung.requests) < 100:
-                    await anyio.sleep(0.01)
+                await hung.wait_for_requests(100)
             started = time.monotonic()
             with anyio.fail_after(5):
                 response = await client.get(healthy.url("/"))
