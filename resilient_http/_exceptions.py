@@ -87,8 +87,11 @@ class DeadlineExceededError(ResilienceError, httpx.TimeoutException):
 class ConfigurationError(ValueError):
     """A policy or policy file is invalid; the message names the field and value."""
 
-    def __init__(self, field: str, value: Any, reason: str) -> None:
-        super().__init__(f"{field}: {reason} (got {value!r})")
+    def __init__(self, field: str, value: Any, reason: str, *, where: str | None = None) -> None:
+        message = f"{field}: {reason}" if value is None else f"{field}: {reason} (got {value!r})"
+        super().__init__(message if where is None else f"{where}: {message}")
         self.field = field
         self.value = value
         self.reason = reason
+        #: The file, and the line where it can be told, of a policy file's error.
+        self.where = where

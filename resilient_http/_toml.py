@@ -25,6 +25,8 @@ bad values raise :class:`ConfigurationError` naming the key path and value.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import tomllib
 from os import PathLike
 from pathlib import Path
@@ -32,6 +34,7 @@ from typing import Any
 
 from ._config import LAYER_TYPES, Policy, RetryBudget
 from ._exceptions import ConfigurationError
+from ._hosts import PolicyTable
 
 _NESTED: dict[tuple[str, str], type] = {("retry", "budget"): RetryBudget}
 
@@ -100,13 +103,154 @@ def parse_policies(data: dict[str, Any]) -> tuple[dict[str, Policy], Policy]:
 
 
 def load_policies(path: str | PathLike[str]) -> tuple[dict[str, Policy], Policy]:
-    """``(policies, default)`` from the TOML file at ``path``."""
+    """``(policies, default)`` from the TOML file at ``path``.
+
+    Every error is a :class:`ConfigurationError` that starts with the path
+    and, where it can be told, the line: ``policies.toml: line 5:
+    hosts."api.x".retry.atempts: is not a RetryPolicy setting (got 4)``.
+    """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigurationError("path", str(path), f"cannot be read: {exc.strerror}") from None
+        raise ConfigurationError(str(path), None, f"cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(str(path), None, f"is not UTF-8 text (byte {exc.start})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigurationError("path", str(path), f"is not valid TOML: {exc}") from None
-    return parse_policies(data)
+        message = str(exc)
+        found = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+        where = f"{path}" if found is None else f"{path}: line {found[1]}, column {found[2]}"
+        reason = message if found is None else message[: found.start()]
+        raise ConfigurationError("invalid TOML", None, reason, where=where) from None
+    try:
+        policies, default = parse_policies(data)
+        PolicyTable(policies, default)  # checks the host patterns
+    except ConfigurationError as exc:
+        field, value = exc.field, exc.value
+        if field == "policies":  # a bad pattern: name it as the file does
+            field = f"hosts.{json.dumps(str(value)) if not _BARE_KEY.fullmatch(str(value)) else value}"
+        line = _line_of(text, field)
+        where = f"{path}" if line is None else f"{path}: line {line}"
+        raise ConfigurationError(field, value, exc.reason, where=where) from None
+    return policies, default
+
+
+# Finding the line of a key. tomllib does not say where a value came from, so
+# the file is scanned for table headers, ``key = value`` lines and the keys of
+# inline tables; good enough for policy files, and only ever used for a message.
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_SEGMENT = re.compile(r"""[ \t]*(?:"((?:[^"\\]|\\.)*)"|'([^']*)'|([A-Za-z0-9_-]+))[ \t]*""")
+
+
+def _key(text: str, i: int) -> tuple[tuple[str, ...], int] | None:
+    """The dotted key at ``text[i]`` (blanks around it allowed) and where it ends; ``None`` if there is none."""
+    parts: list[str] = []
+    while True:
+        found = _SEGMENT.match(text, i)
+        if found is None:
+            return None
+        basic, literal, bare = found.groups()
+        if basic is not None:
+            try:
+                parts.append(json.loads(f'"{basic}"'))
+            except ValueError:  # an escape TOML has and JSON lacks: close enough for a message
+                parts.append(basic)
+        else:
+            parts.append(literal if literal is not None else bare)
+        i = found.end()
+        if not text.startswith(".", i):
+            return tuple(parts), i
+        i += 1
+
+
+def _note(lines: dict[tuple[str, ...], int], path: tuple[str, ...], number: int) -> None:
+    for n in range(1, len(path) + 1):
+        lines.setdefault(path[:n], number)
+
+
+def _inline(lines: dict[tuple[str, ...], int], path: tuple[str, ...], text: str, i: int, number: int) -> int:
+    """Note the keys of the inline table opening at ``text[i]``; return where it closes."""
+    i += 1
+    while i < len(text):
+        if text[i] in " \t,":
+            i += 1
+            continue
+        if text[i] == "}":
+            return i + 1
+        found = _key(text, i)
+        if found is None:
+            return len(text)
+        keys, i = found
+        if not text.startswith("=", i):
+            return len(text)
+        i += 1
+        while i < len(text) and text[i] in " \t":
+            i += 1
+        _note(lines, path + keys, number)
+        if text.startswith("{", i):
+            i = _inline(lines, path + keys, text, i, number)
+            continue
+        depth, quote = 0, ""
+        while i < len(text):  # skip the value: up to a comma or brace outside strings and arrays
+            char = text[i]
+            if quote:
+                quote = "" if char == quote else quote
+            elif char in "\"'":
+                quote = char
+            elif char == "[":
+                depth += 1
+            elif char == "]":
+                depth -= 1
+            elif char in ",}" and depth <= 0:
+                break
+            i += 1
+    return i
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """The line where each key path of the file first appears."""
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("["):
+            found = _key(stripped, 2 if stripped.startswith("[[") else 1)
+            if found is not None:
+                table = found[0]
+                _note(lines, table, number)
+            continue
+        found = _key(stripped, 0)
+        if found is None or not stripped.startswith("=", found[1]):
+            continue
+        keys, i = found
+        _note(lines, table + keys, number)
+        value = stripped[i + 1 :].lstrip()
+        if value.startswith("{"):
+            _inline(lines, table + keys, value, 0, number)
+    return lines
+
+
+def _line_of(text: str, field: str) -> int | None:
+    """The line of ``field`` (a key path such as ``hosts."api.x".retry.attempts``), as best it can be told.
+
+    A host table inherits from ``[default]`` what it does not set, so a key
+    missing from the host's table is looked for in ``[default]`` before the
+    nearest table that encloses it.
+    """
+    found = _key(field, 0)
+    if found is None:
+        return None
+    path = found[0]
+    lines = _key_lines(text)
+    inherited = ("default", *path[2:]) if path[:1] == ("hosts",) and len(path) > 2 else None
+    for candidate in (path, inherited):
+        if candidate is not None and candidate in lines:
+            return lines[candidate]
+    for n in range(len(path) - 1, 0, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return None

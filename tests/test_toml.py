@@ -284,6 +284,22 @@ def test_a_toml_syntax_error_names_the_line(write: Writer) -> None:
     assert str(path) in str(caught.value)
 
 
+def test_a_bad_setting_from_a_file_names_the_file_and_its_line(write: Writer) -> None:
+    """from_file's errors say where: the file, the line, the key path and the value."""
+    path = write("""\
+        [default]
+        timeout = { attempt = 5 }
+
+        [hosts."api.example.com".retry]
+        atempts = 4
+    """)
+    with pytest.raises(ConfigurationError) as caught:
+        ResilientTransport.from_file(path)
+    key = 'hosts."api.example.com".retry.atempts'
+    assert str(caught.value) == f"{path}: line 5: {key}: is not a RetryPolicy setting (got 4)"
+    assert caught.value.where == f"{path}: line 5"
+
+
 def test_a_missing_file_raises_a_clear_error(tmp_path: Path) -> None:
     """A path that cannot be read raises ConfigurationError naming the path, not a bare OSError."""
     missing = tmp_path / "nowhere.toml"
