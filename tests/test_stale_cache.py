@@ -381,3 +381,16 @@ async def test_the_newest_good_answer_replaces_the_stored_one(clock: FakeClock, 
     assert stale.content == b"newer"
     assert before is not None and after == before + 2
     assert registry.get_sample_value("resilient_http_cache_entries", {"host": HOST}) == 1
+
+
+async def test_the_same_answer_again_restarts_its_age(clock: FakeClock, registry: CollectorRegistry) -> None:
+    """An unchanged answer received again counts as received now: its age starts over."""
+    upstream = Upstream(ok(b"same"), ok(b"same"), down())
+    async with client(upstream, clock, registry, StaleCachePolicy(max_stale=60)) as c:
+        await c.get(URL)
+        clock.advance(100)
+        await c.get(URL)
+        clock.advance(10)
+        stale = await c.get(URL)
+    assert stale.content == b"same"
+    assert stale.headers["age"] == "10"

@@ -108,6 +108,13 @@ class Store:
                 return entry
         return None
 
+    def refresh(self, entry: Entry, now: float) -> None:
+        """The same answer came again: it is as fresh as now, and the most recently used."""
+        entry.stored = now
+        slot = (entry.key, entry.vary)
+        self.entries.move_to_end(slot)
+        self.hosts[entry.host].move_to_end(slot)
+
     def put(self, entry: Entry, policy: StaleCachePolicy, metrics: HostMetrics) -> None:
         host = entry.host
         self.metrics[host] = metrics
@@ -246,6 +253,20 @@ class StaleCache:
 
     def _offer(self, call: Call, key: Key, response: httpx.Response) -> None:
         headers = response.headers
+        stream = response.stream
+        if isinstance(stream, BufferedStream):
+            body: bytes | None = stream.body
+        elif isinstance(stream, httpx.ByteStream):
+            body = b"".join(stream)
+        else:
+            body = None
+        raw = headers.raw
+        if body is not None:
+            # The usual case: the same answer as last time, headers and all. Only its time moves.
+            old = self._store.entries.get((key, ()))
+            if old is not None and old.body == body and old.headers == raw and old.status == response.status_code:
+                self._store.refresh(old, self._clock.now())
+                return
         found = pick(headers, _RESPONSE_HEADERS)
         directives = cache_control(found.get(b"cache-control"))
         if "no-store" in directives or "no-cache" in directives or "must-revalidate" in directives:
@@ -261,7 +282,7 @@ class StaleCache:
             key=key,
             host=call.host.label,
             status=response.status_code,
-            headers=[(k, v) for k, v in headers.raw if k.lower() != b"age"] if b"age" in found else headers.raw,
+            headers=[(k, v) for k, v in raw if k.lower() != b"age"] if b"age" in found else raw,
             body=b"",
             http_version=response.extensions.get("http_version", b"HTTP/1.1"),
             vary=tuple((name, call.request.headers.get(name)) for name in vary_names),
@@ -269,13 +290,8 @@ class StaleCache:
             initial_age=float(age) if age.isascii() and age.isdigit() else 0.0,
             limit=limit,
         )
-        stream = response.stream
         limit_bytes = self._policy.max_body_bytes
-        if isinstance(stream, BufferedStream):
-            body = stream.body
-        elif isinstance(stream, httpx.ByteStream):
-            body = b"".join(stream)
-        else:
+        if body is None:
             if isinstance(stream, httpx.AsyncByteStream):
                 response.stream = _TeeStream(stream, limit_bytes, self, entry)
             return
