@@ -20,11 +20,13 @@ Four measurements, all in one run:
 3. **Throughput over a socket**: a minimal asyncio HTTP/1.1 keep-alive
    server in its own process on 127.0.0.1 (``benchmarks/_server.py``) and W
    concurrent workers calling it for D seconds; calls per second, bare
-   versus resilient (median of the repetitions; the garbage collector on).
+   versus resilient (median of the repetitions; the garbage collector on),
+   and the CPU time the client process spent per call.
 4. **Profile** (``--profile``): cProfile of the all-six chain and of bare
-   httpx over the same calls; the functions whose own time differs most,
-   in microseconds per call. The profiler inflates small functions, so
-   read it for where the time goes, and the per-layer table for how much.
+   httpx over the same calls, in process and over the socket; the
+   functions whose own time differs most, in microseconds per call. The
+   profiler inflates small functions, so read it for where the time goes,
+   and the per-layer table for how much.
 
 ``--smoke`` runs every measurement and every subject with tiny N, in seconds.
 """
@@ -55,7 +57,7 @@ from prometheus_client import CollectorRegistry
 from resilient_http import Policy, RateLimitPolicy, ResilientTransport, StaleCachePolicy
 from resilient_http._pipeline import ORDER
 
-from ._common import machine, median, table, verdict, write_json
+from ._common import machine, median, percentile, table, verdict, write_json
 from ._server import Server
 
 URL = "http://api.bench.example/v1/items"
@@ -224,6 +226,10 @@ def _calls_for(name: str, calls: int) -> int:
     return max(5, calls // 20) if name.startswith("hishel") else calls
 
 
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    return percentile(values, 25), percentile(values, 75)
+
+
 def _paired_ratio(subject: Subject, bare: Subject, cpu: bool = False) -> float:
     """The median over repetitions of the subject's time over bare httpx's time in the same repetition."""
     if cpu:
@@ -257,6 +263,7 @@ async def in_process(calls: int, repeats: int, warmup: int) -> dict[str, Any]:
                 "min_us": min(subject.times) * 1e6,
                 "max_us": max(subject.times) * 1e6,
                 "ratio": _paired_ratio(subject, bare),
+                "ratio_p25_p75": _quartiles([t / b for t, b in zip(subject.times, bare.times, strict=True)]),
                 "overhead_us": us - bare_us,
                 "cpu_us_per_call": median(subject.cpu) * 1e6,
                 "cpu_ratio": _paired_ratio(subject, bare, cpu=True),
@@ -292,13 +299,25 @@ async def per_layer(calls: int, repeats: int, warmup: int) -> dict[str, Any]:
                 "us_per_call": us,
                 "over_bare_us": us - bare_us,
                 "over_transport_us": us - base_us,
+                # Minimum over repetitions (timeit's estimator): interference from other
+                # processes only ever adds, so the fastest run is the least disturbed one.
+                "min_us_per_call": min(subject.times) * 1e6,
+                "min_over_bare_us": (min(subject.times) - min(bare.times)) * 1e6,
+                "min_over_transport_us": (min(subject.times) - min(base.times)) * 1e6,
                 "ratio": _paired_ratio(subject, bare),
                 "cpu_us_per_call": median(subject.cpu) * 1e6,
                 "cpu_over_bare_us": (median(subject.cpu) - median(bare.cpu)) * 1e6,
                 "cpu_ratio": _paired_ratio(subject, bare, cpu=True),
             }
         )
-    return {"calls": calls, "repeats": repeats, "bare_us": bare_us, "bare_cpu_us": median(bare.cpu) * 1e6, "rows": rows}
+    return {
+        "calls": calls,
+        "repeats": repeats,
+        "bare_us": bare_us,
+        "bare_min_us": min(bare.times) * 1e6,
+        "bare_cpu_us": median(bare.cpu) * 1e6,
+        "rows": rows,
+    }
 
 
 async def _run_for(client_call: Caller, workers: int, seconds: float) -> tuple[int, float, float]:
@@ -346,6 +365,8 @@ async def throughput(workers: int, seconds: float, repeats: int) -> dict[str, An
             "calls_per_second": median(rates[name]),
             "runs": rates[name],
             "ratio": median(r / b for r, b in zip(rates[name], bare, strict=True)),
+            # The spread of the paired ratios: how far one repetition may stray on this machine.
+            "ratio_p25_p75": _quartiles([r / b for r, b in zip(rates[name], bare, strict=True)]),
             "client_cpu_us_per_call": median(cpu[name]) * 1e6,
             # Calls per client CPU-second, relative to bare: what the throughput would be if the
             # client had its core to itself (it is the bottleneck: the server does far less per call).
@@ -367,15 +388,19 @@ def _where(path: str) -> str:
     return "stdlib/" + found.group(1) if found else path
 
 
-async def _profile_calls(subject: Subject, calls: int, warmup: int) -> pstats.Stats:
-    for _ in range(warmup):
-        await subject.call()
+async def _profile_calls(subject: Subject, calls: int, warmup: int, workers: int = 1) -> pstats.Stats:
+    """cProfile of ``calls`` calls made by ``workers`` concurrent workers, the garbage collector off."""
+
+    async def worker(count: int) -> None:
+        for _ in range(count):
+            await subject.call()
+
+    await asyncio.gather(*(worker(warmup // workers) for _ in range(workers)))
     profiler = cProfile.Profile()
     gc.disable()
     try:
         profiler.enable()
-        for _ in range(calls):
-            await subject.call()
+        await asyncio.gather(*(worker(calls // workers) for _ in range(workers)))
         profiler.disable()
     finally:
         gc.enable()
@@ -391,7 +416,7 @@ def _own_times(stats: pstats.Stats) -> dict[Key, tuple[int, float, float]]:
 
 
 async def profile(calls: int, warmup: int, top: int = 30) -> dict[str, Any]:
-    """Measurement 4: which functions the all-six chain adds, in µs per call (cProfile)."""
+    """Measurement 4: which functions the all-six chain adds, in µs per call (cProfile), in process."""
     bare = make_subject(BARE, httpx.MockTransport(_handler))
     resilient = make_subject(ALL_SIX, httpx.MockTransport(_handler))
     try:
@@ -400,6 +425,33 @@ async def profile(calls: int, warmup: int, top: int = 30) -> dict[str, Any]:
     finally:
         await bare.client.aclose()
         await resilient.client.aclose()
+    return _difference(bare_stats, resilient_stats, calls, top) | {"where": "in process (MockTransport), sequential"}
+
+
+async def profile_socket(calls: int, warmup: int, workers: int, top: int = 30) -> dict[str, Any]:
+    """The same over a socket, ``workers`` concurrent workers, against the server in its own process."""
+    calls -= calls % workers
+    with Server() as port:
+        url = f"http://127.0.0.1:{port}/v1/items"
+        bare = make_subject(BARE, httpx.AsyncHTTPTransport(), url=url)
+        resilient = make_subject(ALL_SIX, httpx.AsyncHTTPTransport(), url=url)
+        try:
+            bare_stats = _own_times(await _profile_calls(bare, calls, warmup, workers))
+            resilient_stats = _own_times(await _profile_calls(resilient, calls, warmup, workers))
+        finally:
+            await bare.client.aclose()
+            await resilient.client.aclose()
+    where = f"over a socket, {workers} concurrent workers"
+    return _difference(bare_stats, resilient_stats, calls, top) | {"where": where}
+
+
+def _difference(
+    bare_stats: dict[Key, tuple[int, float, float]],
+    resilient_stats: dict[Key, tuple[int, float, float]],
+    calls: int,
+    top: int,
+) -> dict[str, Any]:
+    """Per function and per module: the own time the all-six chain adds to bare httpx, µs per call."""
     rows: list[dict[str, Any]] = []
     for key in set(bare_stats) | set(resilient_stats):
         n_r, own_r, cum_r = resilient_stats.get(key, (0, 0.0, 0.0))
@@ -466,15 +518,15 @@ def _targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 @dataclass(frozen=True)
 class Settings:
     calls: int = 500
-    repeats: int = 25
+    repeats: int = 40
     warmup: int = 300
     workers: int = 16
     seconds: float = 1.0
-    throughput_repeats: int = 15
+    throughput_repeats: int = 25
     profile_calls: int = 3000
 
 
-SMOKE = Settings(calls=20, repeats=2, warmup=5, workers=4, seconds=0.2, throughput_repeats=1, profile_calls=20)
+SMOKE = Settings(calls=20, repeats=2, warmup=8, workers=4, seconds=0.2, throughput_repeats=1, profile_calls=20)
 
 
 async def run(settings: Settings, *, with_profile: bool = False) -> dict[str, Any]:
@@ -487,8 +539,36 @@ async def run(settings: Settings, *, with_profile: bool = False) -> dict[str, An
     result["throughput"] = await throughput(s.workers, s.seconds, s.throughput_repeats)
     if with_profile:
         result["profile"] = await profile(s.profile_calls, s.warmup)
+        result["profile_socket"] = await profile_socket(s.profile_calls, s.warmup, s.workers)
     result["targets"] = _targets(result)
     return result
+
+
+def _profile_report(pr: dict[str, Any]) -> str:
+    totals = pr["profiled_us_per_call"]
+    out = [
+        f"\n### Profile, {pr.get('where', 'in process')}: all six vs bare, {pr['calls']} calls under cProfile "
+        f"(profiled: bare {totals['bare']:.0f} µs/call, all six {totals['all six']:.0f} µs/call; "
+        "the profiler inflates every function call, so read it for where, the per-layer table for how much)\n",
+        "Extra own time by module, µs per call:\n",
+        table(("module", "+µs/call"), list(pr["extra_by_package_us"].items())[:14]),
+        "\nFunctions by extra own time, µs per call:\n",
+        table(
+            ("function", "+own µs", "own µs", "cumulative µs", "calls/call", "+calls/call"),
+            (
+                (
+                    r["function"],
+                    r["extra_own_us"],
+                    r["own_us"],
+                    r["cumulative_us"],
+                    f"{r['calls_per_call']:.1f}",
+                    f"{r['extra_calls_per_call']:+.1f}",
+                )
+                for r in pr["rows"]
+            ),
+        ),
+    ]
+    return "\n".join(out)
 
 
 def report(result: dict[str, Any]) -> str:
@@ -507,6 +587,7 @@ def report(result: dict[str, Any]) -> str:
                 "min",
                 "max",
                 "x bare",
+                "x bare, p25-p75",
                 "+µs/call",
                 "CPU µs/call",
                 "x bare (CPU)",
@@ -519,6 +600,7 @@ def report(result: dict[str, Any]) -> str:
                     r["min_us"],
                     r["max_us"],
                     f"{r['ratio']:.2f}",
+                    "{:.2f}-{:.2f}".format(*r["ratio_p25_p75"]),
                     r["overhead_us"],
                     r["cpu_us_per_call"],
                     f"{r['cpu_ratio']:.2f}",
@@ -534,28 +616,31 @@ def report(result: dict[str, Any]) -> str:
             "(the policy field is accepted but no layer exists yet)."
         )
     pl = result["per_layer"]
-    out.append(f"\n### Per layer: ResilientTransport with one layer alone (bare httpx: {pl['bare_us']:.1f} µs/call)\n")
+    out.append(
+        f"\n### Per layer: ResilientTransport with one layer alone, {pl['calls']} calls x {pl['repeats']} repetitions "
+        f"(bare httpx: {pl['bare_us']:.1f} µs/call median, {pl.get('bare_min_us', float('nan')):.1f} min)\n"
+    )
     out.append(
         table(
             (
                 "configuration",
-                "µs/call",
-                "+µs over transport alone",
-                "+µs over bare",
-                "x bare",
-                "+CPU µs over bare",
-                "x bare (CPU)",
+                "µs/call (median)",
+                "+µs over bare (median)",
+                "x bare (median)",
+                "µs/call (min)",
+                "+µs over bare (min)",
+                "+µs over transport alone (min)",
                 "chain",
             ),
             (
                 (
                     r["name"],
                     r["us_per_call"],
-                    r["over_transport_us"],
                     r["over_bare_us"],
                     f"{r['ratio']:.2f}",
-                    r["cpu_over_bare_us"],
-                    f"{r['cpu_ratio']:.2f}",
+                    r["min_us_per_call"],
+                    r["min_over_bare_us"],
+                    r["min_over_transport_us"],
                     " → ".join(r["layers"]) + (f" (absent: {', '.join(r['missing'])})" if r["missing"] else ""),
                 )
                 for r in pl["rows"]
@@ -569,13 +654,22 @@ def report(result: dict[str, Any]) -> str:
     )
     out.append(
         table(
-            ("client", "calls/s (median)", "runs", "x bare", "client CPU µs/call", "x bare (calls per CPU-second)"),
+            (
+                "client",
+                "calls/s (median)",
+                "runs",
+                "x bare",
+                "x bare, p25-p75 of runs",
+                "client CPU µs/call",
+                "x bare (calls per CPU-second)",
+            ),
             (
                 (
                     r["name"],
                     r["calls_per_second"],
                     ", ".join(f"{x:.0f}" for x in r["runs"]),
                     f"{r['ratio']:.3f}",
+                    "{:.2f}-{:.2f}".format(*r["ratio_p25_p75"]),
                     r["client_cpu_us_per_call"],
                     f"{r['cpu_ratio']:.3f}",
                 )
@@ -583,32 +677,9 @@ def report(result: dict[str, Any]) -> str:
             ),
         )
     )
-    if "profile" in result:
-        pr = result["profile"]
-        totals = pr["profiled_us_per_call"]
-        out.append(
-            f"\n### Profile: all six vs bare, {pr['calls']} calls under cProfile "
-            f"(profiled: bare {totals['bare']:.0f} µs/call, all six {totals['all six']:.0f} µs/call)\n"
-        )
-        out.append("Extra own time by module, µs per call:\n")
-        out.append(table(("module", "+µs/call"), list(pr["extra_by_package_us"].items())[:12]))
-        out.append("\nFunctions by extra own time, µs per call:\n")
-        out.append(
-            table(
-                ("function", "+own µs", "own µs", "cumulative µs", "calls/call", "+calls/call"),
-                (
-                    (
-                        r["function"],
-                        r["extra_own_us"],
-                        r["own_us"],
-                        r["cumulative_us"],
-                        f"{r['calls_per_call']:.1f}",
-                        f"{r['extra_calls_per_call']:+.1f}",
-                    )
-                    for r in pr["rows"]
-                ),
-            )
-        )
+    for key in ("profile", "profile_socket"):
+        if key in result:
+            out.append(_profile_report(result[key]))
     out.append("\n### Targets\n")
     out.append(
         table(
