@@ -1,0 +1,72 @@
+"""The rate limiter and the stale cache as a real server on 127.0.0.1 sees them."""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+import pytest
+from flaky_server import FlakyServer, respond
+from prometheus_client import CollectorRegistry
+
+from resilient_http import Policy, RateLimitPolicy, ResilientTransport, RetryPolicy, StaleCachePolicy, TimeoutPolicy
+
+FAST = TimeoutPolicy(attempt=2, total=5)
+
+
+def most_in_one_second(times: list[float]) -> int:
+    """The most arrivals in any one-second window starting at an arrival."""
+    ordered = sorted(times)
+    return max(sum(1 for t in ordered if start <= t < start + 1.0) for start in ordered)
+
+
+async def test_the_server_never_sees_more_than_rate_plus_burst_a_second() -> None:
+    """Sixty calls at once against rate 40, burst 4: every one-second window at the server holds at most 44."""
+    policy = Policy(timeout=FAST, rate_limit=RateLimitPolicy(rate=40, burst=4))
+    transport = ResilientTransport(default=policy, registry=CollectorRegistry())
+    async with FlakyServer() as server, httpx.AsyncClient(transport=transport) as client:
+        server.default("/", respond(200, body=b"ok"))
+        async with anyio.create_task_group() as tg:
+            for _ in range(60):
+                tg.start_soon(client.get, server.url("/"))
+    arrivals = [request.arrived for request in server.requests]
+    assert len(arrivals) == 60
+    assert most_in_one_second(arrivals) <= 40 + 4
+    assert max(arrivals) - min(arrivals) >= (60 - 4) / 40 * 0.9  # they were spread, not refused
+
+
+async def test_a_429_puts_the_whole_host_in_cooldown() -> None:
+    """After a 429 with Retry-After: 1, no call to that host reaches the server before the second is over."""
+    policy = Policy(timeout=FAST, retry=None, rate_limit=RateLimitPolicy(rate=100, burst=10))
+    transport = ResilientTransport(default=policy, registry=CollectorRegistry())
+    async with FlakyServer() as server, httpx.AsyncClient(transport=transport) as client:
+        server.queue("/quota", respond(429, {"Retry-After": "1"}))
+        server.default("/other", respond(200))
+        assert (await client.get(server.url("/quota"))).status_code == 429
+        assert (await client.get(server.url("/other"))).status_code == 200
+    first, second = server.requests
+    assert second.path == "/other"
+    assert second.arrived - first.arrived >= 1.0
+
+
+async def test_stale_answers_during_an_outage_and_after_the_host_is_gone() -> None:
+    """A stored answer serves a 503 outage, then a host that no longer listens at all."""
+    policy = Policy(
+        timeout=FAST,
+        retry=RetryPolicy(attempts=2, backoff=0.01, budget=None),
+        circuit_breaker=None,
+        stale_cache=StaleCachePolicy(max_stale=60),
+    )
+    transport = ResilientTransport(default=policy, registry=CollectorRegistry())
+    async with httpx.AsyncClient(transport=transport) as client:
+        async with FlakyServer() as server:  # once it stops, nobody listens on its port
+            url = server.url("/catalog/42")
+            server.queue("/catalog/42", respond(200, {"Cache-Control": "max-age=0"}, b'{"price": 10}'))
+            server.default("/catalog/42", respond(503))
+            fresh = await client.get(url)
+            during = await client.get(url)
+        with pytest.raises(httpx.ConnectError):
+            await client.get(url.replace("/42", "/7"))  # never stored: the failure comes through
+        after = await client.get(url)
+    assert fresh.json() == during.json() == after.json() == {"price": 10}
+    assert [r.extensions["resilient_http"].stale for r in (fresh, during, after)] == [False, True, True]
+    assert "age" in after.headers
