@@ -166,7 +166,3 @@ class Call:
             self.circuit_state,
             self.retry_stop,
         )
-
-    def remaining(self, now: float) -> float | None:
-        """Seconds left before the total deadline, or ``None`` without one."""
-        return None if self.deadline is None else self.deadline - now

@@ -124,6 +124,3 @@ class HostTable(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def values(self) -> list[T]:
-        return list(self._entries.values())

@@ -85,16 +85,6 @@ class Bulkhead:
         self._queued = 0
         self._queues: tuple[deque[_Waiter], ...] = tuple(deque() for _ in PRIORITIES)
 
-    @property
-    def in_flight(self) -> int:
-        """Attempts holding a slot now."""
-        return self._in_flight
-
-    @property
-    def queued(self) -> int:
-        """Calls waiting for a slot now."""
-        return self._queued
-
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         # A slot is free only when nobody waits: a freed slot is handed to the
         # head of the queue rather than counted free.

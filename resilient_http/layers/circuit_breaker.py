@@ -163,10 +163,6 @@ class CircuitBreaker:
         self._failures = [0] * _BUCKETS
         self._set(CLOSED)
 
-    def retry_after(self, now: float) -> float:
-        """Seconds until calls are let through again (0 when they are now)."""
-        return max(0.0, self._opened_until - now) if self.state == OPEN else 0.0
-
 
 def _is_host_failure(exc: Exception, call: Call) -> bool:
     if isinstance(exc, DeadlineExceededError):
