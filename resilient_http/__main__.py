@@ -109,7 +109,8 @@ def _check(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from ._demo import API, SEARCH, demo_policies, run_demo
+    from ._demo import demo_policies, run_demo
+    from ._demo_report import API, SEARCH
 
     policies = demo_policies() if args.policy is None else load_policy_file(args.policy)
     table = PolicyTable(*policies)
