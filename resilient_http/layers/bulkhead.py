@@ -103,14 +103,17 @@ class Bulkhead:
         if self._queued:
             for queue in self._queues:
                 if queue:
-                    waiter = queue.popleft()
-                    self._queued -= 1
-                    self._queued_gauge.dec()
-                    waiter.state = _GRANTED
-                    waiter.event.set()
+                    self._wake(queue.popleft(), _GRANTED)
                     return
         self._in_flight -= 1
         self._in_flight_gauge.dec()
+
+    def _wake(self, waiter: _Waiter, state: int) -> None:
+        """Take ``waiter`` off the count of the queue (it is already out of it) and tell it its fate."""
+        self._queued -= 1
+        self._queued_gauge.dec()
+        waiter.state = state
+        waiter.event.set()
 
     def _leave(self, waiter: _Waiter) -> None:
         self._queues[waiter.rank].remove(waiter)
@@ -137,11 +140,7 @@ class Bulkhead:
         for lower in range(len(PRIORITIES) - 1, rank, -1):
             queue = self._queues[lower]
             if queue:
-                victim = queue.pop()
-                self._queued -= 1
-                self._queued_gauge.dec()
-                victim.state = _SHED
-                victim.event.set()
+                self._wake(queue.pop(), _SHED)
                 self._metrics.labelled("bulkhead_rejected", PRIORITIES[lower]).inc()
                 return
         raise self._reject(call, call.priority, f"is full ({self._limit} in flight, {self._max_queue} waiting)")
