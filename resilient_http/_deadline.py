@@ -137,10 +137,13 @@ class _AnyioScope:
         return self._scope.cancelled_caught
 
 
+#: What :func:`move_on_after` returns.
+Scope = _AsyncioScope | _AnyioScope
+
 _last: tuple[asyncio.AbstractEventLoop | None, _Watchdog | None] = (None, None)
 
 
-def move_on_after(seconds: float) -> _AsyncioScope | _AnyioScope:
+def move_on_after(seconds: float) -> Scope:
     """A ``with`` block that is cancelled after ``seconds``; ``.expired`` tells whether it was."""
     global _last
     loop = _get_running_loop()

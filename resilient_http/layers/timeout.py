@@ -26,7 +26,7 @@ import anyio
 import httpx
 
 from .._call import Call
-from .._deadline import move_on_after
+from .._deadline import Scope, move_on_after
 from .._exceptions import DeadlineExceededError, TimeoutKind
 from .._metrics import outcome_of_status
 
@@ -122,28 +122,34 @@ async def _close(response: httpx.Response) -> None:
         await response.aclose()
 
 
-async def _send(call: Call) -> httpx.Response:
-    response = await call.host.inner.handle_async_request(call.request)
-    if not isinstance(response.stream, IN_MEMORY):
-        try:
-            await _preread(response)
-        except BaseException:
-            await _close(response)
-            raise
-    response.request = call.request
-    return response
+class _Unbounded:
+    """The scope of an attempt without a timeout: nothing to enter, never expired."""
+
+    __slots__ = ()
+    expired = False
+
+    def __enter__(self) -> _Unbounded:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+_UNBOUNDED = _Unbounded()
 
 
 async def attempt(call: Call) -> httpx.Response:
-    """One try on the network, inside one cancel scope: the end of every chain."""
+    """One try on the network, inside one timer: the end of every chain."""
     host = call.host
     clock = host.clock
     metrics = host.metrics
+    request = call.request
     started = clock.now()
     timeouts = call.policy.timeout
-    scope = None
+    scope: _Unbounded | Scope = _UNBOUNDED
+    kind: TimeoutKind = "attempt"
+    timeout = 0.0
     if timeouts is not None:
-        kind: TimeoutKind = "attempt"
         limit, timeout = (None, 0.0) if timeouts.attempt is None else (started + timeouts.attempt, timeouts.attempt)
         if call.deadline is not None and (limit is None or call.deadline <= limit):
             limit, kind, timeout = call.deadline, "total", timeouts.total or 0.0
@@ -151,17 +157,20 @@ async def attempt(call: Call) -> httpx.Response:
             remaining = limit - started
             if remaining <= 0:
                 raise _expired(call, kind, timeout)
-            call.request.extensions["timeout"] = _NO_HTTPX_TIMEOUTS
+            request.extensions["timeout"] = _NO_HTTPX_TIMEOUTS
             scope = move_on_after(remaining)
     call.attempts += 1
     try:
-        if scope is None:
-            response = await _send(call)
-        else:
-            with scope:
-                response = await _send(call)
-            if scope.expired:
-                raise _expired(call, kind, timeout)
+        with scope:
+            response = await host.inner.handle_async_request(request)
+            if not isinstance(response.stream, IN_MEMORY):
+                try:
+                    await _preread(response)
+                except BaseException:
+                    await _close(response)
+                    raise
+        if scope.expired:
+            raise _expired(call, kind, timeout)
     except httpx.TimeoutException:
         metrics.attempt("timeout", clock.now() - started)
         raise
@@ -171,6 +180,7 @@ async def attempt(call: Call) -> httpx.Response:
     except BaseException:
         metrics.attempt("cancelled", clock.now() - started)
         raise
+    response.request = request
     finished = clock.now()
     metrics.attempt(outcome_of_status(response.status_code), finished - started)
     for observe in host.observers:
