@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -17,42 +17,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from resilient_http import Policy, ResilientTransport
-from resilient_http.testing import FakeClock
+from resilient_http.testing import FakeClock, Handler, Script, Step
+
+__all__ = ["BASE_URL", "HOST", "Handler", "Harness", "Script", "Step", "only"]
 
 #: The host every client talks to unless a test says otherwise, and its metric label.
 BASE_URL = "https://api.example.com"
 HOST = "api.example.com:443"
-
-Handler = Callable[[httpx.Request], httpx.Response] | Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
-#: One scripted answer: a status, a status with headers, an exception class raised
-#: with the request, or a handler of its own.
-Step = int | tuple[int, Mapping[str, str]] | type[httpx.TransportError] | Handler
-
-
-class Script:
-    """A MockTransport handler that plays its steps in order, repeating the last, and records requests."""
-
-    def __init__(self, *steps: Step) -> None:
-        assert steps, "a script needs at least one step"
-        self.steps = steps
-        self.requests: list[httpx.Request] = []
-
-    @property
-    def calls(self) -> int:
-        return len(self.requests)
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        step = self.steps[min(self.calls, len(self.steps)) - 1]
-        if isinstance(step, int):
-            return httpx.Response(step)
-        if isinstance(step, tuple):
-            status, headers = step
-            return httpx.Response(status, headers=headers)
-        if isinstance(step, type):
-            raise step(f"scripted failure {self.calls}", request=request)
-        response = step(request)
-        return response if isinstance(response, httpx.Response) else await response
 
 
 def only(**layers: Any) -> Policy:
