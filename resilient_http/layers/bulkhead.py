@@ -37,8 +37,9 @@ import httpx
 
 from .._call import PRIORITIES, Call, Host, Next, Wait
 from .._clock import Clock
-from .._exceptions import BulkheadFullError, DeadlineExceededError
+from .._exceptions import BulkheadFullError
 from .._metrics import HostMetrics
+from .timeout import expired
 
 _RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 _WAITING, _GRANTED, _SHED = 0, 1, 2
@@ -125,16 +126,6 @@ class Bulkhead:
         host = self._metrics.host
         return BulkheadFullError(f"bulkhead of {host} {why}", host=host, retry_after=None, request=call.request)
 
-    def _expired(self, call: Call) -> DeadlineExceededError:
-        self._metrics.timeout("total")
-        timeout = call.policy.timeout.total if call.policy.timeout is not None else None
-        return DeadlineExceededError(
-            f"total timeout of {timeout}s ran out while waiting for a bulkhead slot",
-            kind="total",
-            timeout=timeout or 0.0,
-            request=call.request,
-        )
-
     def _make_room(self, call: Call, rank: int) -> None:
         """Shed the newest of the lowest-ranked waiters below ``rank``, or refuse the newcomer."""
         for lower in range(len(PRIORITIES) - 1, rank, -1):
@@ -154,7 +145,7 @@ class Bulkhead:
         if call.deadline is not None:
             left = call.deadline - started
             if left <= 0:
-                raise self._expired(call)
+                raise expired(call, "total", " while waiting for a bulkhead slot")
             if timeout is None or left <= timeout:
                 timeout, by_deadline = left, True
         rank = _RANK[call.priority]
@@ -191,5 +182,5 @@ class Bulkhead:
             )
         self._leave(waiter)
         if by_deadline:
-            raise self._expired(call)
+            raise expired(call, "total", " while waiting for a bulkhead slot")
         raise self._reject(call, call.priority, f"had no free slot within {self._queue_timeout}s")

@@ -53,12 +53,11 @@ IN_MEMORY = (BufferedStream, httpx.ByteStream)
 class DeadlineStream(httpx.AsyncByteStream):
     """A streamed body whose every chunk must arrive before the call's deadline."""
 
-    __slots__ = ("_call", "_inner", "_timeout")
+    __slots__ = ("_call", "_inner")
 
-    def __init__(self, inner: httpx.AsyncByteStream, call: Call, timeout: float) -> None:
+    def __init__(self, inner: httpx.AsyncByteStream, call: Call) -> None:
         self._inner = inner
         self._call = call
-        self._timeout = timeout
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         chunks = self._inner.__aiter__()
@@ -72,24 +71,20 @@ class DeadlineStream(httpx.AsyncByteStream):
                 except StopAsyncIteration:
                     return
             if scope.expired:
-                call.host.metrics.timeout("total")
-                raise DeadlineExceededError(
-                    f"total timeout of {self._timeout}s ran out while reading the body",
-                    kind="total",
-                    timeout=self._timeout,
-                    request=call.request,
-                )
+                raise expired(call, "total", " while reading the body")
             yield chunk
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
-def _expired(call: Call, kind: TimeoutKind, timeout: float) -> DeadlineExceededError:
+def expired(call: Call, kind: TimeoutKind, during: str = "") -> DeadlineExceededError:
+    """The error for a timeout of the call's policy that ran out (and count it)."""
     call.host.metrics.timeout(kind)
-    what = "attempt" if kind == "attempt" else "total"
+    timeouts = call.policy.timeout
+    timeout = (timeouts.attempt if kind == "attempt" else timeouts.total) if timeouts is not None else None
     return DeadlineExceededError(
-        f"{what} timeout of {timeout}s ran out", kind=kind, timeout=timeout, request=call.request
+        f"{kind} timeout of {timeout}s ran out{during}", kind=kind, timeout=timeout or 0.0, request=call.request
     )
 
 
@@ -97,9 +92,7 @@ def guard_body(call: Call, response: httpx.Response) -> None:
     """Bound a streamed body by the call's total deadline (in-memory bodies need nothing)."""
     stream = response.stream
     if isinstance(stream, httpx.AsyncByteStream) and not isinstance(stream, IN_MEMORY):
-        timeouts = call.policy.timeout
-        total = None if timeouts is None else timeouts.total
-        response.stream = DeadlineStream(stream, call, total or 0.0)
+        response.stream = DeadlineStream(stream, call)
 
 
 async def _preread(response: httpx.Response) -> None:
@@ -148,15 +141,14 @@ async def attempt(call: Call) -> httpx.Response:
     timeouts = call.policy.timeout
     scope: _Unbounded | Scope = _UNBOUNDED
     kind: TimeoutKind = "attempt"
-    timeout = 0.0
     if timeouts is not None:
-        limit, timeout = (None, 0.0) if timeouts.attempt is None else (started + timeouts.attempt, timeouts.attempt)
+        limit = None if timeouts.attempt is None else started + timeouts.attempt
         if call.deadline is not None and (limit is None or call.deadline <= limit):
-            limit, kind, timeout = call.deadline, "total", timeouts.total or 0.0
+            limit, kind = call.deadline, "total"
         if limit is not None:
             remaining = limit - started
             if remaining <= 0:
-                raise _expired(call, kind, timeout)
+                raise expired(call, kind)
             request.extensions["timeout"] = _NO_HTTPX_TIMEOUTS
             scope = move_on_after(remaining)
     call.attempts += 1
@@ -170,7 +162,7 @@ async def attempt(call: Call) -> httpx.Response:
                     await _close(response)
                     raise
         if scope.expired:
-            raise _expired(call, kind, timeout)
+            raise expired(call, kind)
     except httpx.TimeoutException:
         metrics.attempt("timeout", clock.now() - started)
         raise
