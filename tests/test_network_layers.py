@@ -25,10 +25,17 @@ async def test_the_server_never_sees_more_than_rate_plus_burst_a_second() -> Non
     transport = ResilientTransport(default=policy, registry=CollectorRegistry())
     async with FlakyServer() as server, httpx.AsyncClient(transport=transport) as client:
         server.default("/", respond(200, body=b"ok"))
+        server.default("/warm", respond(200))
+        # Open the burst's connections first: a TCP handshake delays the first
+        # arrivals behind the calls sent after them, which no limiter controls.
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(client.get, server.url("/warm"))
+        await anyio.sleep(0.2)  # the bucket refills its burst
         async with anyio.create_task_group() as tg:
             for _ in range(60):
                 tg.start_soon(client.get, server.url("/"))
-    arrivals = [request.arrived for request in server.requests]
+    arrivals = [request.arrived for request in server.requests_to("/")]
     assert len(arrivals) == 60
     assert most_in_one_second(arrivals) <= 40 + 4
     assert max(arrivals) - min(arrivals) >= (60 - 4) / 40 * 0.9  # they were spread, not refused
