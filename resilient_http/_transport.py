@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import weakref
 from collections.abc import Mapping
 from os import PathLike
 from types import TracebackType
@@ -17,7 +18,8 @@ from ._clock import Clock, SystemClock, default_random
 from ._config import Policy, RetryPolicy, TimeoutPolicy
 from ._exceptions import ConfigurationError
 from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable
-from ._metrics import HostMetrics, metrics_for, outcome_of_exception, outcome_of_status
+from ._metrics import DEFAULT_NAME, TransportMetrics, outcome_of_exception, outcome_of_status
+from ._series import abandon
 from ._pipeline import chain_for
 from .layers.timeout import IN_MEMORY, guard_body
 
@@ -90,8 +92,11 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     ``inner`` does the network I/O (:func:`default_inner` when omitted:
     give your own a pool without a global connection cap, or one hung host
     can take every connection) and is closed by :meth:`aclose`. Metrics go
-    to ``registry`` (the global registry when omitted); transports sharing a registry share
-    its series. State is kept for at most ``max_hosts`` hosts, least
+    to ``registry`` (the global registry when omitted), every series
+    labelled ``transport=name``; two open transports on one registry need
+    different names (the second is refused with :class:`ConfigurationError`),
+    and a transport's series leave the registry when it is closed (``aclose``,
+    the end of ``async with``, or garbage collection). State is kept for at most ``max_hosts`` hosts, least
     recently used evicted first. ``clock`` and ``random`` exist for tests.
 
     A single call may override its host's ``timeout`` and ``retry``, turn
@@ -110,14 +115,18 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         max_hosts: int = DEFAULT_MAX_HOSTS,
         clock: Clock | None = None,
         random: random.Random | None = None,
+        name: str = DEFAULT_NAME,
     ) -> None:
         self._table = PolicyTable(policies, default)
         self._inner = default_inner() if inner is None else inner
-        self._metrics = metrics_for(registry)
         self._clock: Clock = SystemClock() if clock is None else clock
         self._random = default_random() if random is None else random
         self._hosts: HostTable[Host] = HostTable(self._make_host, self._evict_host, max_hosts)
         self._shared: dict[str, Any] = {}  # state layers keep across hosts (the stale cache's store)
+        # Last, once nothing else can refuse the arguments: the name is taken until closed.
+        self._metrics = TransportMetrics(registry, name)
+        self._abandoned = weakref.finalize(self, abandon, self._metrics)  # dropped unclosed: released later
+        self._abandoned.atexit = False
 
     @classmethod
     def from_file(cls, path: str | PathLike[str], **kwargs: Any) -> ResilientTransport:
@@ -134,7 +143,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             policy=self._table.resolve(host, port),
             clock=self._clock,
             rng=self._random,
-            metrics=HostMetrics(self._metrics, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"),
+            metrics=self._metrics.host(f"[{host}]:{port}" if ":" in host else f"{host}:{port}"),
             inner=self._inner,
             shared=self._shared,
         )
@@ -177,7 +186,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         return response
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        try:
+            await self._inner.aclose()
+        finally:
+            self._close_metrics()
 
     async def __aenter__(self) -> ResilientTransport:
         await self._inner.__aenter__()
@@ -189,7 +201,15 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         exc_value: BaseException | None = None,
         traceback: TracebackType | None = None,
     ) -> None:
-        await self._inner.__aexit__(exc_type, exc_value, traceback)
+        try:
+            await self._inner.__aexit__(exc_type, exc_value, traceback)
+        finally:
+            self._close_metrics()
+
+    def _close_metrics(self) -> None:
+        """Take this transport's series off the registry and free its name."""
+        self._abandoned.detach()
+        self._metrics.close()
 
 
 def call_info(outcome: httpx.Response | BaseException) -> CallInfo | None:

@@ -39,6 +39,7 @@ class Harness:
         self.registry = registry
         self.clock = clock
         self._clients: list[httpx.AsyncClient] = []
+        self._transports = 0
 
     def transport(
         self,
@@ -49,6 +50,8 @@ class Harness:
         seed: int = 0,
         max_hosts: int = 1000,
     ) -> ResilientTransport:
+        # Each transport on the registry needs its own name: the first is "default", which value() reads.
+        self._transports += 1
         return ResilientTransport(
             policies,
             default=default,
@@ -57,6 +60,7 @@ class Harness:
             max_hosts=max_hosts,
             clock=self.clock,
             random=random.Random(seed),
+            name="default" if self._transports == 1 else f"default-{self._transports}",
         )
 
     def client(
@@ -75,8 +79,11 @@ class Harness:
         return client
 
     def value(self, name: str, host: str = HOST, **labels: str) -> float | None:
-        """The sample ``name`` for ``host`` and ``labels``, ``None`` when the series does not exist."""
-        return self.registry.get_sample_value(name, {"host": host, **labels})
+        """The sample ``name`` for ``host`` and ``labels`` (of the first transport unless ``transport=``).
+
+        ``None`` when the series does not exist.
+        """
+        return self.registry.get_sample_value(name, {"transport": "default", "host": host, **labels})
 
     async def aclose(self) -> None:
         for client in self._clients:

@@ -102,13 +102,13 @@ def client(
 
 
 def gauge(registry: CollectorRegistry, name: str, host: str = HOST) -> float:
-    value = registry.get_sample_value(f"resilient_http_bulkhead_{name}", {"host": host})
+    value = registry.get_sample_value(f"resilient_http_bulkhead_{name}", {"transport": "default", "host": host})
     assert value is not None
     return value
 
 
 def counted(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    return registry.get_sample_value(name, {"host": HOST, **labels}) or 0.0
+    return registry.get_sample_value(name, {"transport": "default", "host": HOST, **labels}) or 0.0
 
 
 def rejected(registry: CollectorRegistry, priority: str) -> float:

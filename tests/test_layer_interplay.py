@@ -47,5 +47,10 @@ async def test_a_deadline_spent_queueing_does_not_count_against_the_host() -> No
             await client.get(URL, extensions=tight)
         assert caught.value.kind == "total"
         release.set()
-    assert registry.get_sample_value("resilient_http_circuit_state", {"host": HOST, "state": "closed"}) == 1
-    assert registry.get_sample_value("resilient_http_circuit_opened_total", {"host": HOST}) == 0
+    assert (
+        registry.get_sample_value(
+            "resilient_http_circuit_state", {"transport": "default", "host": HOST, "state": "closed"}
+        )
+        == 1
+    )
+    assert registry.get_sample_value("resilient_http_circuit_opened_total", {"transport": "default", "host": HOST}) == 0

@@ -89,7 +89,8 @@ def info(response: httpx.Response) -> CallInfo:
 
 def attempts_metric(registry: CollectorRegistry, server_port: int, outcome: str) -> float:
     value = registry.get_sample_value(
-        "resilient_http_attempts_total", {"host": f"127.0.0.1:{server_port}", "outcome": outcome}
+        "resilient_http_attempts_total",
+        {"transport": "default", "host": f"127.0.0.1:{server_port}", "outcome": outcome},
     )
     return 0.0 if value is None else value
 

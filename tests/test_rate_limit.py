@@ -158,7 +158,7 @@ def most_in_one_second(times: Sequence[float]) -> int:
 
 
 def value(registry: CollectorRegistry, name: str) -> float:
-    found = registry.get_sample_value(name, {"host": HOST})
+    found = registry.get_sample_value(name, {"transport": "default", "host": HOST})
     return 0.0 if found is None else found
 
 
@@ -757,7 +757,7 @@ async def test_metrics_count_waits_refusals_and_cooldown(registry: CollectorRegi
     wait = "resilient_http_rate_limit_wait_seconds"
     assert value(registry, f"{wait}_count") == 4
     assert value(registry, f"{wait}_sum") == pytest.approx(3.5)
-    assert registry.get_sample_value(f"{wait}_bucket", {"host": HOST, "le": "0.005"}) == 1
+    assert registry.get_sample_value(f"{wait}_bucket", {"transport": "default", "host": HOST, "le": "0.005"}) == 1
     assert value(registry, "resilient_http_rate_limited_total") == 1
     assert value(registry, "resilient_http_cooldown_seconds_total") == pytest.approx(2.0 + 10.0)
 

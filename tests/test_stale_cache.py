@@ -98,8 +98,18 @@ async def test_connection_error_is_answered_from_the_stale_copy(clock: FakeClock
     info = stale.extensions["resilient_http"]
     assert info.stale is True
     assert info.age == pytest.approx(42)
-    assert registry.get_sample_value("resilient_http_stale_served_total", {"host": HOST, "reason": "error"}) == 1
-    assert registry.get_sample_value("resilient_http_requests_total", {"host": HOST, "outcome": "stale"}) == 1
+    assert (
+        registry.get_sample_value(
+            "resilient_http_stale_served_total", {"transport": "default", "host": HOST, "reason": "error"}
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "resilient_http_requests_total", {"transport": "default", "host": HOST, "outcome": "stale"}
+        )
+        == 1
+    )
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
@@ -112,7 +122,9 @@ async def test_final_server_errors_are_answered_from_the_stale_copy(
         await c.get(URL)
         stale = await c.get(URL)
     assert (stale.status_code, stale.content) == (200, b"good")
-    assert registry.get_sample_value("resilient_http_stale_served_total", {"host": HOST, "reason": "server_error"})
+    assert registry.get_sample_value(
+        "resilient_http_stale_served_total", {"transport": "default", "host": HOST, "reason": "server_error"}
+    )
 
 
 @pytest.mark.parametrize("status", [400, 404, 429, 501])
@@ -147,7 +159,9 @@ async def test_open_circuit_is_answered_from_the_stale_copy(clock: FakeClock, re
     assert len(upstream.requests) == sent
     assert response.extensions["resilient_http"].stale is True
     assert response.extensions["resilient_http"].circuit_state == "open"
-    assert registry.get_sample_value("resilient_http_stale_served_total", {"host": HOST, "reason": "circuit_open"})
+    assert registry.get_sample_value(
+        "resilient_http_stale_served_total", {"transport": "default", "host": HOST, "reason": "circuit_open"}
+    )
 
 
 async def test_open_circuit_without_a_copy_still_raises(clock: FakeClock, registry: CollectorRegistry) -> None:
@@ -209,7 +223,7 @@ async def test_responses_that_forbid_stale_use_are_never_served(
         await c.get(URL)
         with pytest.raises(httpx.ConnectError):
             await c.get(URL)
-    assert registry.get_sample_value("resilient_http_cache_entries", {"host": HOST}) == 0
+    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 0
 
 
 async def test_request_no_store_is_neither_stored_nor_answered(clock: FakeClock, registry: CollectorRegistry) -> None:
@@ -337,7 +351,7 @@ async def test_entries_per_host_are_bounded_least_recently_used_first(
             assert (await c.get(url)).extensions["resilient_http"].stale is True
         with pytest.raises(httpx.ConnectError):
             await c.get(b)
-    assert registry.get_sample_value("resilient_http_cache_entries", {"host": HOST}) == 3
+    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 3
 
 
 async def test_bytes_are_bounded_per_host_and_across_hosts(clock: FakeClock, registry: CollectorRegistry) -> None:
@@ -349,7 +363,7 @@ async def test_bytes_are_bounded_per_host_and_across_hosts(clock: FakeClock, reg
         for host in ("a.example", "b.example", "c.example"):
             await c.get(f"https://{host}/item")
         total = sum(
-            registry.get_sample_value("resilient_http_cache_bytes", {"host": f"{h}:443"}) or 0
+            registry.get_sample_value("resilient_http_cache_bytes", {"transport": "default", "host": f"{h}:443"}) or 0
             for h in ("a.example", "b.example", "c.example")
         )
         assert 0 < total <= 1000
@@ -374,13 +388,13 @@ async def test_the_newest_good_answer_replaces_the_stored_one(clock: FakeClock, 
     upstream = Upstream(ok(b"old"), ok(b"newer"), down())
     async with client(upstream, clock, registry) as c:
         await c.get(URL)
-        before = registry.get_sample_value("resilient_http_cache_bytes", {"host": HOST})
+        before = registry.get_sample_value("resilient_http_cache_bytes", {"transport": "default", "host": HOST})
         await c.get(URL)
-        after = registry.get_sample_value("resilient_http_cache_bytes", {"host": HOST})
+        after = registry.get_sample_value("resilient_http_cache_bytes", {"transport": "default", "host": HOST})
         stale = await c.get(URL)
     assert stale.content == b"newer"
     assert before is not None and after == before + 2
-    assert registry.get_sample_value("resilient_http_cache_entries", {"host": HOST}) == 1
+    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 1
 
 
 async def test_the_same_answer_again_restarts_its_age(clock: FakeClock, registry: CollectorRegistry) -> None:
