@@ -335,15 +335,17 @@ async def run_demo(
             await _until(interrupted, outstanding, within=6.0)
             ended = time.monotonic()
             await _end([*background, watch, *outstanding])
+            # Before the transport closes and its series leave the registry.
+            outage_end = timeline.ends("outage")
+            bare, resilient = sides
+            summaries = [bare.summary(None, outage_end, ended), resilient.summary(registry, outage_end, ended)]
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGINT)
     if interrupted.is_set():
         _print(out, f"\ninterrupted after {ended - timeline.start:.1f}s: the table covers the calls made so far")
-    outage_end = timeline.ends("outage")
-    bare, resilient = sides
     _print(out)
-    for line in final_table([bare.summary(None, outage_end, ended), resilient.summary(registry, outage_end, ended)]):
+    for line in final_table(summaries):
         _print(out, line)
     skipped = {side.name: side.skipped for side in sides if side.skipped}
     if skipped:

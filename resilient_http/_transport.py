@@ -19,8 +19,8 @@ from ._config import Policy, RetryPolicy, TimeoutPolicy
 from ._exceptions import ConfigurationError
 from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable
 from ._metrics import DEFAULT_NAME, TransportMetrics, outcome_of_exception, outcome_of_status
-from ._series import abandon
 from ._pipeline import chain_for
+from ._series import abandon
 from .layers.timeout import IN_MEMORY, guard_body
 
 #: What a single call may change through ``request.extensions["resilient_http"]``.

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from resilient_http import Policy, ResilientTransport
 from resilient_http.testing import FakeClock, Handler, Script, Step
 
-__all__ = ["BASE_URL", "HOST", "Handler", "Harness", "Script", "Step", "only"]
+__all__ = ["BASE_URL", "HOST", "Handler", "Harness", "LeftOpen", "Script", "Step", "only"]
 
 #: The host every client talks to unless a test says otherwise, and its metric label.
 BASE_URL = "https://api.example.com"
@@ -30,6 +30,21 @@ def only(**layers: Any) -> Policy:
     """A policy with every layer off except ``layers``, so a test sees one layer at a time."""
     off = {field.name: None for field in dataclasses.fields(Policy)}
     return Policy(**{**off, **layers})
+
+
+class LeftOpen(httpx.AsyncBaseTransport):
+    """Passes calls to ``transport``, and leaves it open when the client closes.
+
+    A closed transport's series leave the registry: a test that reads the
+    metrics after its ``async with`` block gives its client this, and the
+    transport goes with the garbage after the test.
+    """
+
+    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
+        self.transport = transport
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.transport.handle_async_request(request)
 
 
 class Harness:

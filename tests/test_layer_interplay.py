@@ -5,6 +5,7 @@ from __future__ import annotations
 import anyio
 import httpx
 import pytest
+from conftest import LeftOpen
 from prometheus_client import CollectorRegistry
 
 from resilient_http import (
@@ -40,7 +41,7 @@ async def test_a_deadline_spent_queueing_does_not_count_against_the_host() -> No
         registry=registry,
     )
     tight = {"resilient_http": {"timeout": TimeoutPolicy(attempt=0.05, total=0.05)}}
-    async with httpx.AsyncClient(transport=transport) as client, anyio.create_task_group() as tg:
+    async with httpx.AsyncClient(transport=LeftOpen(transport)) as client, anyio.create_task_group() as tg:
         tg.start_soon(client.get, URL)
         await anyio.wait_all_tasks_blocked()
         with pytest.raises(DeadlineExceededError) as caught:

@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from conftest import LeftOpen
 from prometheus_client import CollectorRegistry
 
 from resilient_http import (
@@ -148,7 +149,7 @@ def client(
         clock=server.clock,
         random=random.Random(0),
     )
-    return httpx.AsyncClient(transport=transport, base_url="https://api.example.com")
+    return httpx.AsyncClient(transport=LeftOpen(transport), base_url="https://api.example.com")
 
 
 def most_in_one_second(times: Sequence[float]) -> int:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
+from conftest import LeftOpen
 from prometheus_client import CollectorRegistry
 
 from resilient_http import (
@@ -71,7 +72,7 @@ def client(
         registry=registry,
         clock=clock,
     )
-    return httpx.AsyncClient(transport=transport)
+    return httpx.AsyncClient(transport=LeftOpen(transport))
 
 
 async def test_fresh_calls_always_go_to_the_network(clock: FakeClock, registry: CollectorRegistry) -> None:
