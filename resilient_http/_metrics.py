@@ -1,26 +1,72 @@
-"""Every Prometheus metric of resilient_http, created against an injected registry.
+"""Every Prometheus metric of resilient_http, owned by the transport that writes it.
 
-Nothing here is module-level: a :class:`Metrics` is made for a
-``CollectorRegistry`` the first time a transport uses that registry, and
-every later transport on the same registry shares it (registering the same
-names twice would fail). Series are labelled by ``host`` (``host:port``) and
-a small closed set of values; paths and query strings never become labels.
+Every series carries the labels in :data:`LABELS`: ``transport`` (the
+transport's ``name``, ``"default"`` unless given) and ``host``
+(``host:port``), and at most one more from a small closed set; paths and
+query strings never become labels. A transport's series live as long as it
+does: :class:`TransportMetrics` is made with the transport, and its
+``close()`` (``aclose``, the end of ``async with``, or garbage collection)
+takes them off the registry. A host evicted from the transport's table
+takes its own series with it. What one registry holds for the library, and
+for how long, is in :mod:`resilient_http._series`.
 
-The hot path pays for plain arithmetic only. Each host gets a
-:class:`HostMetrics` whose counters, gauges and histograms are small objects
-with prometheus-client's method names (``inc``, ``dec``, ``set``,
-``observe``) that add to Python numbers; a collector registered once per
-registry turns them into samples when Prometheus scrapes. An
-``inc`` costs about 0.1 µs instead of about 1 µs for a prometheus-client
-child (lock, validation, a Python loop over histogram buckets), and a call
-makes a dozen of them.
-
+The hot path pays for plain arithmetic only: each host's counters, gauges
+and histograms are small objects with prometheus-client's method names
+(``inc``, ``dec``, ``set``, ``observe``) adding to Python numbers, turned
+into samples when Prometheus scrapes. An ``inc`` costs about 0.1 µs instead
+of about 1 µs for a prometheus-client child, and a call makes a dozen.
 Under prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``
-set, for gunicorn or uvicorn workers), values must live in the shared
-files that only prometheus-client's own metric classes write, so there
-:class:`HostMetrics` holds their labelled children instead; the layers do
-not know the difference. Gauges then aggregate with ``livesum`` (the
-circuit state with ``livemax``: 1 if any worker's breaker is in that state).
+set, for gunicorn or uvicorn workers) values must live in the shared files
+that only prometheus-client's own classes write, so hosts hold their
+labelled children instead (gauges through :class:`SharedGauge`), and the
+layers do not know the difference. Gauges aggregate with ``livesum`` (the
+circuit state with ``livemax``). Files cannot forget a series: a host or
+transport that leaves keeps its counters there and sets its gauges to 0.
+
+What the counters promise each other, per ``transport`` and ``host``, for
+the calls that ended while the host was in the table (a scrape may fall
+between two updates of one call, so these hold between calls, and for
+``increase()`` over a window up to the calls that straddle its edges):
+
+- ``requests_total`` counts every call once, whatever ended it (``outcome``
+  ``cancelled`` included): ``sum(requests_total) ==
+  request_duration_seconds_count``. A call ends when its response headers
+  are returned; a body that fails later is not a second outcome.
+- ``attempts_total`` counts every try handed to the network once, however it
+  ended: ``sum(attempts_total) == attempt_duration_seconds_count``.
+- ``retries_total`` counts a retry when its try is made, not when it is
+  scheduled: a retry cancelled during its backoff, refused by the bulkhead or
+  the server's cooldown, or overtaken by the deadline is not a retry. So
+  ``sum(attempts_total) - sum(retries_total)`` is the number of calls that
+  reached the network, and ``attempts - requests = retries`` exactly when
+  every call did. The calls that did not are those refused before their
+  first try (``circuit_open``, ``rate_limited``, ``bulkhead_full``, a
+  deadline already past, ``cancelled``) and stale answers given instead.
+  ``retries_total{reason}`` never exceeds the tries that gave the reason:
+  ``status_NNN`` retries ≤ tries with that status class; ``timeout``,
+  ``connect_error`` and ``network_error`` retries ≤ tries whose outcome is
+  ``timeout`` or ``error``.
+- ``requests_total{outcome="stale"} == sum(stale_served_total)``: a stale
+  answer is always the call's answer.
+- Refusals are counted where they are made, once: every
+  ``RateLimitedError`` a call gets adds to ``rate_limited_total`` (a turn the
+  limiter could not give in time, or a server's cooldown that outlasts a
+  waiting retry), so ``requests_total{outcome="rate_limited"} +
+  stale_served_total{reason="rate_limited"} == rate_limited_total``. The
+  same sum for ``bulkhead_full`` is at most ``sum(bulkhead_rejected_total)``:
+  a waiter shed for a higher priority is counted when it is shed, and may be
+  cancelled before it learns it.
+- ``timeouts_total{kind="attempt"} <= attempts_total{outcome="timeout"}``
+  (the rest are the network's own timeouts); calls that end in a timeout,
+  answered or stale, number at most ``timeouts_total{kind="total"} +
+  attempts_total{outcome="timeout"}``. A total timeout may also strike a
+  streamed body after the call has ended.
+- Gauges return to rest: with no call in flight, ``bulkhead_in_flight`` and
+  ``bulkhead_queued`` read 0, whatever was cancelled; exactly one
+  ``circuit_state`` reads 1.
+
+``tests/test_metrics.py`` drives random faults, cancellations and deadlines
+through every layer and checks each of these.
 """
 
 from __future__ import annotations

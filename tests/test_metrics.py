@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import gc
+import math
+import random
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,15 +19,23 @@ from conftest import HOST, Harness, Script, only
 from prometheus_client import CollectorRegistry
 
 from resilient_http import (
+    BulkheadFullError,
+    BulkheadPolicy,
     CircuitBreakerPolicy,
     CircuitOpenError,
     ConfigurationError,
     DeadlineExceededError,
+    Policy,
+    RateLimitPolicy,
     ResilientTransport,
     RetryBudget,
     RetryPolicy,
+    StaleCachePolicy,
     TimeoutPolicy,
+    call_info,
 )
+from resilient_http._call import PRIORITIES
+from resilient_http._metrics import outcome_of_exception, outcome_of_status
 from resilient_http.testing import FakeClock
 
 #: The core metrics and the label each carries besides ``transport`` and ``host`` (README, "Metrics").
@@ -158,6 +169,43 @@ async def test_attempts_divided_by_requests_shows_the_retries(harness: Harness) 
     attempts = sum(harness.value("resilient_http_attempts_total", outcome=o) or 0 for o in ("2xx", "5xx"))
     assert (requests, attempts) == (2, 4)
     assert harness.value("resilient_http_retries_total", reason="status_503") == 2
+
+
+async def test_a_retry_cancelled_in_its_backoff_is_not_counted(harness: Harness) -> None:
+    """A retry scheduled but never sent (the call was cancelled while it waited) is no retry."""
+    with anyio.CancelScope() as scope:
+
+        def refuse_then_cancel(request: httpx.Request) -> httpx.Response:
+            scope.cancel()  # takes effect at the next wait: the backoff
+            return httpx.Response(503)
+
+        await harness.client(Script(refuse_then_cancel, 200), only(retry=RetryPolicy(budget=None))).get("/")
+    assert harness.value("resilient_http_attempts_total", outcome="5xx") == 1
+    assert harness.value("resilient_http_requests_total", outcome="cancelled") == 1
+    assert harness.value("resilient_http_retries_total", reason="status_503") is None
+
+
+async def test_a_retry_the_bulkhead_refuses_is_not_counted(harness: Harness) -> None:
+    """A retry refused by a full bulkhead never reached the network: it is no retry."""
+    release = anyio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/hold":
+            await release.wait()
+            return httpx.Response(200)
+        tg.start_soon(client.get, "/hold")  # runs during the backoff, and takes the only slot
+        return httpx.Response(503)
+
+    policy = only(retry=RetryPolicy(budget=None), bulkhead=BulkheadPolicy(max_concurrent=1, max_queue=0))
+    client = harness.client(Script(handler), policy)
+    async with anyio.create_task_group() as tg:
+        with pytest.raises(BulkheadFullError):
+            await client.get("/flaky")
+        release.set()
+    attempts = sum(harness.value("resilient_http_attempts_total", outcome=o) or 0 for o in ("2xx", "5xx"))
+    assert attempts == 2  # /flaky once, /hold once
+    assert harness.value("resilient_http_retries_total", reason="status_503") is None
+    assert harness.value("resilient_http_requests_total", outcome="bulkhead_full") == 1
 
 
 @pytest.mark.parametrize(
@@ -410,3 +458,154 @@ async def test_a_transport_without_a_registry_uses_the_global_one_and_can_be_mad
         async with ResilientTransport(inner=httpx.MockTransport(lambda r: httpx.Response(200))) as transport:
             assert transport is not None
             assert "resilient_http_requests" in {family.name for family in REGISTRY.collect()}
+
+
+# ---------------------------------------------------------------- what the counters promise each other
+
+FUZZ_HOSTS = ("a.example", "b.example", "c.example")
+
+
+class FaultyNetwork(httpx.AsyncBaseTransport):
+    """The network of the consistency test: random answers, faults and stalls, and a count of every try."""
+
+    def __init__(self, rng: random.Random, clock: FakeClock) -> None:
+        self.rng = rng
+        self.clock = clock
+        self.tries: Counter[str] = Counter()  # host -> tries that reached the network
+        self.calls_reached: dict[str, set[str]] = {host: set() for host in FUZZ_HOSTS}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        self.tries[host] += 1
+        self.calls_reached[host].add(request.headers["x-call"])
+        roll = self.rng.random()
+        if roll < 0.35:
+            return httpx.Response(200, content=b"fine")
+        if roll < 0.50:
+            return httpx.Response(503, content=b"busy")
+        if roll < 0.55:
+            return httpx.Response(404)
+        if roll < 0.62:
+            return httpx.Response(429, headers={"Retry-After": str(self.rng.choice((1, 3, 30)))})
+        if roll < 0.70:
+            raise httpx.ConnectError("refused", request=request)
+        if roll < 0.75:
+            raise httpx.ReadTimeout("stalled", request=request)
+        if roll < 0.85:
+            self.clock.advance(self.rng.uniform(0, 3))  # slow: eats into the total deadline
+            return httpx.Response(200, content=b"slow")
+        await anyio.sleep(1)  # hangs until the attempt timeout (real time) ends it
+        return httpx.Response(200)  # pragma: no cover
+
+
+def _by_label(registry: CollectorRegistry, name: str, host: str) -> Counter[str]:
+    """``{value of the metric's own label: sample}`` for one host of the default transport."""
+    found: Counter[str] = Counter()
+    for family in registry.collect():
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if sample.name == name and labels.pop("transport") == "default" and labels.pop("host") == host:
+                found[next(iter(labels.values()), "")] += int(sample.value)
+    return found
+
+
+async def _check_identities_after_random_calls(seed: int) -> Counter[str]:
+    """Drive random calls through every layer, check the identities per host; what happened, by kind."""
+    rng = random.Random(seed)
+    clock = FakeClock()
+    registry = CollectorRegistry()
+    network = FaultyNetwork(rng, clock)
+    policy = Policy(
+        timeout=TimeoutPolicy(attempt=0.02, total=5.0),
+        retry=RetryPolicy(attempts=3, backoff=0.2, budget=RetryBudget(ratio=0.5, min_per_second=2, window=10)),
+        circuit_breaker=CircuitBreakerPolicy(minimum_calls=5, failure_ratio=0.3, break_duration=2, window=10),
+        rate_limit=RateLimitPolicy(rate=50, burst=10),
+        bulkhead=BulkheadPolicy(max_concurrent=2, max_queue=3),
+        stale_cache=StaleCachePolicy(max_stale=60),
+    )
+    transport = ResilientTransport(default=policy, inner=network, registry=registry, clock=clock, random=rng)
+    entered: Counter[str] = Counter()
+    seen: dict[str, Counter[str]] = {host: Counter() for host in FUZZ_HOSTS}
+
+    async def call(number: int, host: str, cancel_after: float | None) -> None:
+        priority = rng.choice(PRIORITIES)
+        request = httpx.Request(
+            "GET",
+            f"https://{host}/item/{number % 50}",
+            headers={"x-call": str(number)},
+            extensions={"resilient_http": {"priority": priority}},
+        )
+        with anyio.move_on_after(cancel_after if cancel_after is not None else math.inf):
+            entered[host] += 1
+            try:
+                response = await transport.handle_async_request(request)
+            except anyio.get_cancelled_exc_class():
+                seen[host]["cancelled"] += 1
+                raise
+            except httpx.TransportError as exc:
+                seen[host][outcome_of_exception(exc)] += 1
+                return
+            info = call_info(response)
+            assert info is not None
+            seen[host]["stale" if info.stale else outcome_of_status(response.status_code)] += 1
+            await response.aread()
+
+    async with transport:
+        for wave in range(8):
+            async with anyio.create_task_group() as tg:
+                for number in range(wave * 40, wave * 40 + 40):
+                    cancel = rng.uniform(0, 0.03) if rng.random() < 0.2 else None
+                    tg.start_soon(call, number, rng.choice(FUZZ_HOSTS), cancel)
+                    if rng.random() < 0.3:
+                        await clock.sleep(rng.uniform(0, 0.5))
+            clock.advance(rng.uniform(0, 5))
+
+        happened: Counter[str] = Counter()
+        for host in FUZZ_HOSTS:
+            label = f"{host}:443"
+
+            def count(name: str, host: str = label) -> Counter[str]:
+                return _by_label(registry, f"resilient_http_{name}", host)
+
+            requests, attempts, retries = count("requests_total"), count("attempts_total"), count("retries_total")
+            stale, timeouts = count("stale_served_total"), count("timeouts_total")
+            rejected, rate_limited = count("bulkhead_rejected_total"), count("rate_limited_total")[""]
+            assert requests == seen[host], host  # every call once, with the outcome its caller saw
+            assert sum(requests.values()) == entered[host] == count("request_duration_seconds_count")[""]
+            assert sum(attempts.values()) == network.tries[host] == count("attempt_duration_seconds_count")[""]
+            assert sum(attempts.values()) - sum(retries.values()) == len(network.calls_reached[host])
+            assert requests["stale"] == sum(stale.values())
+            assert requests["rate_limited"] + stale["rate_limited"] == rate_limited
+            assert requests["bulkhead_full"] + stale["bulkhead_full"] <= sum(rejected.values())
+            assert timeouts["attempt"] <= attempts["timeout"]
+            assert requests["timeout"] + stale["timeout"] <= timeouts["total"] + attempts["timeout"]
+            for status_class in ("4xx", "5xx"):
+                by_status = sum(v for k, v in retries.items() if k.startswith(f"status_{status_class[0]}"))
+                assert by_status <= attempts[status_class]
+            failed_tries = attempts["timeout"] + attempts["error"]
+            assert retries["timeout"] + retries["connect_error"] + retries["network_error"] <= failed_tries
+            assert count("bulkhead_in_flight")[""] == count("bulkhead_queued")[""] == 0
+            assert sum(count("circuit_state").values()) == 1
+            happened.update(requests)
+            happened.update({f"retry_{reason}": value for reason, value in retries.items()})
+            happened.update({f"stale_{reason}": value for reason, value in stale.items()})
+            happened["circuit_open"] += stale["circuit_open"]
+            happened["calls_without_a_try"] += entered[host] - len(network.calls_reached[host])
+    return happened
+
+
+async def test_counters_agree_whatever_faults_cancellations_and_deadlines_do() -> None:
+    """Random faults, stalls, 429s, cancellations and deadlines through every layer: the identities hold.
+
+    Seeds are tried until the runs together went through every interesting
+    path (the event loop's timing makes one seed's run vary).
+    """
+    events = ("cancelled", "stale", "timeout", "circuit_open", "bulkhead_full", "rate_limited", "retry_status_503")
+    wanted = (*events, "retry_timeout", "retry_connect_error", "calls_without_a_try")
+    happened: Counter[str] = Counter()
+    for seed in range(1, 9):
+        happened += await _check_identities_after_random_calls(seed)
+        if seed >= 2 and all(happened[event] for event in wanted):
+            break
+    # The runs are only worth something if they went through the interesting paths.
+    assert [event for event in wanted if not happened[event]] == [], sorted(happened.items())

@@ -153,9 +153,10 @@ class Retry:
         retry_safe = request.method in IDEMPOTENT_METHODS or "idempotency-key" in request.headers
         replayable = isinstance(request.stream, httpx.ByteStream)
         attempt = 1
+        resent: str | None = None  # why the next try is a retry
         while True:
             try:
-                response = await call_next(call)
+                response = await (call_next(call) if resent is None else self._resend(call, call_next, resent))
             except Exception as exc:
                 reason = _error_reason(exc, retry_safe)
                 if reason is None:
@@ -196,7 +197,6 @@ class Retry:
                 await discard(response)
                 reason = f"status_{status}"
                 wait = "backoff" if hinted is None else "retry_after"
-            self._metrics.retry(reason)
             call.waits.append(Wait(wait, backoff))
             if delay > backoff:
                 call.waits.append(Wait("rate_limit", delay - backoff))
@@ -204,6 +204,22 @@ class Retry:
             if self._holds:
                 await self._hold_back(call)
             attempt += 1
+            resent = reason
+
+    async def _resend(self, call: Call, call_next: Next, reason: str) -> httpx.Response:
+        """Try again, and count the retry once its try has gone to the network.
+
+        A retry cancelled in its backoff, refused by the bulkhead or a
+        cooldown, or overtaken by the deadline is no retry: so
+        ``attempts_total - retries_total`` is the number of calls that
+        reached the network.
+        """
+        tried = call.attempts
+        try:
+            return await call_next(call)
+        finally:
+            if call.attempts > tried:
+                self._metrics.retry(reason)
 
     async def _hold_back(self, call: Call) -> None:
         """Wait out a cooldown the server imposed while this retry was waiting for its turn."""
@@ -214,6 +230,7 @@ class Retry:
             return
         if call.deadline is not None and until >= call.deadline:
             call.retry_stop = "rate_limit"
+            self._metrics.rate_limited.inc()  # refused for the rate limit, as the limiter's own refusals
             raise RateLimitedError(
                 f"rate limit of {self._label}: the server's cooldown outlasts this call",
                 host=self._label,
