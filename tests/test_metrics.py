@@ -374,10 +374,11 @@ async def test_leaving_async_with_removes_the_series_and_frees_the_name() -> Non
 async def test_calls_after_close_are_not_exported() -> None:
     """A closed transport that is still used writes to nothing on the registry."""
     registry = CollectorRegistry()
-    transport = _transport(registry)
+    transport, other = _transport(registry), _transport(registry, "other")
     await transport.aclose()
     await transport.handle_async_request(httpx.Request("GET", "https://x.example/"))
     assert _series_of(registry, "default") == []
+    await other.aclose()
 
 
 def test_an_abandoned_transport_frees_its_name_when_collected() -> None:
