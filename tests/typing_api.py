@@ -91,6 +91,7 @@ async def the_transport(policy: Policy) -> None:
         max_hosts=100,
         clock=FakeClock(),
         random=random.Random(1),
+        name="payments",
     )
     ResilientTransport()
     ResilientTransport(None, default=None, inner=None, registry=None, clock=None, random=None)
