@@ -41,7 +41,8 @@ between two updates of one call, so these hold between calls, and for
   reached the network, and ``attempts - requests = retries`` exactly when
   every call did. The calls that did not are those refused before their
   first try (``circuit_open``, ``rate_limited``, ``bulkhead_full``, a
-  deadline already past, ``cancelled``) and stale answers given instead.
+  deadline already past, ``cancelled``), whether or not the stale cache then
+  answered in their place.
   ``retries_total{reason}`` never exceeds the tries that gave the reason:
   ``status_NNN`` retries ≤ tries with that status class; ``timeout``,
   ``connect_error`` and ``network_error`` retries ≤ tries whose outcome is
@@ -62,8 +63,8 @@ between two updates of one call, so these hold between calls, and for
   attempts_total{outcome="timeout"}``. A total timeout may also strike a
   streamed body after the call has ended.
 - Gauges return to rest: with no call in flight, ``bulkhead_in_flight`` and
-  ``bulkhead_queued`` read 0, whatever was cancelled; exactly one
-  ``circuit_state`` reads 1.
+  ``bulkhead_queued`` read 0, whatever was cancelled; with a breaker, exactly
+  one ``circuit_state`` reads 1.
 
 ``tests/test_metrics.py`` drives random faults, cancellations and deadlines
 through every layer and checks each of these.
