@@ -146,7 +146,7 @@ class StaleCache:
         self._store: Store = store
         store.adopt(host.label, host.metrics)
         self._identity = tuple(name.encode("ascii") for name in policy.identity_headers)
-        self._credentials = tuple(name for name in _CREDENTIALS if name not in self._identity)
+        self._credentials = frozenset(_CREDENTIALS).difference(self._identity)
         self._request_headers = frozenset({b"cache-control", b"host", *_CREDENTIALS, *self._identity})
 
     def keep(self, entry: Entry) -> None:
@@ -162,7 +162,7 @@ class StaleCache:
         # The request's side of the key and of storability, once per call.
         url = request.url
         vhost = found.get(b"host")
-        identity = tuple(_digest(found.get(name)) for name in self._identity)
+        identity = tuple([_digest(found.get(name)) for name in self._identity]) if self._identity else ()
         key: Key = (
             request.method,
             call.host.label,
@@ -185,9 +185,8 @@ class StaleCache:
                 await response.aclose()
                 return stale
         elif status in STORABLE_STATUSES:
-            credentialed = any(name in found for name in self._credentials)
-            identified = any(value is not None for value in identity)
-            self._offer(call, key, response, credentialed, identified)
+            credentialed = not found.keys().isdisjoint(self._credentials)
+            self._offer(call, key, response, credentialed, any(identity))  # a digest is never empty
         return response
 
     def _offer(self, call: Call, key: Key, response: httpx.Response, credentialed: bool, identified: bool) -> None:
