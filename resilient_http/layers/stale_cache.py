@@ -1,9 +1,9 @@
 """Stale-cache fallback: when a call fails, answer with the last good response, marked stale.
 
-This is not an HTTP cache: a fresh response is never served from it, and
-every call still goes to the network. It keeps recent successful answers
-(200, 203, 204) to GET and HEAD and serves one only when the whole chain
-failed: an exception, a final 500/502/503/504, an open circuit, a refused
+This is not an HTTP cache: it never answers in place of the network,
+however fresh its copy, and every call still goes to the network. It keeps
+recent successful answers (200, 203, 204) to GET and HEAD and serves one
+only when the whole chain failed: an exception, a final 500/502/503/504, an open circuit, a refused
 rate-limit or bulkhead slot, the total deadline. Client errors (4xx) are
 answers, not failures: they pass through.
 
@@ -45,8 +45,9 @@ How long: until ``max_stale`` seconds old or, when the answer says
 ``s-maxage`` forbid serving the answer once stale (RFC 9111 §4.2.4): such an
 answer is served only while fresh, younger than its ``s-maxage`` (or else
 its ``max-age``); ``Expires`` is not read. Served answers carry an ``Age``
-header and ``CallInfo.stale`` / ``CallInfo.age``. An entry found too old is
-dropped. How memory is bounded is :mod:`.stale_store`'s story.
+header and ``CallInfo.stale`` / ``CallInfo.age``. An answer that arrives
+already too old is not stored, and an entry found too old is dropped. How
+memory is bounded is :mod:`.stale_store`'s story.
 """
 
 from __future__ import annotations
