@@ -3,9 +3,9 @@
 This is not an HTTP cache: it never answers in place of the network,
 however fresh its copy, and every call still goes to the network. It keeps
 recent successful answers (200, 203, 204) to GET and HEAD and serves one
-only when the whole chain failed: an exception, a final 500/502/503/504, an open circuit, a refused
-rate-limit or bulkhead slot, the total deadline. Client errors (4xx) are
-answers, not failures: they pass through.
+only when the whole chain failed: an exception, a final 500/502/503/504, an
+open circuit, a refused rate-limit or bulkhead slot, the total deadline.
+Client errors (4xx) are answers, not failures: they pass through.
 
 One transport serves many callers, so this is an RFC 9111 *shared* cache:
 one caller's answer must never reach another caller it was not meant for.
