@@ -10,6 +10,7 @@ first call at three in the morning.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,18 @@ def _statuses(owner: str, name: str, value: Any) -> frozenset[int]:
         if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
             raise ConfigurationError(f"{owner}.{name}", value, f"{status!r} is not an HTTP status code")
     return frozenset(value)
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a field name (RFC 9110 §5.1)
+
+
+def _header_names(owner: str, name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str | bytes) or not isinstance(value, Collection):
+        raise ConfigurationError(f"{owner}.{name}", value, "must be a collection of header names")
+    for header in value:
+        if not isinstance(header, str) or not _TOKEN.fullmatch(header):
+            raise ConfigurationError(f"{owner}.{name}", value, f"{header!r} is not a header name")
+    return tuple(sorted({header.lower() for header in value}))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -218,14 +231,24 @@ class StaleCachePolicy:
     """Keep recent good answers, and serve them when the host cannot answer.
 
     ``max_stale`` seconds is how old a stored answer may be when served;
-    ``max_entries`` and ``max_bytes`` bound memory per host and across hosts;
+    ``max_entries`` and ``max_bytes`` bound this host's memory, and the
+    largest of them among the transport's policies bounds all hosts together;
     bodies above ``max_body_bytes`` are never stored.
+
+    The cache is shared by every caller of the transport, so it keeps only
+    what the origin lets a shared cache keep (RFC 9111), and answers to
+    requests with ``Authorization`` or ``Cookie`` only when the answer says
+    ``public`` (or ``s-maxage``, ``must-revalidate``). ``identity_headers``
+    names request headers that say who is asking (``X-Api-Key``, a tenant
+    id, ``Authorization``): their values become part of the key, so answers
+    are kept per identity and never reach another one.
     """
 
     max_stale: float = 300.0
     max_entries: int = 1000
     max_bytes: int = 50_000_000
     max_body_bytes: int = 1_000_000
+    identity_headers: Collection[str] = ()
 
     def __post_init__(self) -> None:
         _positive("StaleCachePolicy", "max_stale", self.max_stale)
@@ -238,6 +261,9 @@ class StaleCachePolicy:
                 self.max_body_bytes,
                 f"must not exceed StaleCachePolicy.max_bytes ({self.max_bytes})",
             )
+        object.__setattr__(
+            self, "identity_headers", _header_names("StaleCachePolicy", "identity_headers", self.identity_headers)
+        )
 
 
 LAYER_TYPES: dict[str, type] = {
