@@ -175,16 +175,23 @@ class Bulkhead:
             if isinstance(home, asyncio.AbstractEventLoop):
                 home.call_soon_threadsafe(self._close_later, home, body)
             else:
-                import trio
-
-                home.run_sync_soon(trio.lowlevel.spawn_system_task, self._close_dropped, body)
+                home.run_sync_soon(self._close_later, None, body)
         except RuntimeError:  # the loop is gone, and every waiter with it
             self._release()
 
-    def _close_later(self, loop: asyncio.AbstractEventLoop, body: httpx.AsyncByteStream) -> None:
-        task = loop.create_task(self._close_dropped(body))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+    def _close_later(self, loop: asyncio.AbstractEventLoop | None, body: httpx.AsyncByteStream) -> None:
+        """On the body's own loop: start closing it (in a task: closing may wait on the network)."""
+        if loop is not None:
+            task = loop.create_task(self._close_dropped(body))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            return
+        import trio
+
+        try:
+            trio.lowlevel.spawn_system_task(self._close_dropped, body)
+        except RuntimeError:  # trio is shutting down: nobody is left waiting
+            self._release()
 
     async def _close_dropped(self, body: httpx.AsyncByteStream) -> None:
         try:
