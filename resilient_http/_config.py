@@ -211,7 +211,8 @@ class RateLimitPolicy:
 class BulkheadPolicy:
     """At most ``max_concurrent`` attempts in flight per host, ``max_queue`` waiting.
 
-    A waiting call gives up after ``queue_timeout`` seconds (``None``: the
+    A slot is a connection: a streamed response body holds its slot until it
+    is read to the end or closed. A waiting call gives up after ``queue_timeout`` seconds (``None``: the
     total timeout bounds the wait).
     """
 
