@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import formatdate
 
@@ -19,6 +20,7 @@ from resilient_http import (
     RateLimitedError,
     RateLimitPolicy,
     RetryPolicy,
+    StaleCachePolicy,
     TimeoutPolicy,
 )
 from resilient_http._headers import (
@@ -289,3 +291,16 @@ async def test_a_503_with_a_huge_retry_after_opens_the_circuit_for_the_policy_ma
         await client.get("/")
     harness.clock.advance(1)
     assert (await client.get("/")).status_code == 200
+
+
+async def test_huge_cache_numbers_still_serve_a_stale_answer_with_a_finite_age(harness: Harness) -> None:
+    """max-age, stale-if-error and Age of 400 digits are 2^31 each: the answer is served, aged 2^31 s."""
+    huge = "9" * 400
+    first = httpx.Response(200, headers={"Cache-Control": f"max-age={huge}, stale-if-error={huge}", "Age": huge})
+    script = Script(lambda request: first, 503)
+    client = harness.client(script, only(stale_cache=StaleCachePolicy()))
+    await client.get("/")
+    stale = await client.get("/")
+    assert stale.status_code == 200
+    assert stale.headers["age"] == str(MAX_DELTA)
+    assert _info(stale).stale

@@ -39,7 +39,7 @@ import httpx
 
 from .._call import Call, Host, Next
 from .._config import StaleCachePolicy
-from .._headers import pick
+from .._headers import age_value, delta_seconds, pick
 from .._metrics import HostMetrics, outcome_of_exception
 from .timeout import BufferedStream
 
@@ -64,7 +64,7 @@ def cache_control(value: str | None) -> dict[str, str]:
 
 def _seconds(directives: dict[str, str], name: str) -> float | None:
     value = directives.get(name)
-    return float(value) if value is not None and value.isascii() and value.isdigit() else None
+    return None if value is None else delta_seconds(value)
 
 
 @dataclass(slots=True)
@@ -277,7 +277,6 @@ class StaleCache:
             return
         sie = _seconds(directives, "stale-if-error")
         limit = self._policy.max_stale if sie is None else (_seconds(directives, "max-age") or 0.0) + sie
-        age = found.get(b"age", "")
         entry = Entry(
             key=key,
             host=call.host.label,
@@ -287,7 +286,7 @@ class StaleCache:
             http_version=response.extensions.get("http_version", b"HTTP/1.1"),
             vary=tuple((name, call.request.headers.get(name)) for name in vary_names),
             stored=self._clock.now(),
-            initial_age=float(age) if age.isascii() and age.isdigit() else 0.0,
+            initial_age=age_value(found.get(b"age")) or 0.0,
             limit=limit,
         )
         limit_bytes = self._policy.max_body_bytes
