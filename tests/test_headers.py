@@ -304,3 +304,15 @@ async def test_huge_cache_numbers_still_serve_a_stale_answer_with_a_finite_age(h
     assert stale.status_code == 200
     assert stale.headers["age"] == str(MAX_DELTA)
     assert _info(stale).stale
+
+
+async def test_a_non_ascii_content_length_is_streamed_not_fatal(harness: Harness) -> None:
+    """A Content-Length of '²' (a digit to str.isdigit, not to int) leaves the body streamed to the caller."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"ok"
+
+    for length in ["\u00b2", "9" * 5000]:
+        answer = httpx.Response(200, headers=[(b"content-length", length.encode())], content=body())
+        response = await harness.client(Script(lambda request, a=answer: a), only(timeout=TimeoutPolicy())).get("/")
+        assert response.status_code == 200
