@@ -59,7 +59,7 @@ from collections.abc import AsyncIterator
 import httpx
 
 from .._call import Call, Host, Next
-from .._headers import pick
+from .._headers import age_value, delta_seconds, pick
 from .._metrics import outcome_of_exception
 from .stale_store import Entry, Key, Store
 from .timeout import BufferedStream
@@ -94,7 +94,7 @@ def cache_control(value: str | None) -> dict[str, str]:
 
 def _seconds(directives: dict[str, str], name: str) -> float | None:
     value = directives.get(name)
-    return float(value) if value is not None and value.isascii() and value.isdigit() else None
+    return None if value is None else delta_seconds(value)
 
 
 def _digest(value: str | None) -> bytes | None:
@@ -230,7 +230,6 @@ class StaleCache:
                 return
             limit = math.nextafter(fresh, -math.inf)  # served while younger than ``fresh``, never as old
         kept = raw if found.keys().isdisjoint(_NOT_KEPT) else [(k, v) for k, v in raw if k.lower() not in _NOT_KEPT]
-        age = found.get(b"age", "")
         entry = Entry(
             key=key,
             host=call.host.label,
@@ -240,7 +239,7 @@ class StaleCache:
             http_version=response.extensions.get("http_version", b"HTTP/1.1"),
             vary=tuple((name, call.request.headers.get(name)) for name in vary_names),
             stored=self._clock.now(),
-            initial_age=float(age) if age.isascii() and age.isdigit() else 0.0,
+            initial_age=age_value(found.get(b"age")) or 0.0,
             limit=limit,
         )
         if entry.initial_age > limit:
