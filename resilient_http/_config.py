@@ -2,60 +2,179 @@
 
 A :class:`Policy` says which layers a host gets and how each behaves; a layer
 set to ``None`` is off and costs nothing. Every dataclass checks its fields in
-``__post_init__`` and raises :class:`ConfigurationError` naming the field and
-the value, so a bad policy fails when the transport is built, not on the
-first call at three in the morning.
+``__post_init__`` and raises :class:`ConfigurationError` naming the field,
+the value and the bound it broke, so a bad policy fails when the transport
+is built, not on the first call at three in the morning.
+
+Every number has bounds, whatever its type, because a value accepted here
+must never make a call crash or a layer silently do nothing later: a rate of
+``1e-300`` is an interval of ``1e300`` seconds, a window of ``1e-320``
+divides by almost nothing, ``10**400`` does not fit in a float. Seconds lie
+between :data:`MIN_SECONDS` (a millisecond) and :data:`MAX_SECONDS` (a
+year); rates between one call a year and :data:`MAX_RATE` a second; counts
+of calls up to :data:`MAX_CALLS`. Any real number is accepted (``int``,
+``float``, ``Decimal``, ``Fraction``, numpy scalars) except ``bool``, NaN and
+infinities; one that is not a plain ``int`` or ``float`` is stored as a
+``float`` (an ``int`` for counts), so the layers only ever do plain arithmetic.
+
+The ``check_*`` helpers validate one field of a policy in place; a new
+policy field should use them rather than a rule of its own.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from ._exceptions import ConfigurationError
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
-
-def _number(owner: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be a number")
-    if math.isnan(value):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be a number")
-    return float(value)
-
-
-def _positive(owner: str, name: str, value: Any) -> None:
-    if _number(owner, name, value) <= 0 or math.isinf(value):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be a positive, finite number of seconds")
-
-
-def _non_negative(owner: str, name: str, value: Any) -> None:
-    if _number(owner, name, value) < 0 or math.isinf(value):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be zero or a positive, finite number")
+#: The shortest duration any policy field accepts (0 aside, where 0 means "never").
+MIN_SECONDS = 0.001
+#: The longest: a year.
+MAX_SECONDS = 365 * 24 * 3600.0
+#: The highest rate (calls a second) any policy field accepts; the lowest is one a year.
+MAX_RATE = 1_000_000.0
+#: The most calls any count of calls accepts (burst, queue, concurrency, trials, entries).
+MAX_CALLS = 1_000_000
+#: The most tries a call may make: past about a thousand, the backoff ``backoff * 2**n`` no longer fits a float.
+MAX_ATTEMPTS = 100
+#: The most bytes a byte count accepts: 1 TiB.
+MAX_BYTES = 1 << 40
+#: The longest retry budget window (a count is kept for each of its seconds).
+MAX_BUDGET_WINDOW = 60.0
 
 
-def _ratio(owner: str, name: str, value: Any) -> None:
-    if not 0.0 <= _number(owner, name, value) <= 1.0:
-        raise ConfigurationError(f"{owner}.{name}", value, "must be between 0 and 1")
+def _name(policy: object, name: str) -> str:
+    return f"{type(policy).__name__}.{name}"
 
 
-def _count(owner: str, name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be a whole number")
-    if value < minimum:
-        raise ConfigurationError(f"{owner}.{name}", value, f"must be at least {minimum}")
+def _bound(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:.3g}"
 
 
-def _statuses(owner: str, name: str, value: Any) -> frozenset[int]:
+def _real(policy: object, name: str, value: Any) -> float:
+    """``value`` as a float (``±inf`` when too big for one); refuses non-numbers and NaN."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | Decimal):
+        raise ConfigurationError(_name(policy, name), value, "must be a number")
+    return _as_float(policy, name, value)
+
+
+def _as_float(policy: object, name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except OverflowError:  # an int or Decimal beyond a float's range
+        number = math.inf if value > 0 else -math.inf
+    except (ValueError, TypeError):  # a signalling NaN, an odd numeric type
+        number = math.nan
+    if math.isnan(number):
+        raise ConfigurationError(_name(policy, name), value, "must be a number, not NaN")
+    if number == 0 and value != 0:  # too small for a float: never silently zero
+        number = math.ulp(0.0) if value > 0 else -math.ulp(0.0)
+    return number
+
+
+def _ranged(
+    policy: object, name: str, low: float, high: float, what: str, *, zero: bool = False, optional: bool = False
+) -> None:
+    value = getattr(policy, name)
+    if value is None and optional:
+        return
+    number = _real(policy, name, value)
+    if not (low <= number <= high or (zero and number == 0)):
+        span = f"from {_bound(low)} to {_bound(high)}"
+        raise ConfigurationError(_name(policy, name), value, f"must be {'0 or ' if zero else ''}{what} {span}")
+    if type(value) is not int and type(value) is not float:
+        object.__setattr__(policy, name, number)
+
+
+def check_seconds(
+    policy: object,
+    name: str,
+    *,
+    zero: bool = False,
+    optional: bool = False,
+    low: float = MIN_SECONDS,
+    high: float = MAX_SECONDS,
+) -> None:
+    """Check that field ``name`` of ``policy`` is a duration within ``[low, high]`` and store it as a float.
+
+    ``zero`` also allows 0 (for fields where 0 means "never wait");
+    ``optional`` allows ``None``.
+    """
+    _ranged(policy, name, low, high, "a number of seconds", zero=zero, optional=optional)
+
+
+def check_rate(policy: object, name: str, *, zero: bool = False, high: float = MAX_RATE) -> None:
+    """Check that field ``name`` is a rate (per second) from one a year to ``high``; store it as a float."""
+    _ranged(policy, name, 1 / MAX_SECONDS, high, "a number per second", zero=zero)
+
+
+def check_ratio(policy: object, name: str, *, zero: bool = True) -> None:
+    """Check that field ``name`` is a ratio in ``[0, 1]`` (``(0, 1]`` without ``zero``); store it as a float."""
+    value = getattr(policy, name)
+    number = _real(policy, name, value)
+    if not 0 <= number <= 1 or (number == 0 and not zero):
+        raise ConfigurationError(_name(policy, name), value, f"must be {'from' if zero else 'above'} 0 and at most 1")
+    if type(value) is not int and type(value) is not float:
+        object.__setattr__(policy, name, number)
+
+
+def check_count(policy: object, name: str, low: int, high: int, *, optional: bool = False) -> None:
+    """Check that field ``name`` is a whole number within ``[low, high]``; store it as an ``int``.
+
+    Integral types other than ``int`` (numpy's, say) are accepted; floats,
+    even whole ones, and ``bool`` are not.
+    """
+    value = getattr(policy, name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigurationError(_name(policy, name), value, "must be a whole number")
+    _store_index(policy, name, low, high)
+
+
+def _store_index(policy: object, name: str, low: int, high: int) -> None:
+    value = getattr(policy, name)
+    number = operator.index(value)
+    if not low <= number <= high:
+        raise ConfigurationError(_name(policy, name), value, f"must be from {low} to {high}")
+    if type(value) is not int:
+        object.__setattr__(policy, name, number)
+
+
+def check_statuses(policy: object, name: str) -> None:
+    """Check that field ``name`` is a collection of HTTP status codes; store it as a frozenset of ints."""
+    value = getattr(policy, name)
     if isinstance(value, str | bytes) or not isinstance(value, Collection):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be a collection of HTTP status codes")
+        raise ConfigurationError(_name(policy, name), value, "must be a collection of HTTP status codes")
+    codes = set()
     for status in value:
-        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-            raise ConfigurationError(f"{owner}.{name}", value, f"{status!r} is not an HTTP status code")
-    return frozenset(value)
+        code = -1 if isinstance(status, bool) or not isinstance(status, numbers.Integral) else operator.index(status)
+        if not 100 <= code <= 599:
+            raise ConfigurationError(_name(policy, name), value, f"{status!r} is not an HTTP status code")
+        codes.add(code)
+    object.__setattr__(policy, name, frozenset(codes))
+
+
+def _not_above(policy: object, name: str, other: str) -> None:
+    """A cross-field rule: field ``name`` must not exceed field ``other``."""
+    value, limit = getattr(policy, name), getattr(policy, other)
+    if value is not None and limit is not None and value > limit:
+        raise ConfigurationError(_name(policy, name), value, f"must not exceed {_name(policy, other)} ({limit})")
+
+
+def _not_below(policy: object, name: str, other: str) -> None:
+    """A cross-field rule: field ``name`` must not be below field ``other``."""
+    value, limit = getattr(policy, name), getattr(policy, other)
+    if value < limit:
+        raise ConfigurationError(_name(policy, name), value, f"must not be below {_name(policy, other)} ({limit})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,14 +192,9 @@ class TimeoutPolicy:
     total: float | None = 30.0
 
     def __post_init__(self) -> None:
-        if self.attempt is not None:
-            _positive("TimeoutPolicy", "attempt", self.attempt)
-        if self.total is not None:
-            _positive("TimeoutPolicy", "total", self.total)
-        if self.attempt is not None and self.total is not None and self.attempt > self.total:
-            raise ConfigurationError(
-                "TimeoutPolicy.attempt", self.attempt, f"must not exceed TimeoutPolicy.total ({self.total})"
-            )
+        check_seconds(self, "attempt", optional=True)
+        check_seconds(self, "total", optional=True)
+        _not_above(self, "attempt", "total")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,7 +203,9 @@ class RetryBudget:
 
     Over any ``window`` seconds, retries may add at most ``ratio`` of the
     calls made to the host, plus ``min_per_second`` retries each second so
-    that a quiet host can still retry (Finagle's RetryBudget).
+    that a quiet host can still retry (Finagle's RetryBudget). The window
+    is at most :data:`MAX_BUDGET_WINDOW` (a minute, as Finagle's): the host
+    keeps a count for each second of it.
     """
 
     ratio: float = 0.2
@@ -97,16 +213,17 @@ class RetryBudget:
     window: float = 10.0
 
     def __post_init__(self) -> None:
-        _ratio("RetryBudget", "ratio", self.ratio)
-        _non_negative("RetryBudget", "min_per_second", self.min_per_second)
-        _positive("RetryBudget", "window", self.window)
+        check_ratio(self, "ratio")
+        check_rate(self, "min_per_second", zero=True)
+        check_seconds(self, "window", high=MAX_BUDGET_WINDOW)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
     """When and how a failed attempt is tried again.
 
-    ``attempts`` counts every try, the first included. The wait before try
+    ``attempts`` counts every try, the first included, up to
+    :data:`MAX_ATTEMPTS`. The wait before try
     *n* + 1 is drawn uniformly from ``[0, min(max_backoff, backoff * 2**(n-1))]``
     ("full jitter"). A ``Retry-After`` on the response sets the least wait:
     the jitter is added to it, never taken from it. A Retry-After longer than
@@ -122,15 +239,12 @@ class RetryPolicy:
     budget: RetryBudget | None = field(default_factory=RetryBudget)
 
     def __post_init__(self) -> None:
-        _count("RetryPolicy", "attempts", self.attempts, 1)
-        _positive("RetryPolicy", "backoff", self.backoff)
-        _positive("RetryPolicy", "max_backoff", self.max_backoff)
-        if self.max_backoff < self.backoff:
-            raise ConfigurationError(
-                "RetryPolicy.max_backoff", self.max_backoff, f"must not be below RetryPolicy.backoff ({self.backoff})"
-            )
-        object.__setattr__(self, "statuses", _statuses("RetryPolicy", "statuses", self.statuses))
-        _non_negative("RetryPolicy", "max_retry_after", self.max_retry_after)
+        check_count(self, "attempts", 1, MAX_ATTEMPTS)
+        check_seconds(self, "backoff")
+        check_seconds(self, "max_backoff")
+        _not_below(self, "max_backoff", "backoff")
+        check_statuses(self, "statuses")
+        check_seconds(self, "max_retry_after", zero=True)
         if self.budget is not None and not isinstance(self.budget, RetryBudget):
             raise ConfigurationError("RetryPolicy.budget", self.budget, "must be a RetryBudget or None")
 
@@ -156,23 +270,14 @@ class CircuitBreakerPolicy:
     failure_statuses: Collection[int] = frozenset({500, 502, 503, 504})
 
     def __post_init__(self) -> None:
-        _ratio("CircuitBreakerPolicy", "failure_ratio", self.failure_ratio)
-        if self.failure_ratio == 0:
-            raise ConfigurationError("CircuitBreakerPolicy.failure_ratio", 0, "must be above 0")
-        _count("CircuitBreakerPolicy", "minimum_calls", self.minimum_calls, 1)
-        _positive("CircuitBreakerPolicy", "window", self.window)
-        _positive("CircuitBreakerPolicy", "break_duration", self.break_duration)
-        _positive("CircuitBreakerPolicy", "max_break_duration", self.max_break_duration)
-        if self.max_break_duration < self.break_duration:
-            raise ConfigurationError(
-                "CircuitBreakerPolicy.max_break_duration",
-                self.max_break_duration,
-                f"must not be below CircuitBreakerPolicy.break_duration ({self.break_duration})",
-            )
-        _count("CircuitBreakerPolicy", "half_open_calls", self.half_open_calls, 1)
-        object.__setattr__(
-            self, "failure_statuses", _statuses("CircuitBreakerPolicy", "failure_statuses", self.failure_statuses)
-        )
+        check_ratio(self, "failure_ratio", zero=False)
+        check_count(self, "minimum_calls", 1, MAX_CALLS)
+        check_seconds(self, "window")
+        check_seconds(self, "break_duration")
+        check_seconds(self, "max_break_duration")
+        _not_below(self, "max_break_duration", "break_duration")
+        check_count(self, "half_open_calls", 1, MAX_CALLS)
+        check_statuses(self, "failure_statuses")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -180,7 +285,8 @@ class RateLimitPolicy:
     """A token bucket per host: ``rate`` calls a second, ``burst`` at once.
 
     A call waits its turn for at most ``max_wait`` seconds (``None``: as long
-    as the total timeout allows; ``0``: never waits).
+    as the total timeout allows; ``0``: never waits). ``rate`` lies between
+    one call a year and :data:`MAX_RATE`.
     """
 
     rate: float
@@ -188,10 +294,9 @@ class RateLimitPolicy:
     max_wait: float | None = None
 
     def __post_init__(self) -> None:
-        _positive("RateLimitPolicy", "rate", self.rate)
-        _count("RateLimitPolicy", "burst", self.burst, 1)
-        if self.max_wait is not None:
-            _non_negative("RateLimitPolicy", "max_wait", self.max_wait)
+        check_rate(self, "rate")
+        check_count(self, "burst", 1, MAX_CALLS)
+        check_seconds(self, "max_wait", zero=True, optional=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -207,10 +312,9 @@ class BulkheadPolicy:
     queue_timeout: float | None = None
 
     def __post_init__(self) -> None:
-        _count("BulkheadPolicy", "max_concurrent", self.max_concurrent, 1)
-        _count("BulkheadPolicy", "max_queue", self.max_queue, 0)
-        if self.queue_timeout is not None:
-            _positive("BulkheadPolicy", "queue_timeout", self.queue_timeout)
+        check_count(self, "max_concurrent", 1, MAX_CALLS)
+        check_count(self, "max_queue", 0, MAX_CALLS)
+        check_seconds(self, "queue_timeout", optional=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -228,16 +332,11 @@ class StaleCachePolicy:
     max_body_bytes: int = 1_000_000
 
     def __post_init__(self) -> None:
-        _positive("StaleCachePolicy", "max_stale", self.max_stale)
-        _count("StaleCachePolicy", "max_entries", self.max_entries, 1)
-        _count("StaleCachePolicy", "max_bytes", self.max_bytes, 1)
-        _count("StaleCachePolicy", "max_body_bytes", self.max_body_bytes, 0)
-        if self.max_body_bytes > self.max_bytes:
-            raise ConfigurationError(
-                "StaleCachePolicy.max_body_bytes",
-                self.max_body_bytes,
-                f"must not exceed StaleCachePolicy.max_bytes ({self.max_bytes})",
-            )
+        check_seconds(self, "max_stale")
+        check_count(self, "max_entries", 1, MAX_CALLS)
+        check_count(self, "max_bytes", 1, MAX_BYTES)
+        check_count(self, "max_body_bytes", 0, MAX_BYTES)
+        _not_above(self, "max_body_bytes", "max_bytes")
 
 
 LAYER_TYPES: dict[str, type] = {

@@ -238,6 +238,12 @@ def test_unknown_keys_raise_naming_the_key_path(write: Writer, text: str, path: 
         ("[default.retry]\nstatuses = [700]\n", "default.retry.statuses", [700]),
         ("[default]\nretry = 3\n", "default.retry", 3),
         ("[default.timeout]\nattempt = 50\n", "default.timeout.attempt", 50),
+        ("[default.timeout]\ntotal = inf\n", "default.timeout.total", float("inf")),
+        ("[default.retry]\nbackoff = 1e300\n", "default.retry.backoff", 1e300),
+        ("[default.circuit_breaker]\nwindow = nan\n", "default.circuit_breaker.window", float("nan")),
+        ("[default.retry.budget]\nwindow = 1e-320\n", "default.retry.budget.window", 1e-320),
+        ("[default.retry]\nattempts = 9223372036854775807\n", "default.retry.attempts", 9223372036854775807),
+        ('[hosts."a.example".rate_limit]\nrate = 1e-300\n', 'hosts."a.example".rate_limit.rate', 1e-300),
     ],
 )
 def test_bad_values_raise_naming_the_key_path_and_value(write: Writer, text: str, path: str, value: object) -> None:
