@@ -185,8 +185,13 @@ ALL_POLICIES: list[Any] = [
 ]
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:10]}...{len(text)} chars"
+
+
 def _case_id(case: tuple[type, dict[str, Any], str] | tuple[type, dict[str, Any]]) -> str:
-    return f"{case[0].__name__}({', '.join(f'{k}={v!r}' for k, v in case[1].items())})"
+    return f"{case[0].__name__}({', '.join(f'{k}={_short(v)}' for k, v in case[1].items())})"
 
 
 @pytest.mark.parametrize("case", INVALID, ids=_case_id)
