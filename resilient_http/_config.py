@@ -81,15 +81,17 @@ def _as_float(policy: object, name: str, value: Any) -> float:
 
 
 def _ranged(
-    policy: object, name: str, low: float, high: float, what: str, *, zero: bool = False, optional: bool = False
+    policy: object, name: str, low: float, high: float, unit: str, *, zero: bool = False, optional: bool = False
 ) -> None:
     value = getattr(policy, name)
     if value is None and optional:
         return
     number = _real(policy, name, value)
-    if not (low <= number <= high or (zero and number == 0)):
-        span = f"from {_bound(low)} to {_bound(high)}"
-        raise ConfigurationError(_name(policy, name), value, f"must be {'0 or ' if zero else ''}{what} {span}")
+    if number < low and not (zero and number == 0):
+        least = f"{'0 or ' if zero else ''}at least {_bound(low)}{unit}"
+        raise ConfigurationError(_name(policy, name), value, f"must be {least}")
+    if number > high:
+        raise ConfigurationError(_name(policy, name), value, f"must be at most {_bound(high)}{unit}")
     if type(value) is not int and type(value) is not float:
         object.__setattr__(policy, name, number)
 
@@ -108,12 +110,12 @@ def check_seconds(
     ``zero`` also allows 0 (for fields where 0 means "never wait");
     ``optional`` allows ``None``.
     """
-    _ranged(policy, name, low, high, "a number of seconds", zero=zero, optional=optional)
+    _ranged(policy, name, low, high, " seconds", zero=zero, optional=optional)
 
 
 def check_rate(policy: object, name: str, *, zero: bool = False, high: float = MAX_RATE) -> None:
     """Check that field ``name`` is a rate (per second) from one a year to ``high``; store it as a float."""
-    _ranged(policy, name, 1 / MAX_SECONDS, high, "a number per second", zero=zero)
+    _ranged(policy, name, 1 / MAX_SECONDS, high, " a second", zero=zero)
 
 
 def check_ratio(policy: object, name: str, *, zero: bool = True) -> None:
@@ -143,8 +145,10 @@ def check_count(policy: object, name: str, low: int, high: int, *, optional: boo
 def _store_index(policy: object, name: str, low: int, high: int) -> None:
     value = getattr(policy, name)
     number = operator.index(value)
-    if not low <= number <= high:
-        raise ConfigurationError(_name(policy, name), value, f"must be from {low} to {high}")
+    if number < low:
+        raise ConfigurationError(_name(policy, name), value, f"must be at least {low}")
+    if number > high:
+        raise ConfigurationError(_name(policy, name), value, f"must be at most {high}")
     if type(value) is not int:
         object.__setattr__(policy, name, number)
 

@@ -307,12 +307,14 @@ def test_documented_defaults() -> None:
 @pytest.mark.parametrize(
     ("make", "bound"),
     [
-        (lambda: TimeoutPolicy(attempt=1e-320), "from 0.001 to 31536000"),
-        (lambda: RateLimitPolicy(rate=1e-300), "to 1000000"),
-        (lambda: RateLimitPolicy(rate=1, max_wait=-1), "0 or a number of seconds from 0.001"),
-        (lambda: RetryPolicy(attempts=10**30), "from 1 to 100"),
-        (lambda: RetryBudget(window=120), "from 0.001 to 60"),
-        (lambda: StaleCachePolicy(max_bytes=1 << 41), f"from 1 to {1 << 40}"),
+        (lambda: TimeoutPolicy(attempt=1e-320), "must be at least 0.001 seconds"),
+        (lambda: TimeoutPolicy(total=10**400), "must be at most 31536000 seconds"),
+        (lambda: RateLimitPolicy(rate=1e-300), "must be at least 3.17e-08 a second"),
+        (lambda: RateLimitPolicy(rate=1e300), "must be at most 1000000 a second"),
+        (lambda: RateLimitPolicy(rate=1, max_wait=-1), "must be 0 or at least 0.001 seconds"),
+        (lambda: RetryPolicy(attempts=10**30), "must be at most 100"),
+        (lambda: RetryBudget(window=120), "must be at most 60 seconds"),
+        (lambda: StaleCachePolicy(max_bytes=1 << 41), f"must be at most {1 << 40}"),
     ],
 )
 def test_an_out_of_range_value_is_refused_naming_the_bound(make: Any, bound: str) -> None:
