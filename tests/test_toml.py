@@ -354,3 +354,47 @@ async def test_from_file_builds_a_transport_that_applies_the_file(write: Writer,
         assert script.calls == 2
         assert (await client.get("https://example.org/")).status_code == 503
         assert script.calls == 3
+
+
+def test_two_host_tables_for_the_same_host_are_refused_with_the_line(write: Writer) -> None:
+    """Spellings of one host (case, trailing dot, punycode) are one host: the second is an error at its line."""
+    path = write("""\
+        [default]
+        retry = false
+
+        [hosts."bücher.example"]
+        retry = { attempts = 2 }
+
+        [hosts."XN--BCHER-KVA.example."]
+        retry = { attempts = 3 }
+    """)
+    with pytest.raises(ConfigurationError) as caught:
+        load_policies(path)
+    assert caught.value.where == f"{path}: line 7"
+    assert caught.value.field == 'hosts."XN--BCHER-KVA.example."'
+    assert "'bücher.example'" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "shown"),
+    [
+        ('"a.com:80:90"', '"a.com:80:90"'),
+        ('"a\\u0000.com"', '"a\\u0000.com"'),
+        ('"user@a.com"', '"user@a.com"'),
+        ('"a..com"', '"a..com"'),
+        ('"bü..example"', '"bü..example"'),
+    ],
+)
+def test_a_bad_host_pattern_is_reported_with_its_line(write: Writer, key: str, shown: str) -> None:
+    """A host table whose name is not a host pattern names the file, the line and the pattern."""
+    path = write(f"""\
+        [default]
+        retry = false
+
+        [hosts.{key}.retry]
+        attempts = 2
+    """)
+    with pytest.raises(ConfigurationError) as caught:
+        load_policies(path)
+    assert caught.value.where == f"{path}: line 4"
+    assert caught.value.field == f"hosts.{shown}"
