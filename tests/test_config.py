@@ -441,3 +441,19 @@ async def test_policies_at_their_bounds_never_crash_a_call(harness: Harness, pol
         except httpx.TransportError:
             pass
         harness.clock.advance(YEAR)
+
+
+async def test_the_most_attempts_with_the_longest_backoff_retry_to_the_end(harness: Harness) -> None:
+    """100 tries a year apart, with no budget or deadline to stop them, end as "attempts", not in an overflow."""
+    script = Script(503)
+    policy = Policy(
+        timeout=None,
+        circuit_breaker=None,
+        retry=RetryPolicy(attempts=100, backoff=YEAR, max_backoff=YEAR, budget=None),
+    )
+    client = harness.client(script, policy)
+    response = await client.get("/")
+    assert response.status_code == 503
+    assert script.calls == 100
+    info = response.extensions["resilient_http"]
+    assert info.retry_stop == "attempts"
