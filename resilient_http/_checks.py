@@ -26,7 +26,7 @@ from collections.abc import Collection
 from decimal import Decimal
 from typing import Any
 
-from ._exceptions import ConfigurationError
+from ._errors import ConfigurationError
 
 #: The shortest duration any policy field accepts (0 aside, where 0 means "never").
 MIN_SECONDS = 0.001

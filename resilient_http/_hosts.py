@@ -40,10 +40,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Generic, Protocol, TypeVar
 
-import httpx
+import idna
 
 from ._config import Policy
-from ._exceptions import ConfigurationError
+from ._errors import ConfigurationError
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 DEFAULT_MAX_HOSTS = 1000
@@ -64,9 +64,9 @@ def canonical_host(host: str) -> str:
     if name.endswith("."):
         name = name.rstrip(".")
     if not name.isascii():
-        try:  # httpx's own encoding, so that a pattern names what httpx sends
-            name = httpx.URL(scheme="http", host=name).raw_host.decode("ascii")
-        except httpx.InvalidURL:
+        try:
+            name = _punycode(name)
+        except UnicodeError:
             pass
     elif ":" in name:
         try:
@@ -76,13 +76,18 @@ def canonical_host(host: str) -> str:
     return name
 
 
-def host_of(url: httpx.URL) -> str:
-    """The canonical host of a request's URL (see :func:`canonical_host`).
+def _punycode(name: str) -> str:
+    """A lower-case international name in ASCII, encoded as httpx (and httpx2) encode it."""
+    return idna.encode(name).decode("ascii")
+
+
+def host_of(raw_host: bytes) -> str:
+    """The canonical host of a request, from its URL's ``raw_host`` (see :func:`canonical_host`).
 
     httpx has already put the name in ASCII and lower case (``url.host`` would
     turn punycode back into Unicode, and fails on a malformed ``xn--`` label).
     """
-    name = url.raw_host.decode("ascii", "replace")
+    name = raw_host.decode("ascii", "replace")
     if name.endswith(".") or ":" in name:
         return canonical_host(name)
     return name
@@ -101,8 +106,8 @@ def _name(pattern: str, text: str) -> str:
         raise _bad(pattern, "has no host name")
     if not name.isascii():
         try:
-            name = httpx.URL(scheme="http", host=name).raw_host.decode("ascii")
-        except httpx.InvalidURL:
+            name = _punycode(name)
+        except UnicodeError:
             raise _bad(pattern, "is not a valid international domain name") from None
     if len(name) > 253:
         raise _bad(pattern, "is longer than a host name may be (253 characters)")

@@ -155,7 +155,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         url = request.url
         port = url.port or DEFAULT_PORTS.get(url.scheme, 0)
         hosts = self._hosts
-        host = hosts.enter(host_of(url), port)
+        host = hosts.enter(host_of(url.raw_host), port)
         try:
             policy = host.policy
             chain = host.chain

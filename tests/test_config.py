@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Harness, Script
 
+from conftest import Harness, Script
 from resilient_http import (
     BulkheadPolicy,
     CircuitBreakerPolicy,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Harness, Script
 
+from conftest import Harness, Script
 from resilient_http import (
     CircuitBreakerPolicy,
     ConfigurationError,
