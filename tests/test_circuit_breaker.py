@@ -7,9 +7,9 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from conftest import Harness, Script, only
 from prometheus_client import CollectorRegistry
 
+from conftest import Harness, Script, only
 from resilient_http import CallInfo, CircuitBreakerPolicy, CircuitOpenError, Policy
 from resilient_http.testing import FakeClock
 

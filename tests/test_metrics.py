@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import anyio
 import httpx
 import pytest
-from conftest import HOST, Harness, Script, only
 from prometheus_client import CollectorRegistry
 
+from conftest import HOST, Harness, Script, only
 from resilient_http import (
     CircuitBreakerPolicy,
     CircuitOpenError,

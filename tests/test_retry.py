@@ -9,8 +9,8 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from conftest import Harness, Script, Step, only
 
+from conftest import Harness, Script, Step, only
 from resilient_http import CallInfo, RetryBudget, RetryPolicy, TimeoutPolicy, Wait
 from resilient_http.testing import FakeClock
 

@@ -10,9 +10,9 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from conftest import HOST, Harness, Script, only
 from prometheus_client import CollectorRegistry
 
+from conftest import HOST, Harness, Script, only
 from resilient_http import (
     BulkheadFullError,
     CallInfo,
