@@ -172,10 +172,14 @@ def workers_key(prefix: str) -> str:
     return f"{{{prefix}}}:workers"
 
 
+#: The most calls a second a limit may allow: the Redis store counts time in whole microseconds.
+MAX_RATE = 1_000_000
+
+
 def check_admit(rate: float, burst: int, cost: int, max_wait: float) -> None:
     """Refuse a rate step that could never be answered sensibly."""
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < math.inf:
-        raise ConfigurationError("rate", rate, "must be a positive, finite number of calls a second")
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= MAX_RATE:
+        raise ConfigurationError("rate", rate, f"must be a positive number of calls a second, at most {MAX_RATE}")
     if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
         raise ConfigurationError("burst", burst, "must be a whole number, at least 1")
     if isinstance(cost, bool) or not isinstance(cost, int) or not 1 <= cost <= burst:

@@ -1,8 +1,9 @@
 """The Lua scripts of the Redis store: each one decision, atomic, on one upstream's keys.
 
 Time is the server's ``TIME``, in microseconds, never a worker's clock.
-Instants are stored with 17 significant digits (exact for doubles);
-answers are whole microseconds, durations from the server's now. Every
+Every number is a whole number of microseconds (a token's interval is
+rounded to one), so GCRA's arithmetic is exact: ``burst`` calls at once are
+never refused by a rounding error. Answers are durations from the server's now. Every
 write sets an expiry. Values read back that are not numbers count as absent.
 """
 
@@ -17,7 +18,7 @@ local function ms(us) return math.max(1, math.ceil(us / 1000)) end
 """
 
 # KEYS: the limit's theoretical arrival time, the upstream's hold.
-# ARGV: µs per token, burst, cost, most µs the caller may wait.
+# ARGV: µs per token (whole), burst, cost, most µs the caller may wait.
 # Returns {allowed 0/1, µs until the slot, µs of hold left}.
 GCRA = (
     _PRELUDE

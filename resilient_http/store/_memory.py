@@ -27,6 +27,7 @@ from ._base import (
 )
 
 _SWEEP_EVERY = 60.0
+_EPSILON = 1e-9
 
 
 def default_worker_id() -> str:
@@ -99,8 +100,10 @@ class MemoryStore:
         tat = arrival if stored is None else max(stored, arrival)
         new_tat = tat + cost * interval
         wait = max(arrival, new_tat - burst * interval) - now
+        if wait < _EPSILON:  # a rounding error of the float arithmetic, not a wait
+            wait = 0.0
         hold = arrival - now
-        if wait > max_wait:
+        if wait > max_wait + _EPSILON:
             return Admission(False, wait, hold)
         self._entries[key] = (new_tat, new_tat)  # a full bucket is the same as no key
         return Admission(True, wait, hold)

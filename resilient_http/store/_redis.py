@@ -217,7 +217,7 @@ class RedisStore:
     ) -> Maybe[Admission]:
         check_admit(rate, burst, cost, max_wait)
         keys = (self._key(upstream, f"rate:{limit}"), self._key(upstream, "hold"))
-        args = (repr(_US / rate), burst, cost, _us(max_wait))
+        args = (round(_US / rate), burst, cost, _us(max_wait))
         return await self._run("admit", self._gcra, keys, args, _admission)
 
     async def hold(self, upstream: str, seconds: float) -> Maybe[float]:
