@@ -9,6 +9,7 @@ installed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import socket
@@ -147,3 +148,11 @@ def redis_cluster(directory: Path, nodes: int = 3) -> Iterator[list[RedisServer]
     finally:
         for server in servers:
             server.stop()
+
+
+async def stall(server: RedisServer, seconds: float) -> asyncio.subprocess.Process:
+    """Put the server to sleep for ``seconds`` (``DEBUG SLEEP`` from another client); await ``.wait()`` for its end."""
+    assert REDIS_CLI is not None
+    return await asyncio.create_subprocess_exec(
+        REDIS_CLI, "-p", str(server.port), "DEBUG", "SLEEP", str(seconds), stdout=asyncio.subprocess.DEVNULL
+    )

@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
-from redis_server import RedisServer, needs_redis
+from redis_server import RedisServer, needs_redis, stall
 
 from resilient_http.store import UNAVAILABLE, RedisStore
 
@@ -91,17 +90,13 @@ async def test_a_stalled_redis_is_bounded_by_the_operation_timeout(
 ) -> None:
     """While Redis sleeps (DEBUG SLEEP), each operation answers UNAVAILABLE at its timeout, counted as a timeout."""
     assert (await store.admit(UP, rate=10, burst=5)) != UNAVAILABLE
-    admin = Redis.from_url(server.url)
-    try:
-        sleeping = asyncio.create_task(admin.execute_command("DEBUG", "SLEEP", "1.0"))
-        await asyncio.sleep(0.1)  # the server is asleep now
-        for operation in (store.admit(UP, rate=10, burst=5), store.circuit(UP)):
-            answer, took = await timed(operation)
-            assert answer is UNAVAILABLE
-            assert TIMEOUT <= took < TIMEOUT + SLACK
-        await sleeping
-    finally:
-        await admin.aclose()
+    sleeping = await stall(server, 1.0)
+    await asyncio.sleep(0.2)  # the server is asleep now
+    for operation in (store.admit(UP, rate=10, burst=5), store.circuit(UP)):
+        answer, took = await timed(operation)
+        assert answer is UNAVAILABLE
+        assert TIMEOUT <= took < TIMEOUT + SLACK
+    await sleeping.wait()
     assert fallbacks(registry, "admit", "timeout") == 1
     assert fallbacks(registry, "circuit", "timeout") == 1
     assert (await store.admit(UP, rate=10, burst=5)) != UNAVAILABLE  # awake: two failures did not skip the store
@@ -113,20 +108,18 @@ async def test_a_caller_that_cancels_an_operation_gets_its_cancellation_and_no_v
 ) -> None:
     """Cancelled from outside mid-operation: the cancellation propagates, is no failure, breaks no connection."""
     store = RedisStore.from_url(server.url, timeout=5.0, failures=1, registry=registry)
-    admin = Redis.from_url(server.url)
     try:
         await store.circuit(UP)
-        sleeping = asyncio.create_task(admin.execute_command("DEBUG", "SLEEP", "0.5"))
-        await asyncio.sleep(0.1)
+        sleeping = await stall(server, 0.5)
+        await asyncio.sleep(0.2)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(store.circuit(UP), 0.1)
-        await sleeping
+        await sleeping.wait()
         assert store.available
         assert registry.get_sample_value(FALLBACKS, {"operation": "circuit", "reason": "timeout"}) is None
         for _ in range(5):
             assert (await store.circuit(UP)) != UNAVAILABLE
     finally:
-        await admin.aclose()
         await store.aclose()
 
 
