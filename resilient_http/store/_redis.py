@@ -176,7 +176,7 @@ class RedisStore:
             raise _refuse(name)
         client: Redis | RedisCluster
         if cluster:
-            client = RedisCluster.from_url(url, retry=Retry(NoBackoff(), 0), cluster_error_retry_attempts=0)
+            client = RedisCluster.from_url(url, retry=Retry(NoBackoff(), 0))
         else:
             client = Redis.from_url(url, retry=Retry(NoBackoff(), 0))
         return cls(client, name=name, close_client=True, **options)
