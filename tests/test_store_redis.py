@@ -229,6 +229,8 @@ async def test_heartbeats_count_live_workers_and_expire(make_store: StoreFactory
     await c.leave()
     await asyncio.sleep(0.35)
     assert await b.heartbeat(5.0) == 1
+    await b.aclose()  # a closed store leaves too
+    assert await make_store(worker_id="d").heartbeat(5.0) == 1
 
 
 async def test_every_key_of_an_upstream_has_one_hash_tag_and_every_key_a_ttl(

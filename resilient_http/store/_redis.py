@@ -132,6 +132,7 @@ class RedisStore:
         self.worker_id = default_worker_id() if worker_id is None else worker_id
         self.name = name
         self._close_client = close_client
+        self._beating = False  # in the live workers: aclose() takes it out
         self._metrics = StoreMetrics(registry)
         self._guard = StoreGuard(
             name=name,
@@ -252,16 +253,20 @@ class RedisStore:
 
     async def heartbeat(self, ttl: float) -> Maybe[int]:
         args = (self.worker_id, _us(check_seconds("ttl", ttl)))
+        self._beating = True
         return await self._run("heartbeat", self._heartbeat, (workers_key(self._prefix),), args, _int)
 
     async def leave(self) -> None:
+        self._beating = False
         await self._run("leave", self._zrem, (workers_key(self._prefix),), (self.worker_id,), _int)
 
     async def _zrem(self, keys: Sequence[str], args: Sequence[Any]) -> int:
         return _int(await self._client.zrem(keys[0], *args))
 
     async def aclose(self) -> None:
-        """Stop exporting metrics; close the client if the store made it."""
+        """Leave the live workers if this one beat; stop exporting metrics; close the client if the store made it."""
+        if self._beating:
+            await self.leave()
         self._metrics.remove()
         if self._close_client:
             await self._client.aclose()
