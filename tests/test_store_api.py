@@ -20,11 +20,12 @@ def test_all_is_exactly_the_public_names() -> None:
     assert sorted(store_package.__all__) == public
 
 
-def test_both_stores_are_stores() -> None:
+async def test_both_stores_are_stores() -> None:
     """The memory and Redis stores satisfy the Store protocol, statically (mypy) and at run time."""
     memory: Store = MemoryStore()
     redis: Store = RedisStore.from_url("redis://127.0.0.1:1/0", registry=CollectorRegistry())
     assert isinstance(memory, Store) and isinstance(redis, Store)
+    await redis.aclose()
 
 
 def test_importing_the_store_does_not_import_redis() -> None:

@@ -121,6 +121,8 @@ async def test_a_hold_is_shared_and_the_later_end_wins(fleet: Fleet) -> None:
     answer = await store.admit(UP, rate=100, burst=10)
     assert answer == Admission(False, fleet.about(10.0), fleet.about(10.0))
     assert await store.held("other:443") == 0.0
+    assert await store.hold("other:443", 1e12) == fleet.about(86_400.0)  # a server's word, within reason
+    assert await store.open_circuit("other:443", 1e12, after_round=0) == Circuit("open", 1, fleet.about(86_400.0))
 
 
 async def test_breaker_rounds_open_half_open_and_close(fleet: Fleet) -> None:

@@ -98,7 +98,10 @@ class Store(Protocol):
         ...
 
     async def hold(self, upstream: str, seconds: float) -> Maybe[float]:
-        """No sends to the upstream for ``seconds`` (or longer if a hold already says so); the hold left."""
+        """No sends to the upstream for ``seconds`` (or longer if a hold already says so); the hold left.
+
+        ``seconds`` often comes from a server's ``Retry-After``: more than a day is taken as a day.
+        """
         ...
 
     async def held(self, upstream: str) -> Maybe[float]:
@@ -110,7 +113,7 @@ class Store(Protocol):
         ...
 
     async def open_circuit(self, upstream: str, seconds: float, *, after_round: int) -> Maybe[Circuit]:
-        """Open the circuit for ``seconds``, as the round after ``after_round`` (the last round the caller knows).
+        """Open the circuit for ``seconds`` (a day at most), as the round after ``after_round`` (the last it knows).
 
         If a peer opened it already (a later round than ``after_round`` that is
         not closed, or a round still open), nothing changes: the answer is the
@@ -185,6 +188,10 @@ def check_admit(rate: float, burst: int, cost: int, max_wait: float) -> None:
     if isinstance(cost, bool) or not isinstance(cost, int) or not 1 <= cost <= burst:
         raise ConfigurationError("cost", cost, f"must be a whole number from 1 to burst ({burst})")
     check_seconds("max_wait", max_wait, zero=True)
+
+
+#: The longest hold or open period a store keeps: a server's word is trusted no further.
+MAX_SECONDS = 86_400.0
 
 
 def check_seconds(name: str, value: object, *, zero: bool = False) -> float:

@@ -18,6 +18,7 @@ from typing import Any
 from .._clock import Clock, SystemClock
 from ._base import (
     CLOSED,
+    MAX_SECONDS,
     Admission,
     Circuit,
     Maybe,
@@ -109,7 +110,7 @@ class MemoryStore:
         return Admission(True, wait, hold)
 
     async def hold(self, upstream: str, seconds: float) -> Maybe[float]:
-        seconds = check_seconds("seconds", seconds, zero=True)
+        seconds = min(check_seconds("seconds", seconds, zero=True), MAX_SECONDS)
         now = self._now()
         until = max(self._hold_until(upstream, now), now + seconds)
         if until > now:
@@ -133,7 +134,7 @@ class MemoryStore:
         return CLOSED if breaker is None else breaker.view(now)
 
     async def open_circuit(self, upstream: str, seconds: float, *, after_round: int) -> Maybe[Circuit]:
-        seconds = check_seconds("seconds", seconds)
+        seconds = min(check_seconds("seconds", seconds), MAX_SECONDS)
         now = self._now()
         breaker = self._breaker(upstream, now)
         if breaker is not None and not breaker.closed and (breaker.round > after_round or breaker.until > now):

@@ -21,6 +21,7 @@ from .._clock import Clock, SystemClock
 from .._exceptions import ConfigurationError
 from . import _lua
 from ._base import (
+    MAX_SECONDS,
     UNAVAILABLE,
     Admission,
     Circuit,
@@ -222,7 +223,7 @@ class RedisStore:
         return await self._run("admit", self._gcra, keys, args, _admission)
 
     async def hold(self, upstream: str, seconds: float) -> Maybe[float]:
-        seconds = check_seconds("seconds", seconds, zero=True)
+        seconds = min(check_seconds("seconds", seconds, zero=True), MAX_SECONDS)
         return await self._run("hold", self._hold, (self._key(upstream, "hold"),), (_us(seconds),), _seconds)
 
     async def held(self, upstream: str) -> Maybe[float]:
@@ -236,7 +237,7 @@ class RedisStore:
         return await self._run("circuit", self._read, (self._key(upstream, "circuit"),), (), _circuit)
 
     async def open_circuit(self, upstream: str, seconds: float, *, after_round: int) -> Maybe[Circuit]:
-        args = (_us(check_seconds("seconds", seconds)), int(after_round), self._circuit_ttl)
+        args = (_us(min(check_seconds("seconds", seconds), MAX_SECONDS)), int(after_round), self._circuit_ttl)
         return await self._run("open_circuit", self._open, (self._key(upstream, "circuit"),), args, _circuit)
 
     async def claim_trial(self, upstream: str, round: int, *, slots: int, ttl: float) -> Maybe[bool]:
