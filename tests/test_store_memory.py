@@ -249,6 +249,7 @@ async def test_open_store_table_reads_a_policy_files_store_table() -> None:
     )
     try:
         assert type(store).__name__ == "RedisStore"
+        assert store.name == "redis://127.0.0.1:1/0"  # type: ignore[attr-defined]
     finally:
         await store.aclose()
 
@@ -258,3 +259,12 @@ def test_open_store_explains_a_missing_redis_package(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "redis.asyncio", None)
     with pytest.raises(ConfigurationError, match=r"resilient-http-transport\[redis\]"):
         open_store("redis://127.0.0.1:6379/0")
+
+
+async def test_a_store_url_names_no_password() -> None:
+    """The name a Redis store logs under hides the password of its URL, in the userinfo or the query."""
+    store = open_store("redis://user:secret@127.0.0.1:1/0?password=secret2", registry=CollectorRegistry())
+    try:
+        assert "secret" not in store.name  # type: ignore[attr-defined]
+    finally:
+        await store.aclose()

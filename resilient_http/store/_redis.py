@@ -173,7 +173,7 @@ class RedisStore:
             raise ConfigurationError(
                 "store.url", url, "needs the redis package: pip install 'resilient-http-transport[redis]'"
             ) from None
-        name = re.sub(r"//[^@/]*@", "//***@", url)  # no password in logs
+        name = re.sub(r"(password=)[^&]*", r"\1***", re.sub(r"//[^@/]*@", "//***@", url))  # no password in logs
         if _in_trio():
             raise _refuse(name)
         client: Redis | RedisCluster
