@@ -32,7 +32,7 @@ from ._checks import (
     not_above,
     not_below,
 )
-from ._exceptions import ConfigurationError
+from ._errors import ConfigurationError
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
