@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ._config import LAYER_TYPES, Policy, RetryBudget
-from ._exceptions import ConfigurationError
+from ._errors import ConfigurationError
 from ._hosts import PolicyTable
 
 _NESTED: dict[tuple[str, str], type] = {("retry", "budget"): RetryBudget}

@@ -72,3 +72,23 @@ async def test_an_open_circuit_is_an_httpx2_transport_error() -> None:
     assert isinstance(caught.value, rh2.CircuitOpenError)
     info = rh2.call_info(caught.value)
     assert info is not None and info.circuit_state == "open"
+
+
+def test_shared_modules_import_no_http_package() -> None:
+    """What both flavours share imports neither httpx nor a module that does, so httpx2 alone would do."""
+    import ast
+    from pathlib import Path
+
+    from resilient_http import _flavours
+
+    root = Path(resilient_http.__file__).parent
+    for name in _flavours.SHARED:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not any(alias.name.split(".")[0] in _flavours.RENAMES for alias in node.names), name
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0:
+                    assert (node.module or "").split(".")[0] not in _flavours.RENAMES, name
+                else:
+                    assert node.level == 1 and node.module in _flavours.SHARED, (name, node.module)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 from urllib.parse import quote
 
-from .._exceptions import ConfigurationError
+from .._errors import ConfigurationError
 
 
 class Unavailable(enum.Enum):

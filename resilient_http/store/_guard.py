@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from .._clock import Clock
-from .._exceptions import ConfigurationError
+from .._errors import ConfigurationError
 from ._base import check_seconds
 from ._metrics import StoreMetrics
 

@@ -8,7 +8,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from .._clock import Clock
-from .._exceptions import ConfigurationError
+from .._errors import ConfigurationError
 from ._base import Store
 from ._memory import MemoryStore
 from ._redis import SCHEMES, RedisStore

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from prometheus_client import CollectorRegistry
 
 from .._clock import Clock, SystemClock
-from .._exceptions import ConfigurationError
+from .._errors import ConfigurationError
 from . import _lua
 from ._base import (
     MAX_SECONDS,
