@@ -171,7 +171,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 exc.resilient_http = call.info()  # type: ignore[attr-defined]
             raise
         host.metrics.request("stale" if call.stale else outcome_of_status(response.status_code), clock.now() - started)
-        if call.deadline is not None and not isinstance(response.stream, IN_MEMORY):
+        if not isinstance(response.stream, IN_MEMORY):
             guard_body(call, response)
         response.extensions["resilient_http"] = call.info()
         return response
