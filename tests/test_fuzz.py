@@ -169,10 +169,14 @@ def _response(status: int, headers: list[tuple[str, str]], streamed: bool) -> ht
     if not streamed:
         return httpx.Response(status, headers=raw, content=b"body")
 
-    async def body() -> AsyncIterator[bytes]:
-        yield b"body"
+    return httpx.Response(status, headers=raw, stream=_OneChunk())
 
-    return httpx.Response(status, headers=raw, content=body())
+
+class _OneChunk(httpx.AsyncByteStream):
+    """A streamed body of one chunk whose iterator closes with it (an async generator given as content would not)."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"body"
 
 
 Answer = tuple[list[tuple[str, str]], bool]
