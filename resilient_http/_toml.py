@@ -36,11 +36,11 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from ._config import LAYER_TYPES, Policy, RetryBudget
+from ._config import LAYER_TYPES, AdaptiveLimit, Policy, RetryBudget
 from ._errors import ConfigurationError
 from ._hosts import PolicyTable
 
-_NESTED: dict[tuple[str, str], type] = {("retry", "budget"): RetryBudget}
+_NESTED: dict[tuple[str, str], type] = {("retry", "budget"): RetryBudget, ("bulkhead", "adaptive"): AdaptiveLimit}
 
 
 def _merge(base: Any, over: Any) -> Any:
