@@ -193,14 +193,16 @@ AdaptiveMode = Literal["aimd", "gradient"]
 class AdaptiveLimit:
     """A bulkhead limit that follows what the host can take, between ``min`` and ``max_concurrent``.
 
-    A *drop* is an attempt that timed out, could not connect, or got a status
-    in ``drop_statuses`` (429 and 503: the server says it is overloaded). A
-    drop multiplies the limit by ``backoff``, at most once per round trip:
+    A *drop* is an attempt that timed out (an httpx timeout or the attempt
+    timeout; the call's own total timeout says nothing of the host), could
+    not connect, or got a status in ``drop_statuses`` (429 and 503: the
+    server says it is overloaded). A drop multiplies the limit by ``backoff``, at most once per round trip:
     drops of attempts sent before the last decrease were sent under the old
     limit and say nothing about the new one (TCP's and QUIC's recovery
     period), so a burst of 503s shrinks the limit once, not to ``min``.
 
-    Other answers move the limit by ``mode``, and only while it is in use
+    Other answers below 500 move the limit by ``mode`` (other errors, and
+    other server errors, move nothing), and only while it is in use
     (at least half of it in flight when the attempt was sent): an idle
     host says nothing about its capacity.
 

@@ -484,3 +484,17 @@ def test_toml_errors_in_the_adaptive_table_name_the_key_path_and_line(tmp_path: 
     path.write_text("[default.bulkhead.adaptive]\nminimum = 2\n", encoding="utf-8")
     with pytest.raises(ConfigurationError, match=r"default\.bulkhead\.adaptive\.minimum: is not a AdaptiveLimit"):
         load_policies(path)
+
+
+async def test_fast_server_errors_do_not_count_as_quick_answers(registry: CollectorRegistry) -> None:
+    """In gradient mode, a burst of instant 500s neither grows the limit nor teaches it a low latency."""
+    clock = FakeClock()
+    gate = Gate(statuses={f"r{i}": [500] for i in range(4)})
+    with anyio.fail_after(LIMIT):
+        async with client(gate, registry, adaptive_policy(mode="gradient", initial=4), clock) as http:
+            async with anyio.create_task_group() as tg:
+                for i in range(4):
+                    tg.start_soon(http.get, f"/r{i}")
+                await settle(lambda: gate.in_flight == 4)
+                gate.free(*(f"r{i}" for i in range(4)))
+    assert gauge(registry, "limit") == 4

@@ -202,9 +202,10 @@ class Bulkhead:
                 self._release()
             raise
         try:
-            if response.status_code in self._drop_statuses:
-                self._adapt(slots.drop(number), "drop", response.status_code)
-            else:
+            status = response.status_code
+            if status in self._drop_statuses:
+                self._adapt(slots.drop(number), "drop", status)
+            elif status < 500:  # other server errors say nothing of load, and are often fast
                 self._adapt(slots.success(in_flight, self._clock.now() - started), "success", None)
         except BaseException:
             self._release()
