@@ -2,6 +2,7 @@
 
 from ._call import CallInfo as CallInfo
 from ._call import Wait as Wait
+from ._client import ResilientClient as ResilientClient
 from ._config import BulkheadPolicy as BulkheadPolicy
 from ._config import CircuitBreakerPolicy as CircuitBreakerPolicy
 from ._config import Policy as Policy
@@ -35,6 +36,7 @@ __all__ = [
     "RateLimitedError",
     "RejectedError",
     "ResilienceError",
+    "ResilientClient",
     "ResilientTransport",
     "RetryBudget",
     "RetryPolicy",

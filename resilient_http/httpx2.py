@@ -32,6 +32,7 @@ RateLimitPolicy = _impl.RateLimitPolicy
 RateLimitedError = _impl.RateLimitedError
 RejectedError = _impl.RejectedError
 ResilienceError = _impl.ResilienceError
+ResilientClient = _impl.ResilientClient
 ResilientTransport = _impl.ResilientTransport
 RetryBudget = _impl.RetryBudget
 RetryPolicy = _impl.RetryPolicy
@@ -53,6 +54,7 @@ __all__ = [
     "RateLimitedError",
     "RejectedError",
     "ResilienceError",
+    "ResilientClient",
     "ResilientTransport",
     "RetryBudget",
     "RetryPolicy",
