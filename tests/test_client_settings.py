@@ -20,14 +20,15 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import trustme
-from flaky_server import FlakyServer, delay, free_port, respond
+from flaky_server import FlakyServer, delay, free_port, hang, respond
 from prometheus_client import CollectorRegistry
 from settings_peers import ForwardProxy, Origin
 
-from resilient_http import ConfigurationError, Policy, ResilientClient, ResilientTransport, call_info
+from resilient_http import ConfigurationError, Policy, ResilientClient, ResilientTransport, TimeoutPolicy, call_info
 
 # A refused handshake is a connect error: fail at once rather than after backoff.
 NO_RETRY = Policy(retry=None)
@@ -228,6 +229,27 @@ async def test_a_connection_cap_is_honoured(
         async with make(kind, registry, **({} if limits is None else {"limits": limits})) as client:
             await asyncio.gather(client.get(server.url("/slow")), client.get(server.url("/slow")))
         assert (server.connections_accepted, server.connections_peak) == (connections, connections)
+
+
+async def test_without_limits_a_hung_host_cannot_take_every_connection(registry: CollectorRegistry) -> None:
+    """ResilientClient keeps the default inner transport's rule: no cap across hosts unless limits= sets one.
+
+    A bare client's pool holds at most 100 connections across all hosts, as
+    many as a host's default bulkhead lets in: 100 calls stuck on one host
+    would leave none for another.
+    """
+    policy = Policy(timeout=TimeoutPolicy(attempt=20, total=20), retry=None)
+    async with FlakyServer() as hung, FlakyServer() as healthy:
+        hung.default("/", hang())
+        healthy.default("/", respond(200))
+        async with ResilientClient(default=policy, registry=registry) as client, anyio.create_task_group() as stuck:
+            for _ in range(100):
+                stuck.start_soon(client.get, hung.url())
+            with anyio.fail_after(10):
+                await hung.wait_for_requests(100)
+            with anyio.fail_after(5):
+                assert (await client.get(healthy.url())).status_code == 200
+            stuck.cancel_scope.cancel()
 
 
 # -- Proxies -------------------------------------------------------------------
