@@ -2,6 +2,7 @@
 
 from ._call import CallInfo as CallInfo
 from ._call import Wait as Wait
+from ._client import ResilientClient as ResilientClient
 from ._config import AdaptiveLimit as AdaptiveLimit
 from ._config import BulkheadPolicy as BulkheadPolicy
 from ._config import CircuitBreakerPolicy as CircuitBreakerPolicy
@@ -44,6 +45,7 @@ __all__ = [
     "ReadDeadlineExceededError",
     "RejectedError",
     "ResilienceError",
+    "ResilientClient",
     "ResilientTransport",
     "RetryBudget",
     "RetryPolicy",

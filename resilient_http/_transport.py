@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from os import PathLike
 from types import TracebackType
 from typing import Any
@@ -18,6 +18,7 @@ from ._config import Policy, RetryPolicy, TimeoutPolicy
 from ._exceptions import ConfigurationError
 from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable, canonical_host, host_of
 from ._metrics import HostMetrics, metrics_for, outcome_of_exception, outcome_of_status
+from ._network import CertTypes, ProxyTypes, SocketOption, VerifyTypes, default_inner, refuse_beside_inner
 from ._pipeline import chain_for
 from .layers.timeout import IN_MEMORY, guard_body
 
@@ -70,26 +71,24 @@ def _override(policy: Policy, override: Any) -> tuple[Policy, str]:
     return (dataclasses.replace(policy, **changes) if changes else policy), priority
 
 
-def default_inner() -> httpx.AsyncHTTPTransport:
-    """The network transport used when none is given: httpx's, without a global connection cap.
-
-    httpx's pool caps connections across *all* hosts (100 by default), so one
-    hung host would hold every connection and starve the healthy ones, whatever
-    their bulkheads say. Here the cap per host is the host's bulkhead
-    (``max_concurrent``), which is the isolation a bulkhead promises.
-    """
-    return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=None, max_keepalive_connections=100))
-
-
 class ResilientTransport(httpx.AsyncBaseTransport):
     """An httpx transport that gives every call, per host, the layers its policy asks for.
 
     ``policies`` maps host patterns (``api.example.com``,
     ``api.example.com:8443``, ``*.example.com``) to :class:`Policy`;
     ``default`` serves hosts no pattern matches (``Policy()`` when omitted).
-    ``inner`` does the network I/O (:func:`default_inner` when omitted:
-    give your own a pool without a global connection cap, or one hung host
-    can take every connection) and is closed by :meth:`aclose`. Metrics go
+    ``inner`` does the network I/O and is closed by :meth:`aclose`; when it
+    is omitted, ``httpx.AsyncHTTPTransport`` is made with the network
+    settings given here (``verify``, ``cert``, ``trust_env``, ``http1``,
+    ``http2``, ``limits``, ``proxy``, ``uds``, ``local_address``,
+    ``retries``, ``socket_options``: httpx's, with the same meaning), but
+    without httpx's global connection cap unless ``limits`` are given (see
+    :func:`~resilient_http._network.default_inner`). Give your own ``inner``
+    a pool without a global cap too, or one hung host can take every
+    connection; network settings beside ``inner`` raise
+    :class:`ConfigurationError`, as they would be lost. Like any custom
+    transport, this one makes ``httpx.AsyncClient`` ignore proxies from the
+    environment: :class:`~resilient_http.ResilientClient` keeps them. Metrics go
     to ``registry`` (the global registry when omitted); transports sharing a registry share
     its series. State is kept for at most ``max_hosts`` hosts, least
     recently used evicted first, and never for a host while it has calls in
@@ -112,9 +111,35 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         max_hosts: int = DEFAULT_MAX_HOSTS,
         clock: Clock | None = None,
         random: random.Random | None = None,
+        verify: VerifyTypes = True,
+        cert: CertTypes | None = None,
+        trust_env: bool = True,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx.Limits | None = None,
+        proxy: ProxyTypes | None = None,
+        uds: str | None = None,
+        local_address: str | None = None,
+        retries: int = 0,
+        socket_options: Iterable[SocketOption] | None = None,
     ) -> None:
+        network: dict[str, Any] = {
+            "verify": verify,
+            "cert": cert,
+            "trust_env": trust_env,
+            "http1": http1,
+            "http2": http2,
+            "limits": limits,
+            "proxy": proxy,
+            "uds": uds,
+            "local_address": local_address,
+            "retries": retries,
+            "socket_options": socket_options,
+        }
+        if inner is not None:
+            refuse_beside_inner(network)
         self._table = PolicyTable(policies, default)
-        self._inner = default_inner() if inner is None else inner
+        self._inner = default_inner(**network) if inner is None else inner
         self._metrics = metrics_for(registry)
         self._clock: Clock = SystemClock() if clock is None else clock
         self._random = default_random() if random is None else random

@@ -36,6 +36,7 @@ RateLimitedError = _impl.RateLimitedError
 ReadDeadlineExceededError = _impl.ReadDeadlineExceededError
 RejectedError = _impl.RejectedError
 ResilienceError = _impl.ResilienceError
+ResilientClient = _impl.ResilientClient
 ResilientTransport = _impl.ResilientTransport
 RetryBudget = _impl.RetryBudget
 RetryPolicy = _impl.RetryPolicy
@@ -62,6 +63,7 @@ __all__ = [
     "ReadDeadlineExceededError",
     "RejectedError",
     "ResilienceError",
+    "ResilientClient",
     "ResilientTransport",
     "RetryBudget",
     "RetryPolicy",

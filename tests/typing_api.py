@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import ssl
 from pathlib import Path
 from typing import Any, Literal, assert_type
 
@@ -24,6 +25,7 @@ from resilient_http import (
     RateLimitPolicy,
     RejectedError,
     ResilienceError,
+    ResilientClient,
     ResilientTransport,
     RetryBudget,
     RetryPolicy,
@@ -120,6 +122,45 @@ async def the_transport(policy: Policy) -> None:
         assert_type(call_info(response), CallInfo | None)
         assert_type(call_info(httpx.ConnectError("refused")), CallInfo | None)
     await transport.aclose()
+
+
+async def the_network_settings(context: ssl.SSLContext) -> None:
+    ResilientTransport(
+        verify=context,
+        cert=("client.pem", "client.key"),
+        trust_env=False,
+        http1=False,
+        http2=True,
+        limits=httpx.Limits(max_connections=10),
+        proxy=httpx.Proxy("http://proxy.example:3128"),
+        uds=None,
+        local_address="0.0.0.0",
+        retries=1,
+        socket_options=[(6, 1, 1)],
+    )
+    ResilientTransport(verify=False, proxy="http://proxy.example:3128", limits=None)
+    client = ResilientClient(
+        {"api.example.com": Policy()},
+        default=Policy(),
+        registry=CollectorRegistry(),
+        max_hosts=100,
+        verify=context,
+        http2=True,
+        proxy=httpx.URL("http://proxy.example:3128"),
+        mounts={"all://internal.example": httpx.AsyncHTTPTransport(uds="/run/api.sock"), "all://localhost": None},
+        limits=httpx.Limits(max_connections=10),
+        trust_env=False,
+        base_url="https://api.example.com",
+        timeout=5,
+        headers={"user-agent": "typing"},
+    )
+    assert_type(client, ResilientClient)
+    assert_type(ResilientClient.from_file("policies.toml", http2=True), ResilientClient)
+    async with client as entered:
+        assert_type(entered, ResilientClient)
+        assert_type(await entered.get("/"), httpx.Response)
+    the_client: httpx.AsyncClient = ResilientClient()
+    await the_client.aclose()
 
 
 def the_story(info: CallInfo) -> None:
