@@ -2,85 +2,85 @@
 
 A :class:`Policy` says which layers a host gets and how each behaves; a layer
 set to ``None`` is off and costs nothing. Every dataclass checks its fields in
-``__post_init__`` and raises :class:`ConfigurationError` naming the field and
-the value, so a bad policy fails when the transport is built, not on the
-first call at three in the morning.
+``__post_init__`` and raises :class:`ConfigurationError` naming the field,
+the value and the bound it broke, so a bad policy fails when the transport
+is built, not on the first call at three in the morning.
+
+Every number has bounds (see :mod:`resilient_http._checks`): seconds from
+a millisecond to a year, rates from one call a year to a million a second,
+counts of calls up to a million, so that no value accepted here can make a
+call crash or switch a layer off later.
 """
 
 from __future__ import annotations
 
-import math
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from ._exceptions import ConfigurationError
+from ._checks import (
+    MAX_ATTEMPTS,
+    MAX_BUDGET_WINDOW,
+    MAX_BYTES,
+    MAX_CALLS,
+    check_choice,
+    check_count,
+    check_number,
+    check_rate,
+    check_ratio,
+    check_seconds,
+    check_statuses,
+    not_above,
+    not_below,
+)
+from ._errors import ConfigurationError
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
-def _number(owner: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be a number")
-    if math.isnan(value):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be a number")
-    return float(value)
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a field name (RFC 9110 §5.1)
 
 
-def _positive(owner: str, name: str, value: Any) -> None:
-    if _number(owner, name, value) <= 0 or math.isinf(value):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be a positive, finite number of seconds")
-
-
-def _non_negative(owner: str, name: str, value: Any) -> None:
-    if _number(owner, name, value) < 0 or math.isinf(value):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be zero or a positive, finite number")
-
-
-def _ratio(owner: str, name: str, value: Any) -> None:
-    if not 0.0 <= _number(owner, name, value) <= 1.0:
-        raise ConfigurationError(f"{owner}.{name}", value, "must be between 0 and 1")
-
-
-def _count(owner: str, name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be a whole number")
-    if value < minimum:
-        raise ConfigurationError(f"{owner}.{name}", value, f"must be at least {minimum}")
-
-
-def _statuses(owner: str, name: str, value: Any) -> frozenset[int]:
+def _header_names(owner: str, name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str | bytes) or not isinstance(value, Collection):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be a collection of HTTP status codes")
-    for status in value:
-        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-            raise ConfigurationError(f"{owner}.{name}", value, f"{status!r} is not an HTTP status code")
-    return frozenset(value)
+        raise ConfigurationError(f"{owner}.{name}", value, "must be a collection of header names")
+    for header in value:
+        if not isinstance(header, str) or not _TOKEN.fullmatch(header):
+            raise ConfigurationError(f"{owner}.{name}", value, f"{header!r} is not a header name")
+    return tuple(sorted({header.lower() for header in value}))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TimeoutPolicy:
-    """How long one attempt, and the whole call, may take (seconds; ``None``: unbounded).
+    """How long one attempt, the whole call, and a pause in a streamed body may take (seconds; ``None``: unbounded).
 
-    ``total`` covers everything the call does: queueing for a slot, every
-    attempt, every backoff and reading the response body. ``attempt`` covers
-    one try: connecting, sending, and receiving the headers (and the body when
-    it is small enough to be read inside the attempt). These replace the
-    client's own httpx timeouts, which would otherwise cut attempts short.
+    ``attempt`` covers one try: waiting for a pool connection, connecting,
+    sending, receiving the headers, and the first bytes of a small body
+    (one that announces a ``Content-Length`` of at most 1 MiB). ``total``
+    covers everything before the response is returned: queueing, every
+    attempt, every backoff. A body that streams on after that is bounded by
+    ``idle``, the longest pause allowed between two of its chunks, so a
+    download or an event stream that keeps flowing is never cut; set
+    ``stream_total`` to bound it by ``total`` as well.
+
+    httpx's implicit 5 s default per operation is dropped, so that it cannot
+    cut attempts shorter than the policy says; timeouts the caller sets
+    explicitly keep their httpx meaning inside every attempt.
     """
 
     attempt: float | None = 10.0
     total: float | None = 30.0
+    idle: float | None = 10.0
+    stream_total: bool = False
 
     def __post_init__(self) -> None:
-        if self.attempt is not None:
-            _positive("TimeoutPolicy", "attempt", self.attempt)
-        if self.total is not None:
-            _positive("TimeoutPolicy", "total", self.total)
-        if self.attempt is not None and self.total is not None and self.attempt > self.total:
-            raise ConfigurationError(
-                "TimeoutPolicy.attempt", self.attempt, f"must not exceed TimeoutPolicy.total ({self.total})"
-            )
+        check_seconds(self, "attempt", optional=True)
+        check_seconds(self, "total", optional=True)
+        check_seconds(self, "idle", optional=True)
+        if not isinstance(self.stream_total, bool):
+            raise ConfigurationError("TimeoutPolicy.stream_total", self.stream_total, "must be true or false")
+        not_above(self, "attempt", "total")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,7 +89,9 @@ class RetryBudget:
 
     Over any ``window`` seconds, retries may add at most ``ratio`` of the
     calls made to the host, plus ``min_per_second`` retries each second so
-    that a quiet host can still retry (Finagle's RetryBudget).
+    that a quiet host can still retry (Finagle's RetryBudget). The window
+    is at most a minute (``MAX_BUDGET_WINDOW``, as Finagle's): the host
+    keeps a count for each second of it.
     """
 
     ratio: float = 0.2
@@ -97,16 +99,17 @@ class RetryBudget:
     window: float = 10.0
 
     def __post_init__(self) -> None:
-        _ratio("RetryBudget", "ratio", self.ratio)
-        _non_negative("RetryBudget", "min_per_second", self.min_per_second)
-        _positive("RetryBudget", "window", self.window)
+        check_ratio(self, "ratio")
+        check_rate(self, "min_per_second", zero=True)
+        check_seconds(self, "window", high=MAX_BUDGET_WINDOW)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
     """When and how a failed attempt is tried again.
 
-    ``attempts`` counts every try, the first included. The wait before try
+    ``attempts`` counts every try, the first included, up to
+    100 (``MAX_ATTEMPTS``). The wait before try
     *n* + 1 is drawn uniformly from ``[0, min(max_backoff, backoff * 2**(n-1))]``
     ("full jitter"). A ``Retry-After`` on the response sets the least wait:
     the jitter is added to it, never taken from it. A Retry-After longer than
@@ -122,15 +125,12 @@ class RetryPolicy:
     budget: RetryBudget | None = field(default_factory=RetryBudget)
 
     def __post_init__(self) -> None:
-        _count("RetryPolicy", "attempts", self.attempts, 1)
-        _positive("RetryPolicy", "backoff", self.backoff)
-        _positive("RetryPolicy", "max_backoff", self.max_backoff)
-        if self.max_backoff < self.backoff:
-            raise ConfigurationError(
-                "RetryPolicy.max_backoff", self.max_backoff, f"must not be below RetryPolicy.backoff ({self.backoff})"
-            )
-        object.__setattr__(self, "statuses", _statuses("RetryPolicy", "statuses", self.statuses))
-        _non_negative("RetryPolicy", "max_retry_after", self.max_retry_after)
+        check_count(self, "attempts", 1, MAX_ATTEMPTS)
+        check_seconds(self, "backoff")
+        check_seconds(self, "max_backoff")
+        not_below(self, "max_backoff", "backoff")
+        check_statuses(self, "statuses")
+        check_seconds(self, "max_retry_after", zero=True)
         if self.budget is not None and not isinstance(self.budget, RetryBudget):
             raise ConfigurationError("RetryPolicy.budget", self.budget, "must be a RetryBudget or None")
 
@@ -156,23 +156,14 @@ class CircuitBreakerPolicy:
     failure_statuses: Collection[int] = frozenset({500, 502, 503, 504})
 
     def __post_init__(self) -> None:
-        _ratio("CircuitBreakerPolicy", "failure_ratio", self.failure_ratio)
-        if self.failure_ratio == 0:
-            raise ConfigurationError("CircuitBreakerPolicy.failure_ratio", 0, "must be above 0")
-        _count("CircuitBreakerPolicy", "minimum_calls", self.minimum_calls, 1)
-        _positive("CircuitBreakerPolicy", "window", self.window)
-        _positive("CircuitBreakerPolicy", "break_duration", self.break_duration)
-        _positive("CircuitBreakerPolicy", "max_break_duration", self.max_break_duration)
-        if self.max_break_duration < self.break_duration:
-            raise ConfigurationError(
-                "CircuitBreakerPolicy.max_break_duration",
-                self.max_break_duration,
-                f"must not be below CircuitBreakerPolicy.break_duration ({self.break_duration})",
-            )
-        _count("CircuitBreakerPolicy", "half_open_calls", self.half_open_calls, 1)
-        object.__setattr__(
-            self, "failure_statuses", _statuses("CircuitBreakerPolicy", "failure_statuses", self.failure_statuses)
-        )
+        check_ratio(self, "failure_ratio", zero=False)
+        check_count(self, "minimum_calls", 1, MAX_CALLS)
+        check_seconds(self, "window")
+        check_seconds(self, "break_duration")
+        check_seconds(self, "max_break_duration")
+        not_below(self, "max_break_duration", "break_duration")
+        check_count(self, "half_open_calls", 1, MAX_CALLS)
+        check_statuses(self, "failure_statuses")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -180,7 +171,8 @@ class RateLimitPolicy:
     """A token bucket per host: ``rate`` calls a second, ``burst`` at once.
 
     A call waits its turn for at most ``max_wait`` seconds (``None``: as long
-    as the total timeout allows; ``0``: never waits).
+    as the total timeout allows; ``0``: never waits). ``rate`` lies between
+    one call a year and a million a second (``MAX_RATE``).
     """
 
     rate: float
@@ -188,29 +180,96 @@ class RateLimitPolicy:
     max_wait: float | None = None
 
     def __post_init__(self) -> None:
-        _positive("RateLimitPolicy", "rate", self.rate)
-        _count("RateLimitPolicy", "burst", self.burst, 1)
-        if self.max_wait is not None:
-            _non_negative("RateLimitPolicy", "max_wait", self.max_wait)
+        check_rate(self, "rate")
+        check_count(self, "burst", 1, MAX_CALLS)
+        check_seconds(self, "max_wait", zero=True, optional=True)
+
+
+#: How an adaptive limit learns: from drops alone (``"aimd"``), or from latency too (``"gradient"``).
+AdaptiveMode = Literal["aimd", "gradient"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdaptiveLimit:
+    """A bulkhead limit that follows what the host can take, between ``min`` and ``max_concurrent``.
+
+    A *drop* is an attempt that timed out (an httpx timeout or the attempt
+    timeout; the call's own total timeout says nothing of the host), could
+    not connect, or got a status in ``drop_statuses`` (429 and 503: the
+    server says it is overloaded). A drop multiplies the limit by ``backoff``, at most once per round trip:
+    drops of attempts sent before the last decrease were sent under the old
+    limit and say nothing about the new one (TCP's and QUIC's recovery
+    period), so a burst of 503s shrinks the limit once, not to ``min``.
+
+    Other answers below 500 move the limit by ``mode`` (other errors, and
+    other server errors, move nothing), and only while it is in use
+    (at least half of it in flight when the attempt was sent): an idle
+    host says nothing about its capacity.
+
+    - ``"aimd"`` (Netflix concurrency-limits' AIMDLimit, the default): the
+      limit grows by one per round trip (one per ``limit`` answers), so that
+      growth and the once-per-round-trip decrease balance near capacity.
+    - ``"gradient"`` (Netflix's Gradient2Limit): each answer's latency is
+      compared with a long-run average; the limit moves towards
+      ``limit * clamp(tolerance * long / latency, 0.5, 1) + queue``
+      (``queue`` = 4), by ``smoothing`` of the way each time. Rising latency
+      shrinks it before the server starts refusing.
+
+    The limit starts at ``initial`` (lowered to ``max_concurrent`` when above
+    it). Calls beyond the limit queue as with a fixed one: priorities and
+    shedding work on top of it.
+    """
+
+    mode: AdaptiveMode = "aimd"
+    initial: int = 10
+    min: int = 1
+    backoff: float = 0.9
+    drop_statuses: Collection[int] = frozenset({429, 503})
+    smoothing: float = 0.2
+    tolerance: float = 1.5
+
+    def __post_init__(self) -> None:
+        check_choice(self, "mode", ("aimd", "gradient"))
+        check_count(self, "min", 1, MAX_CALLS)
+        check_count(self, "initial", 1, MAX_CALLS)
+        not_below(self, "initial", "min")
+        check_number(self, "backoff", 0.5, 0.99)
+        check_statuses(self, "drop_statuses")
+        check_ratio(self, "smoothing", zero=False)
+        check_number(self, "tolerance", 1, 10)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BulkheadPolicy:
     """At most ``max_concurrent`` attempts in flight per host, ``max_queue`` waiting.
 
-    A waiting call gives up after ``queue_timeout`` seconds (``None``: the
+    A slot is a connection: a streamed response body holds its slot until it
+    is read to the end or closed. A waiting call gives up after ``queue_timeout`` seconds (``None``: the
     total timeout bounds the wait).
+
+    With ``adaptive`` (an :class:`AdaptiveLimit`), the number of slots follows
+    the host's answers, from ``adaptive.min`` up to ``max_concurrent``, which
+    stays the hard ceiling.
     """
 
     max_concurrent: int = 100
     max_queue: int = 100
     queue_timeout: float | None = None
+    adaptive: AdaptiveLimit | None = None
 
     def __post_init__(self) -> None:
-        _count("BulkheadPolicy", "max_concurrent", self.max_concurrent, 1)
-        _count("BulkheadPolicy", "max_queue", self.max_queue, 0)
-        if self.queue_timeout is not None:
-            _positive("BulkheadPolicy", "queue_timeout", self.queue_timeout)
+        check_count(self, "max_concurrent", 1, MAX_CALLS)
+        check_count(self, "max_queue", 0, MAX_CALLS)
+        check_seconds(self, "queue_timeout", optional=True)
+        if self.adaptive is not None:
+            if not isinstance(self.adaptive, AdaptiveLimit):
+                raise ConfigurationError("BulkheadPolicy.adaptive", self.adaptive, "must be an AdaptiveLimit or None")
+            if self.adaptive.min > self.max_concurrent:
+                raise ConfigurationError(
+                    "BulkheadPolicy.adaptive",
+                    self.adaptive,
+                    f"its min ({self.adaptive.min}) must not exceed max_concurrent ({self.max_concurrent})",
+                )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -218,26 +277,34 @@ class StaleCachePolicy:
     """Keep recent good answers, and serve them when the host cannot answer.
 
     ``max_stale`` seconds is how old a stored answer may be when served;
-    ``max_entries`` and ``max_bytes`` bound memory per host and across hosts;
+    ``max_entries`` and ``max_bytes`` bound this host's memory, and the
+    largest of them among the transport's policies bounds all hosts together;
     bodies above ``max_body_bytes`` are never stored.
+
+    The cache is shared by every caller of the transport, so it keeps only
+    what the origin lets a shared cache keep (RFC 9111), and answers to
+    requests with ``Authorization`` or ``Cookie`` only when the answer says
+    ``public`` (or ``s-maxage``, ``must-revalidate``). ``identity_headers``
+    names request headers that say who is asking (``X-Api-Key``, a tenant
+    id, ``Authorization``): their values become part of the key, so answers
+    are kept per identity and never reach another one.
     """
 
     max_stale: float = 300.0
     max_entries: int = 1000
     max_bytes: int = 50_000_000
     max_body_bytes: int = 1_000_000
+    identity_headers: Collection[str] = ()
 
     def __post_init__(self) -> None:
-        _positive("StaleCachePolicy", "max_stale", self.max_stale)
-        _count("StaleCachePolicy", "max_entries", self.max_entries, 1)
-        _count("StaleCachePolicy", "max_bytes", self.max_bytes, 1)
-        _count("StaleCachePolicy", "max_body_bytes", self.max_body_bytes, 0)
-        if self.max_body_bytes > self.max_bytes:
-            raise ConfigurationError(
-                "StaleCachePolicy.max_body_bytes",
-                self.max_body_bytes,
-                f"must not exceed StaleCachePolicy.max_bytes ({self.max_bytes})",
-            )
+        check_seconds(self, "max_stale")
+        check_count(self, "max_entries", 1, MAX_CALLS)
+        check_count(self, "max_bytes", 1, MAX_BYTES)
+        check_count(self, "max_body_bytes", 0, MAX_BYTES)
+        not_above(self, "max_body_bytes", "max_bytes")
+        object.__setattr__(
+            self, "identity_headers", _header_names("StaleCachePolicy", "identity_headers", self.identity_headers)
+        )
 
 
 LAYER_TYPES: dict[str, type] = {

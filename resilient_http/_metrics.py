@@ -165,6 +165,7 @@ class HostMetrics:
         "attempt_duration",
         "budget_exhausted",
         "bulkhead_in_flight",
+        "bulkhead_limit",
         "bulkhead_queued",
         "cache_bytes",
         "cache_entries",
@@ -180,6 +181,7 @@ class HostMetrics:
     attempt_duration: Buckets
     budget_exhausted: Value
     bulkhead_in_flight: Value
+    bulkhead_limit: Value
     bulkhead_queued: Value
     cache_bytes: Value
     cache_entries: Value

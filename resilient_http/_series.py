@@ -52,6 +52,7 @@ SPECS: tuple[tuple[str, str, str, str, str | None], ...] = (
     ("cooldown", "counter", "cooldown_seconds", "Time spent in cooldown imposed by the server.", None),
     ("bulkhead_in_flight", "gauge", "bulkhead_in_flight", "Attempts holding a bulkhead slot.", None),
     ("bulkhead_queued", "gauge", "bulkhead_queued", "Calls waiting for a bulkhead slot.", None),
+    ("bulkhead_limit", "gauge", "bulkhead_limit", "Bulkhead slots: max_concurrent, or the adaptive limit now.", None),
     ("bulkhead_rejected", "counter", "bulkhead_rejected", "Calls shed by the bulkhead.", "priority"),
     ("stale_served", "counter", "stale_served", "Stale answers served, by what failed.", "reason"),
     ("cache_entries", "gauge", "cache_entries", "Responses kept for stale fallback.", None),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from os import PathLike
 from types import TracebackType
 from typing import Any
@@ -17,8 +17,9 @@ from ._call import PRIORITIES, Call, CallInfo, Host
 from ._clock import Clock, SystemClock, default_random
 from ._config import Policy, RetryPolicy, TimeoutPolicy
 from ._exceptions import ConfigurationError
-from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable
+from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable, canonical_host, host_of
 from ._metrics import DEFAULT_NAME, TransportMetrics, outcome_of_exception, outcome_of_status
+from ._network import CertTypes, ProxyTypes, SocketOption, VerifyTypes, default_inner, refuse_beside_inner
 from ._pipeline import chain_for
 from ._series import abandon
 from .layers.timeout import IN_MEMORY, guard_body
@@ -72,32 +73,33 @@ def _override(policy: Policy, override: Any) -> tuple[Policy, str]:
     return (dataclasses.replace(policy, **changes) if changes else policy), priority
 
 
-def default_inner() -> httpx.AsyncHTTPTransport:
-    """The network transport used when none is given: httpx's, without a global connection cap.
-
-    httpx's pool caps connections across *all* hosts (100 by default), so one
-    hung host would hold every connection and starve the healthy ones, whatever
-    their bulkheads say. Here the cap per host is the host's bulkhead
-    (``max_concurrent``), which is the isolation a bulkhead promises.
-    """
-    return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=None, max_keepalive_connections=100))
-
-
 class ResilientTransport(httpx.AsyncBaseTransport):
     """An httpx transport that gives every call, per host, the layers its policy asks for.
 
     ``policies`` maps host patterns (``api.example.com``,
     ``api.example.com:8443``, ``*.example.com``) to :class:`Policy`;
     ``default`` serves hosts no pattern matches (``Policy()`` when omitted).
-    ``inner`` does the network I/O (:func:`default_inner` when omitted:
-    give your own a pool without a global connection cap, or one hung host
-    can take every connection) and is closed by :meth:`aclose`. Metrics go
+    ``inner`` does the network I/O and is closed by :meth:`aclose`; when it
+    is omitted, ``httpx.AsyncHTTPTransport`` is made with the network
+    settings given here (``verify``, ``cert``, ``trust_env``, ``http1``,
+    ``http2``, ``limits``, ``proxy``, ``uds``, ``local_address``,
+    ``retries``, ``socket_options``: httpx's, with the same meaning), but
+    without httpx's global connection cap unless ``limits`` are given (see
+    :func:`~resilient_http._network.default_inner`). Give your own ``inner``
+    a pool without a global cap too, or one hung host can take every
+    connection; network settings beside ``inner`` raise
+    :class:`ConfigurationError`, as they would be lost. Like any custom
+    transport, this one makes ``httpx.AsyncClient`` ignore proxies from the
+    environment: :class:`~resilient_http.ResilientClient` keeps them. Metrics go
     to ``registry`` (the global registry when omitted), every series
-    labelled ``transport=name``; two open transports on one registry need
+    labelled ``transport=name``: two open transports on one registry need
     different names (the second is refused with :class:`ConfigurationError`),
-    and a transport's series leave the registry when it is closed (``aclose``,
-    the end of ``async with``, or garbage collection). State is kept for at most ``max_hosts`` hosts, least
-    recently used evicted first. ``clock`` and ``random`` exist for tests.
+    and a transport's series leave the registry when it is closed
+    (``aclose``, the end of ``async with``, or garbage collection). State is
+    kept for at most ``max_hosts`` hosts, least
+    recently used evicted first, and never for a host while it has calls in
+    flight (the table may hold more hosts while more are busy at once).
+    ``clock`` and ``random`` exist for tests.
 
     A single call may override its host's ``timeout`` and ``retry``, turn
     any layer off, and set its bulkhead priority (``critical``, ``high``,
@@ -116,9 +118,35 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         clock: Clock | None = None,
         random: random.Random | None = None,
         name: str = DEFAULT_NAME,
+        verify: VerifyTypes = True,
+        cert: CertTypes | None = None,
+        trust_env: bool = True,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx.Limits | None = None,
+        proxy: ProxyTypes | None = None,
+        uds: str | None = None,
+        local_address: str | None = None,
+        retries: int = 0,
+        socket_options: Iterable[SocketOption] | None = None,
     ) -> None:
+        network: dict[str, Any] = {
+            "verify": verify,
+            "cert": cert,
+            "trust_env": trust_env,
+            "http1": http1,
+            "http2": http2,
+            "limits": limits,
+            "proxy": proxy,
+            "uds": uds,
+            "local_address": local_address,
+            "retries": retries,
+            "socket_options": socket_options,
+        }
+        if inner is not None:
+            refuse_beside_inner(network)
         self._table = PolicyTable(policies, default)
-        self._inner = default_inner() if inner is None else inner
+        self._inner = default_inner(**network) if inner is None else inner
         self._clock: Clock = SystemClock() if clock is None else clock
         self._random = default_random() if random is None else random
         self._hosts: HostTable[Host] = HostTable(self._make_host, self._evict_host, max_hosts)
@@ -155,35 +183,40 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         host.metrics.remove()
 
     def policy_for(self, host: str, port: int = 443) -> Policy:
-        """The policy that calls to ``host:port`` get."""
-        return self._table.resolve(host.lower(), port)
+        """The policy that calls to ``host:port`` get (``host`` spelt any way httpx accepts)."""
+        return self._table.resolve(canonical_host(host), port)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         port = url.port or DEFAULT_PORTS.get(url.scheme, 0)
-        host = self._hosts.get(url.host, port)
-        policy = host.policy
-        chain = host.chain
-        priority = "normal"
-        override = request.extensions.get("resilient_http")
-        if override is not None:
-            policy, priority = _override(policy, override)
-            chain = chain_for(host, policy)
-        clock = self._clock
-        started = clock.now()
-        call = Call(request, host, policy, started, priority)
+        hosts = self._hosts
+        host = hosts.enter(host_of(url.raw_host), port)
         try:
-            response = await chain(call)
-        except BaseException as exc:
-            host.metrics.request(outcome_of_exception(exc), clock.now() - started)
-            if isinstance(exc, Exception):
-                exc.resilient_http = call.info()  # type: ignore[attr-defined]
-            raise
-        host.metrics.request("stale" if call.stale else outcome_of_status(response.status_code), clock.now() - started)
-        if call.deadline is not None and not isinstance(response.stream, IN_MEMORY):
-            guard_body(call, response)
-        response.extensions["resilient_http"] = call.info()
-        return response
+            policy = host.policy
+            chain = host.chain
+            priority = "normal"
+            override = request.extensions.get("resilient_http")
+            if override is not None:
+                policy, priority = _override(policy, override)
+                chain = chain_for(host, policy)
+            clock = self._clock
+            started = clock.now()
+            call = Call(request, host, policy, started, priority)
+            try:
+                response = await chain(call)
+            except BaseException as exc:
+                host.metrics.request(outcome_of_exception(exc), clock.now() - started)
+                if isinstance(exc, Exception):
+                    exc.resilient_http = call.info()  # type: ignore[attr-defined]
+                raise
+            outcome = "stale" if call.stale else outcome_of_status(response.status_code)
+            host.metrics.request(outcome, clock.now() - started)
+            if not isinstance(response.stream, IN_MEMORY):
+                guard_body(call, response)
+            response.extensions["resilient_http"] = call.info()
+            return response
+        finally:
+            hosts.leave(host)
 
     async def aclose(self) -> None:
         try:

@@ -57,6 +57,7 @@ OTHERS_BY_HOST = {
     "resilient_http_rate_limited_total",
     "resilient_http_cooldown_seconds_total",
     "resilient_http_bulkhead_in_flight",
+    "resilient_http_bulkhead_limit",
     "resilient_http_bulkhead_queued",
     "resilient_http_cache_entries",
     "resilient_http_cache_bytes",
@@ -106,7 +107,7 @@ async def _exercise_every_core_metric(harness: Harness) -> None:
             retry=RetryPolicy(backoff=0.001, budget=RetryBudget(ratio=0, min_per_second=0.1, window=10)),
             circuit_breaker=CircuitBreakerPolicy(minimum_calls=2, failure_ratio=0.5),
         ),
-        "slow.example": only(timeout=TimeoutPolicy(attempt=1, total=1)),
+        "slow.example": only(timeout=TimeoutPolicy(attempt=1, total=1, stream_total=True)),
     }
     client = harness.client(Script(handler), only(), policies=policies)
     assert (await client.get("https://flaky.example/")).status_code == 200  # 503, retried, 200

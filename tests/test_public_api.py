@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import types
 
+import httpx
 import pytest
 
 import resilient_http
@@ -34,6 +35,12 @@ def test_star_import_gives_exactly_all() -> None:
     namespace: dict[str, object] = {}
     exec("from resilient_http import *", namespace)
     assert sorted(name for name in namespace if name != "__builtins__") == resilient_http.__all__
+
+
+def test_the_client_is_an_httpx_client() -> None:
+    """ResilientClient is an httpx.AsyncClient (httpx2's in that flavour), so code typed on AsyncClient takes it."""
+    assert issubclass(resilient_http.ResilientClient, httpx.AsyncClient)
+    assert issubclass(resilient_http.ResilientTransport, httpx.AsyncBaseTransport)
 
 
 def test_the_version_is_a_string() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import ssl
 from pathlib import Path
 from typing import Any, Literal, assert_type
 
@@ -11,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 import resilient_http
 from resilient_http import (
+    AdaptiveLimit,
     BulkheadFullError,
     BulkheadPolicy,
     CallInfo,
@@ -23,6 +25,7 @@ from resilient_http import (
     RateLimitPolicy,
     RejectedError,
     ResilienceError,
+    ResilientClient,
     ResilientTransport,
     RetryBudget,
     RetryPolicy,
@@ -64,9 +67,16 @@ def every_policy() -> Policy:
     assert_type(breaker.half_open_calls, int)
     rate_limit = RateLimitPolicy(rate=10, burst=5, max_wait=None)
     assert_type(rate_limit.max_wait, float | None)
-    bulkhead = BulkheadPolicy(max_concurrent=10, max_queue=0, queue_timeout=1.0)
+    adaptive = AdaptiveLimit(
+        mode="gradient", initial=5, min=2, backoff=0.8, drop_statuses={503}, smoothing=0.2, tolerance=1.5
+    )
+    assert_type(adaptive.mode, Literal["aimd", "gradient"])
+    bulkhead = BulkheadPolicy(max_concurrent=10, max_queue=0, queue_timeout=1.0, adaptive=adaptive)
     assert_type(bulkhead.queue_timeout, float | None)
-    stale_cache = StaleCachePolicy(max_stale=60, max_entries=10, max_bytes=1000, max_body_bytes=100)
+    assert_type(bulkhead.adaptive, AdaptiveLimit | None)
+    stale_cache = StaleCachePolicy(
+        max_stale=60, max_entries=10, max_bytes=1000, max_body_bytes=100, identity_headers=("X-Api-Key",)
+    )
     assert_type(stale_cache.max_bytes, int)
     Policy(timeout=None, retry=None, circuit_breaker=None, rate_limit=None, bulkhead=None, stale_cache=None)
     policy = Policy(
@@ -115,6 +125,45 @@ async def the_transport(policy: Policy) -> None:
     await transport.aclose()
 
 
+async def the_network_settings(context: ssl.SSLContext) -> None:
+    ResilientTransport(
+        verify=context,
+        cert=("client.pem", "client.key"),
+        trust_env=False,
+        http1=False,
+        http2=True,
+        limits=httpx.Limits(max_connections=10),
+        proxy=httpx.Proxy("http://proxy.example:3128"),
+        uds=None,
+        local_address="0.0.0.0",
+        retries=1,
+        socket_options=[(6, 1, 1)],
+    )
+    ResilientTransport(verify=False, proxy="http://proxy.example:3128", limits=None)
+    client = ResilientClient(
+        {"api.example.com": Policy()},
+        default=Policy(),
+        registry=CollectorRegistry(),
+        max_hosts=100,
+        verify=context,
+        http2=True,
+        proxy=httpx.URL("http://proxy.example:3128"),
+        mounts={"all://internal.example": httpx.AsyncHTTPTransport(uds="/run/api.sock"), "all://localhost": None},
+        limits=httpx.Limits(max_connections=10),
+        trust_env=False,
+        base_url="https://api.example.com",
+        timeout=5,
+        headers={"user-agent": "typing"},
+    )
+    assert_type(client, ResilientClient)
+    assert_type(ResilientClient.from_file("policies.toml", http2=True), ResilientClient)
+    async with client as entered:
+        assert_type(entered, ResilientClient)
+        assert_type(await entered.get("/"), httpx.Response)
+    the_client: httpx.AsyncClient = ResilientClient()
+    await the_client.aclose()
+
+
 def the_story(info: CallInfo) -> None:
     assert_type(info.host, str)
     assert_type(info.attempts, int)
@@ -156,7 +205,7 @@ def the_exceptions(request: httpx.Request) -> None:
             assert_type(exc.retry_after, float | None)
             assert_type(exc.host, str)
         except DeadlineExceededError as exc:
-            assert_type(exc.kind, Literal["attempt", "total"])
+            assert_type(exc.kind, Literal["attempt", "total", "idle"])
             assert_type(exc.timeout, float)
         except httpx.TransportError:
             pass

@@ -3,11 +3,18 @@
 Each host gets at most ``max_concurrent`` attempts in flight and at most
 ``max_queue`` calls waiting for one; a call beyond that fails at once with
 :class:`BulkheadFullError`. The bulkhead sits inside retry, so every attempt
-takes a slot and gives it back when the attempt returns (its headers, and its
-body when the attempt pre-reads it) or fails: a call waiting out a backoff
-holds nothing. It sits outside the per-attempt timeout, so time spent queueing
-never eats into an attempt's time. State lives on the layer, one per host: a
-hung host fills its own slots and no other host's.
+takes a slot: a call waiting out a backoff holds nothing. It sits outside the
+per-attempt timeout, so time spent queueing never eats into an attempt's time.
+State lives on the layer, one per host: a hung host fills its own slots and no
+other host's.
+
+A slot is a connection: it is held as long as the attempt's connection is.
+An attempt that fails, or whose body was read inside the attempt (small
+bodies are), gives its slot back when it returns. A streamed body (unsized,
+or large) keeps the slot until it is read to the end, closed, or cancelled
+mid-read; a body dropped without being closed is closed, and its slot freed,
+on its event loop once the garbage collector finds it. Each way settles the
+slot exactly once.
 
 A waiting call gives up after ``queue_timeout`` seconds with
 :class:`BulkheadFullError`, and always when the call's total deadline comes,
@@ -21,6 +28,13 @@ lowest-priority waiters, if that waiter ranks below it; otherwise the newcomer
 is refused. So critical calls may wait, but are never shed while a
 lower-priority call waits.
 
+With an adaptive limit (``BulkheadPolicy.adaptive``, see
+:mod:`resilient_http.layers.adaptive`), the number of slots follows each
+attempt's outcome. Nothing else changes: when the limit shrinks below the
+attempts in flight, none is cancelled, and slots given back are not handed
+on until the count is under the limit; when it grows, waiters are granted
+at once, head of the queue first.
+
 Slots are counted, not locked: taking a free slot when nobody waits is a
 compare and an increment. Only a call that must wait pays for an
 ``anyio.Event`` and a timer. A slot passes from hand to hand without ever
@@ -30,16 +44,24 @@ cancelled before or after being granted) settles the counts exactly once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import httpx
 
 from .._call import PRIORITIES, Call, Host, Next, Wait
 from .._clock import Clock
-from .._exceptions import BulkheadFullError
+from .._exceptions import BulkheadFullError, DeadlineExceededError
 from .._metrics import HostMetrics
-from .timeout import expired
+from .adaptive import AdaptiveSlots
+from .timeout import IN_MEMORY, expired
+
+logger = logging.getLogger("resilient_http.bulkhead")
 
 _RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 _WAITING, _GRANTED, _SHED = 0, 1, 2
@@ -56,14 +78,68 @@ class _Waiter:
         self.event = anyio.Event()
 
 
+class _SlotStream(httpx.AsyncByteStream):
+    """A streamed body that holds its attempt's slot until it is read to the end, closed, or dropped."""
+
+    __slots__ = ("_bulkhead", "_home", "_inner")
+
+    def __init__(self, inner: httpx.AsyncByteStream, bulkhead: Bulkhead) -> None:
+        self._inner = inner
+        self._home = _home()
+        self._bulkhead: Bulkhead | None = bulkhead  # None once the slot is given back
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._inner:
+                yield chunk
+        finally:  # read to the end, failed, cancelled, or abandoned mid-read
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        bulkhead = self._bulkhead
+        if bulkhead is None:
+            return
+        self._bulkhead = None
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._inner.aclose()
+        finally:
+            bulkhead._release()
+
+    def __del__(self) -> None:
+        bulkhead = self._bulkhead
+        if bulkhead is not None:
+            self._bulkhead = None
+            bulkhead._dropped(self._inner, self._home)
+
+
+def _total_ran_out(exc: BaseException) -> bool:
+    """The call's own total deadline ended the attempt: its budget, not the host, ran out."""
+    return isinstance(exc, DeadlineExceededError) and exc.kind == "total"
+
+
+def _home() -> Any:
+    """The running event loop (asyncio) or its token (trio): where a dropped body must be closed."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        import trio
+
+        return trio.lowlevel.current_trio_token()
+
+
 class Bulkhead:
     """The bulkhead layer of one host."""
 
     __slots__ = (
+        "_adaptive",
         "_clock",
+        "_closing",
+        "_drop_statuses",
         "_in_flight",
         "_in_flight_gauge",
         "_limit",
+        "_limit_gauge",
         "_max_queue",
         "_metrics",
         "_queue_timeout",
@@ -76,6 +152,14 @@ class Bulkhead:
         policy = host.policy.bulkhead
         assert policy is not None
         self._limit = policy.max_concurrent
+        self._adaptive: AdaptiveSlots | None = None
+        self._drop_statuses: frozenset[int] = frozenset()
+        if policy.adaptive is not None:
+            self._adaptive = AdaptiveSlots(policy.adaptive, policy.max_concurrent)
+            self._drop_statuses = frozenset(policy.adaptive.drop_statuses)
+            self._limit = self._adaptive.limit
+        self._limit_gauge = host.metrics.bulkhead_limit
+        self._limit_gauge.set(self._limit)
         self._max_queue = policy.max_queue
         self._queue_timeout = policy.queue_timeout
         self._clock: Clock = host.clock
@@ -85,6 +169,7 @@ class Bulkhead:
         self._in_flight = 0
         self._queued = 0
         self._queues: tuple[deque[_Waiter], ...] = tuple(deque() for _ in PRIORITIES)
+        self._closing: set[asyncio.Task[None]] = set()  # dropped bodies being closed (asyncio keeps weak refs)
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         # A slot is free only when nobody waits: a freed slot is handed to the
@@ -94,14 +179,112 @@ class Bulkhead:
             self._in_flight_gauge.inc()
         else:
             await self._wait(call)
+        if self._adaptive is not None:
+            return await self._adapting(call, call_next, self._adaptive)
         try:
-            return await call_next(call)
+            response = await call_next(call)
+        except BaseException:
+            self._release()
+            raise
+        return self._settle(response)
+
+    async def _adapting(self, call: Call, call_next: Next, slots: AdaptiveSlots) -> httpx.Response:
+        """One attempt holding a slot, whose outcome moves the adaptive limit before the slot is settled."""
+        number, in_flight = slots.sent(), self._in_flight
+        started = self._clock.now()
+        try:
+            response = await call_next(call)
+        except BaseException as exc:
+            try:
+                if isinstance(exc, httpx.TimeoutException | httpx.ConnectError) and not _total_ran_out(exc):
+                    self._adapt(slots.drop(number), "drop", exc)
+            finally:
+                self._release()
+            raise
+        try:
+            status = response.status_code
+            if status in self._drop_statuses:
+                self._adapt(slots.drop(number), "drop", status)
+            elif status < 500:  # other server errors say nothing of load, and are often fast
+                self._adapt(slots.success(in_flight, self._clock.now() - started), "success", None)
+        except BaseException:
+            self._release()
+            raise
+        return self._settle(response)
+
+    def _settle(self, response: httpx.Response) -> httpx.Response:
+        """Give the slot back now, or when a streamed body is done with."""
+        stream = response.stream
+        if isinstance(stream, IN_MEMORY) or not isinstance(stream, httpx.AsyncByteStream):
+            self._release()
+        else:  # the connection stays busy until the body is done with: so does the slot
+            response.stream = _SlotStream(stream, self)
+        return response
+
+    def _adapt(self, changed: bool, why: str, cause: object) -> None:
+        """Follow the adaptive limit after a sample: grant waiters when it grew."""
+        if not changed:
+            return
+        assert self._adaptive is not None
+        old, new = self._limit, self._adaptive.limit
+        self._limit = new
+        self._limit_gauge.set(new)
+        while self._queued and self._in_flight < new:
+            for queue in self._queues:
+                if queue:
+                    self._wake(queue.popleft(), _GRANTED)
+                    self._in_flight += 1
+                    self._in_flight_gauge.inc()
+                    break
+        self._limit_changed(old, new, why, cause)
+
+    def _limit_changed(self, old: int, new: int, why: str, cause: object) -> None:
+        """The one place the "limit changed" event is emitted (logged at DEBUG until hooks exist)."""
+        if logger.isEnabledFor(logging.DEBUG):
+            if isinstance(cause, BaseException):
+                cause = type(cause).__name__
+            detail = "" if cause is None else f" ({cause})"
+            logger.debug("bulkhead of %s: limit %d -> %d after a %s%s", self._metrics.host, old, new, why, detail)
+
+    def _dropped(self, body: httpx.AsyncByteStream, home: Any) -> None:
+        """A streamed body was dropped unclosed: close it and free its slot on its own event loop.
+
+        Called by the garbage collector, perhaps in another thread, perhaps in
+        the middle of this layer's own bookkeeping: so nothing is done here
+        but asking the loop to do it.
+        """
+        try:
+            if isinstance(home, asyncio.AbstractEventLoop):
+                home.call_soon_threadsafe(self._close_later, home, body)
+            else:
+                home.run_sync_soon(self._close_later, None, body)
+        except RuntimeError:  # the loop is gone, and every waiter with it
+            self._release()
+
+    def _close_later(self, loop: asyncio.AbstractEventLoop | None, body: httpx.AsyncByteStream) -> None:
+        """On the body's own loop: start closing it (in a task: closing may wait on the network)."""
+        if loop is not None:
+            task = loop.create_task(self._close_dropped(body))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            return
+        import trio
+
+        try:
+            trio.lowlevel.spawn_system_task(self._close_dropped, body)
+        except RuntimeError:  # trio is shutting down: nobody is left waiting
+            self._release()
+
+    async def _close_dropped(self, body: httpx.AsyncByteStream) -> None:
+        try:
+            with contextlib.suppress(Exception), anyio.CancelScope(shield=True):  # nobody is left to tell
+                await body.aclose()
         finally:
             self._release()
 
     def _release(self) -> None:
-        """Hand the slot to the head of the queue, or free it."""
-        if self._queued:
+        """Hand the slot to the head of the queue, or free it (always, while above a shrunk limit)."""
+        if self._queued and self._in_flight <= self._limit:
             for queue in self._queues:
                 if queue:
                     self._wake(queue.popleft(), _GRANTED)
