@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal, assert_type
 
@@ -47,8 +48,10 @@ def every_policy() -> Policy:
         statuses={429, 503},
         max_retry_after=30,
         budget=budget,
+        methods={"POST"},
     )
     assert_type(retry.attempts, int)
+    assert_type(retry.methods, Collection[str])
     assert_type(retry.budget, RetryBudget | None)
     RetryPolicy(statuses=[503], budget=None)
     RetryPolicy(statuses=range(500, 505))
