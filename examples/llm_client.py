@@ -25,10 +25,12 @@ process:
 - **A breaker** opens when most calls fail (5xx and 529, never 429), so a
   provider outage fails fast instead of stacking up calls.
 - **Streaming is not cut.** An event stream is returned to the SDK when its
-  headers arrive and holds its bulkhead slot until the SDK has read it.
-  ``attempt`` bounds the wait for those headers (for a call without
+  headers arrive, flows on past ``total`` for as long as no pause between
+  two events exceeds ``idle`` (a model may think a while before its first
+  token), and holds its bulkhead slot until the SDK has read it.
+  ``attempt`` bounds the wait for the headers (for a call without
   streaming, that is the whole generation, hence two minutes); ``total``
-  bounds the call before its answer is returned.
+  bounds the call until its answer is returned, retries and waits included.
 
 The demo below runs the OpenAI SDK against a local server that plays its
 API: a 429, an overload, an event stream, and a cooldown every call shares.
@@ -63,7 +65,7 @@ def llm_policy(requests_per_minute: int = 500) -> Policy:
     """The policy of an LLM API host whose quota is ``requests_per_minute`` for this process."""
     return Policy(
         rate_limit=RateLimitPolicy(rate=requests_per_minute / 60, burst=max(1, requests_per_minute // 60)),
-        timeout=TimeoutPolicy(attempt=120.0, total=300.0),
+        timeout=TimeoutPolicy(attempt=120.0, total=300.0, idle=120.0),
         retry=RetryPolicy(attempts=4, backoff=0.5, max_backoff=8.0, max_retry_after=60.0, methods={"POST"}),
         circuit_breaker=CircuitBreakerPolicy(
             failure_ratio=0.5,

@@ -1,14 +1,16 @@
 """Streamed answers (server-sent events) through the real OpenAI and Anthropic SDK clients over resilient_http.
 
 A stream is returned to the SDK once its headers arrive and flows on from
-there: every event reaches the SDK in order, the stream holds its bulkhead
-slot (its connection) until the SDK has read it, and a 429 before it is
-retried like any other.
+there, past ``total``, for as long as no pause exceeds ``idle``: every
+event reaches the SDK in order, the stream holds its bulkhead slot (its
+connection) until the SDK has read it, and a 429 before it is retried like
+any other.
 """
 
 from __future__ import annotations
 
 import anyio
+import httpx2
 import pytest
 from flaky_server import FlakyServer
 from llm_api import APIS, Api, sdk_client
@@ -20,9 +22,9 @@ pytestmark = pytest.mark.parametrize("api", APIS, ids=lambda api: api.name)
 WORDS = ["Hello", ",", " world", "!", " How", " can", " I", " help", "?"]
 
 
-def policy(total: float = 10.0, bulkhead: BulkheadPolicy | None = None) -> Policy:
+def policy(total: float = 10.0, idle: float = 10.0, bulkhead: BulkheadPolicy | None = None) -> Policy:
     return Policy(
-        timeout=TimeoutPolicy(attempt=min(2.0, total), total=total),
+        timeout=TimeoutPolicy(attempt=min(2.0, total), total=total, idle=idle),
         retry=RetryPolicy(backoff=0.01, max_backoff=0.05),
         bulkhead=bulkhead,
     )
@@ -65,9 +67,18 @@ async def test_a_stream_holds_its_bulkhead_slot_until_the_sdk_has_read_it(api: A
     assert len(server.requests_to(api.path)) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="streams cut by total until the timeout rework lands")
 async def test_a_stream_that_flows_past_total_reaches_the_sdk_whole(api: Api) -> None:
     """`total` bounds the call until its answer is returned, not an event stream that keeps flowing after it."""
     async with FlakyServer() as server, sdk_client(api, server, policy(total=0.5)) as client:
         server.queue(api.path, api.streamed(WORDS, interval=0.1))  # about a second of events
         assert await api.stream(client) == WORDS
+
+
+async def test_a_stream_that_falls_silent_longer_than_idle_ends_in_the_sdks_timeout(api: Api) -> None:
+    """A stream whose next event does not come within `idle` fails as a read timeout does over bare httpx2."""
+    async with FlakyServer() as server, sdk_client(api, server, policy(idle=0.3)) as client:
+        server.queue(api.path, api.streamed(WORDS, interval=5.0))
+        with pytest.raises(Exception) as caught:
+            await api.stream(client)
+    # OpenAI's stream wraps httpx2's timeouts in its APITimeoutError; Anthropic's lets them through.
+    assert isinstance(caught.value, api.timeout_error | httpx2.TimeoutException), repr(caught.value)
