@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import ssl
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal, assert_type
 
@@ -50,8 +51,10 @@ def every_policy() -> Policy:
         statuses={429, 503},
         max_retry_after=30,
         budget=budget,
+        methods={"POST"},
     )
     assert_type(retry.attempts, int)
+    assert_type(retry.methods, Collection[str])
     assert_type(retry.budget, RetryBudget | None)
     RetryPolicy(statuses=[503], budget=None)
     RetryPolicy(statuses=range(500, 505))
