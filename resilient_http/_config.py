@@ -180,18 +180,23 @@ class RateLimitPolicy:
     """A token bucket per host: ``rate`` calls a second, ``burst`` at once.
 
     A call waits its turn for at most ``max_wait`` seconds (``None``: as long
-    as the total timeout allows; ``0``: never waits).
+    as the total timeout allows; ``0``: never waits). No single response
+    holds the host back longer than ``max_cooldown`` seconds: a longer
+    ``Retry-After`` or ``RateLimit`` reset, and a wider ``RateLimit``
+    spacing between calls, are cut to it.
     """
 
     rate: float
     burst: int = 1
     max_wait: float | None = None
+    max_cooldown: float = 60.0
 
     def __post_init__(self) -> None:
         _positive("RateLimitPolicy", "rate", self.rate)
         _count("RateLimitPolicy", "burst", self.burst, 1)
         if self.max_wait is not None:
             _non_negative("RateLimitPolicy", "max_wait", self.max_wait)
+        _positive("RateLimitPolicy", "max_cooldown", self.max_cooldown)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
