@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from resilient_http import (
     CallInfo,
+    ConfigurationError,
     Policy,
     RateLimitedError,
     RateLimitPolicy,
@@ -34,6 +35,7 @@ from resilient_http import (
     Wait,
 )
 from resilient_http._pipeline import ORDER
+from resilient_http._toml import parse_policies
 from resilient_http.testing import FakeClock
 
 HOST = "api.example.com:443"
@@ -89,6 +91,26 @@ class SteppedClock(FakeClock):
                     for job in jobs:
                         group.start_soon(job)
                 outer.cancel_scope.cancel()
+
+
+class ManualClock(FakeClock):
+    """A FakeClock whose time moves only when the test advances it; a sleeper wakes once its deadline has passed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sleepers: list[tuple[float, anyio.Event]] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        event = anyio.Event()
+        self._sleepers.append((self.now() + seconds, event))
+        await event.wait()
+
+    def advance(self, seconds: float) -> None:
+        super().advance(seconds)
+        for when, event in self._sleepers:
+            if when <= self.now():
+                event.set()
 
 
 class Server:
@@ -159,6 +181,17 @@ def most_in_one_second(times: Sequence[float]) -> int:
     return max((sum(1 for t in ordered if start <= t <= start + 1.0 + EPSILON) for start in ordered), default=0)
 
 
+def within_bucket(times: Sequence[float], rate: float, burst: int) -> bool:
+    """Whether the sends fit a token bucket of ``rate`` and ``burst`` (GCRA), which implies the one-second bound."""
+    interval = 1.0 / rate
+    tat = -float("inf")
+    for when in sorted(times):
+        if when < tat - (burst - 1) * interval - EPSILON:
+            return False
+        tat = max(tat, when) + interval
+    return True
+
+
 def value(registry: CollectorRegistry, name: str) -> float:
     found = registry.get_sample_value(name, {"host": HOST})
     return 0.0 if found is None else found
@@ -224,6 +257,26 @@ async def test_queued_calls_are_sent_in_arrival_order(registry: CollectorRegistr
         await clock.run(*(job(i, rank) for rank, i in enumerate(order)))
     assert server.paths == [f"/{i}" for i in order]
     assert server.times == pytest.approx([START + 0.1 * rank for rank in range(20)])
+
+
+async def test_calls_woken_late_by_a_busy_loop_do_not_go_in_a_bunch(registry: CollectorRegistry) -> None:
+    """Waiting calls whose wake-ups run late, so that they would all wake at once, still go within rate + burst."""
+    clock = SteppedClock()
+    server = Server(clock)
+    async with client(server, registry, rate=2, burst=1) as http:
+
+        def job(i: int) -> Job:
+            async def run() -> None:
+                await clock.sleep(i * 0.001)
+                clock.lag[anyio.get_current_task().id] = max(0.0, 3.0 - 0.5 * i)  # due at +0.5 i, woken at +3
+                await http.get(f"/{i}")
+
+            return run
+
+        await clock.run(*(job(i) for i in range(10)))
+    assert server.paths == [f"/{i}" for i in range(10)]
+    assert most_in_one_second(server.times) <= 2 + 1
+    assert within_bucket(server.times, rate=2, burst=1)
 
 
 # Refusals
@@ -430,6 +483,84 @@ async def test_calls_overdue_when_a_cooldown_begins_keep_their_place_in_line(reg
     assert most_in_one_second(server.times) <= 2
 
 
+# max_cooldown: no single response switches the host off for longer than the policy allows
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        (429, {"Retry-After": "86400"}),
+        (503, {"Retry-After": "86400"}),
+        (200, {"RateLimit": '"default";r=0;t=86400'}),
+        (200, {"RateLimit-Remaining": "0", "RateLimit-Reset": "86400"}),
+    ],
+    ids=["429", "503", "ratelimit-exhausted", "older-fields-exhausted"],
+)
+async def test_a_server_cooldown_is_cut_to_max_cooldown(
+    registry: CollectorRegistry, status: int, headers: Mapping[str, str]
+) -> None:
+    """A day-long Retry-After or quota reset holds the host back for max_cooldown, no longer."""
+    clock = FakeClock()
+    server = Server(clock, {"/0": [(status, headers)]})
+    async with client(server, registry, rate=100, burst=10, max_cooldown=30) as http:
+        await http.get("/0")
+        await http.get("/1")
+    assert server.times == [START, START + 30.0]
+    assert value(registry, "resilient_http_cooldown_seconds_total") == 30.0
+
+
+async def test_max_cooldown_defaults_to_a_minute(registry: CollectorRegistry) -> None:
+    """Without a max_cooldown of its own, a policy lets one response pause the host for at most 60 s."""
+    clock = FakeClock()
+    server = Server(clock, {"/0": [(429, {"Retry-After": "100000"})]})
+    async with client(server, registry, rate=100, burst=10) as http:
+        await http.get("/0")
+        await http.get("/1")
+    assert RateLimitPolicy(rate=1).max_cooldown == 60.0
+    assert server.times == [START, START + 60.0]
+
+
+async def test_ratelimit_spacing_is_cut_to_max_cooldown(registry: CollectorRegistry) -> None:
+    """r=1 left for a day would space calls a day apart; they go max_cooldown apart instead."""
+    clock = FakeClock()
+    server = Server(clock, {"/0": [(200, {"RateLimit": '"day";r=2;t=86400'})]})
+    async with client(server, registry, rate=100, burst=10, max_cooldown=30) as http:
+        for i in range(3):
+            await http.get(f"/{i}")
+    assert server.times == [START, START + 30.0, START + 60.0]
+
+
+async def test_a_cooldown_within_max_cooldown_is_kept_whole(registry: CollectorRegistry) -> None:
+    """A Retry-After shorter than max_cooldown is obeyed to the second."""
+    clock = FakeClock()
+    server = Server(clock, {"/0": [(429, {"Retry-After": "29"})]})
+    async with client(server, registry, rate=100, burst=10, max_cooldown=30) as http:
+        await http.get("/0")
+        await http.get("/1")
+    assert server.times == [START, START + 29.0]
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan"), True, "60"])
+def test_max_cooldown_must_be_a_positive_finite_number_of_seconds(bad: Any) -> None:
+    """A bad max_cooldown fails when the policy is built, naming the field and the value."""
+    with pytest.raises(ConfigurationError) as caught:
+        RateLimitPolicy(rate=1, max_cooldown=bad)
+    assert caught.value.field == "RateLimitPolicy.max_cooldown"
+    assert caught.value.value is bad
+
+
+def test_max_cooldown_is_read_from_toml_and_checked_there() -> None:
+    """`max_cooldown` is a rate_limit key in TOML; a bad value names its key path."""
+    policies, default = parse_policies(
+        {"default": {"rate_limit": {"rate": 5, "max_cooldown": 15}}, "hosts": {"api.example.com": {}}}
+    )
+    assert default.rate_limit == RateLimitPolicy(rate=5, max_cooldown=15)
+    assert policies["api.example.com"].rate_limit == RateLimitPolicy(rate=5, max_cooldown=15)
+    with pytest.raises(ConfigurationError) as caught:
+        parse_policies({"default": {"rate_limit": {"rate": 5, "max_cooldown": -3}}})
+    assert caught.value.field == "default.rate_limit.max_cooldown"
+
+
 # RateLimit fields: slowing down before the quota runs out
 
 
@@ -545,6 +676,57 @@ async def test_retries_take_tokens_too(registry: CollectorRegistry) -> None:
     [wait] = info(after).waits
     assert wait.reason == "rate_limit"
     assert wait.seconds == pytest.approx(1.0)
+
+
+async def test_a_retry_waiting_out_its_retry_after_does_not_hold_back_calls_while_tokens_remain(
+    registry: CollectorRegistry,
+) -> None:
+    """A retry booked 5 s ahead leaves the tokens it does not need to calls arriving meanwhile: first come, first go."""
+    clock = SteppedClock()
+    # A 502's Retry-After paces only the retry; it is no cooldown of the host.
+    server = Server(clock, {"/a": [(502, {"Retry-After": "5"})]})
+    retry = RetryPolicy(attempts=2, backoff=0.01, budget=None)
+    results: dict[str, httpx.Response] = {}
+    async with client(server, registry, rate=1, retry=retry) as http:
+
+        def job(path: str, at: float) -> Job:
+            async def run() -> None:
+                await clock.sleep(at)
+                results[path] = await http.get(path)
+
+            return run
+
+        await clock.run(job("/a", 0.0), job("/b", 2.0), job("/c", 4.5))
+    assert server.paths == ["/a", "/b", "/a", "/c"]
+    assert server.times[:2] == [START, START + 2.0]  # /b found a token free: it went at once
+    assert info(results["/b"]).waits == ()
+    retried = server.times[2]
+    assert START + 5.0 <= retried <= START + 5.01
+    # /c, at +4.5, would have left the retry no token: it goes after it.
+    assert server.times[3] == pytest.approx(retried + 1.0)
+    assert most_in_one_second(server.times) <= 2
+
+
+async def test_calls_fit_between_retries_booked_ahead_without_breaking_the_bound(registry: CollectorRegistry) -> None:
+    """Many retries booked seconds ahead, fresh calls arriving all along: all fit one token bucket."""
+    clock = SteppedClock()
+    server = Server(clock, {f"/r{i}": [(502, {"Retry-After": str(1 + i % 4)})] for i in range(20)})
+    retry = RetryPolicy(attempts=2, backoff=0.3, budget=None)
+    async with client(server, registry, rate=3, burst=2, retry=retry) as http:
+
+        def job(path: str, at: float) -> Job:
+            async def run() -> None:
+                await clock.sleep(at)
+                assert (await http.get(path)).status_code == 200
+
+            return run
+
+        rng = random.Random(5)
+        retried = [job(f"/r{i}", i * 0.4) for i in range(20)]
+        fresh = [job(f"/f{i}", rng.uniform(0, 10)) for i in range(40)]  # with the retries, twice the rate
+        await clock.run(*retried, *fresh)
+    assert len(server.sent) == 20 * 2 + 40
+    assert within_bucket(server.times, rate=3, burst=2)
 
 
 async def test_retries_keep_the_host_within_its_bound(registry: CollectorRegistry) -> None:
@@ -683,7 +865,7 @@ async def test_cancelled_waiting_call_gives_back_the_latest_turn(registry: Colle
 async def test_cancelled_call_in_the_middle_of_the_line_lets_the_calls_behind_it_move_up(
     registry: CollectorRegistry,
 ) -> None:
-    """A waiting call cancelled with others queued behind it frees its turn for them, in order: no hole, no double turn."""
+    """A waiting call cancelled with others queued behind it frees its turn for them, in order: no hole, no extra."""
     clock = SteppedClock()
     server = Server(clock)
     scope = anyio.CancelScope()
@@ -707,6 +889,30 @@ async def test_cancelled_call_in_the_middle_of_the_line_lets_the_calls_behind_it
         # /0 goes at +0, /1 waits for +1 and is cancelled, /2 moves up to +1; /3../5 arrive after.
         await clock.run(canceller, *(job(i, at) for i, at in enumerate([0, 0.01, 0.02, 0.5, 0.6, 0.7])))
     assert server.sent == [(START + i, f"/{path}") for i, path in enumerate([0, 2, 3, 4, 5])]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_hundreds_of_waiting_calls_cancelled_at_once_give_their_turns_back(backend: str) -> None:
+    """300 calls waiting in line are cancelled together; a lone call afterwards is served at once (asyncio and trio)."""
+
+    async def main() -> tuple[list[str], tuple[Wait, ...]]:
+        clock = ManualClock()
+        server = Server(clock)
+        async with client(server, CollectorRegistry(), rate=1) as http:
+            await http.get("/first")
+            async with anyio.create_task_group() as group:
+                for i in range(300):
+                    group.start_soon(http.get, f"/{i}")
+                await anyio.wait_all_tasks_blocked()
+                group.cancel_scope.cancel()
+            clock.advance(1.0)  # one interval: the bucket holds a token again
+            with anyio.fail_after(5):  # real seconds: a turn never given back would hang here
+                lone = await http.get("/lone")
+        return server.paths, info(lone).waits
+
+    paths, waits = anyio.run(main, backend=backend)
+    assert paths == ["/first", "/lone"]
+    assert waits == ()
 
 
 async def test_cancelled_calls_never_let_the_host_exceed_its_bound(registry: CollectorRegistry) -> None:
