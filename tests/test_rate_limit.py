@@ -609,6 +609,27 @@ async def test_the_tightest_of_several_quotas_sets_the_spacing(registry: Collect
     assert server.times == [START, START + 50.0]
 
 
+async def test_a_waiting_call_goes_earlier_when_the_server_loosens_its_pacing(registry: CollectorRegistry) -> None:
+    """Paced 10 s apart, a waiting call goes as soon as another answer says the quota has room again."""
+    clock = SteppedClock()
+    server = Server(
+        clock,
+        {"/0": [(200, {"RateLimit": '"default";r=1;t=10'})], "/free": [(200, {"RateLimit": '"default";r=50;t=10'})]},
+    )
+    async with client(server, registry, rate=100, burst=10) as http:
+
+        async def first() -> None:
+            await http.get("/0")
+            await http.get("/1")  # paced to +10
+
+        async def free() -> None:  # not rate limited itself, but its answer is read for the host
+            await clock.sleep(2.0)
+            await http.get("/free", extensions={"resilient_http": {"rate_limit": None}})
+
+        await clock.run(first, free)
+    assert server.sent == [(START, "/0"), (START + 2.0, "/free"), (START + 2.0, "/1")]
+
+
 async def test_retry_after_wins_over_ratelimit_fields(registry: CollectorRegistry) -> None:
     """A 429 with Retry-After: 3 and RateLimit r=0;t=60 holds the host back 3 s, not 60."""
     clock = FakeClock()

@@ -386,14 +386,16 @@ class RateLimiter:
                 self._cool(now, now + max(reset, self._interval if status == 429 else 0.0))
                 return
             spacing = reset / remaining
+            pace, pace_until = self._pace, self._pace_until
             if spacing > self._interval:
                 self._pace = min(spacing, self._max_cooldown)
                 self._pace_until = now + reset
             else:
                 self._pace_until = _NEVER
             self._hold_until = max(self._cooldown_until, self._pace_until)
-            self._plan = None
-            self._wake_head()
+            if self._pace_until < pace_until or (self._pace < pace and self._pace_until > now):
+                self._plan = None  # turns may come earlier (a later one is found on waking)
+                self._wake_head()
         if status == 429:
             self._cool(now, now + self._interval)
 
