@@ -36,6 +36,7 @@ from resilient_http import (
 )
 from resilient_http._pipeline import ORDER
 from resilient_http._toml import parse_policies
+from resilient_http.layers._bucket import Bucket
 from resilient_http.testing import FakeClock
 
 HOST = "api.example.com:443"
@@ -277,6 +278,42 @@ async def test_calls_woken_late_by_a_busy_loop_do_not_go_in_a_bunch(registry: Co
     assert server.paths == [f"/{i}" for i in range(10)]
     assert most_in_one_second(server.times) <= 2 + 1
     assert within_bucket(server.times, rate=2, burst=1)
+
+
+# The bucket's arithmetic (virtual seconds)
+
+
+def test_a_booking_far_ahead_leaves_the_tokens_before_it_free() -> None:
+    """With a retry booked at 5, a call at 2 fits at 2; one at 4.5 would starve the booking and goes after it."""
+    bucket = Bucket(rate=1, burst=1)
+    bucket.send(0.0)
+    bucket.book(5.0)
+    assert bucket.fit(bucket.now, 2.0)[0] == 2.0
+    assert bucket.fit(bucket.now, 4.5)[0] == 6.0
+
+
+def test_a_burst_fits_around_a_booking_as_far_as_its_tokens_go() -> None:
+    """Burst 3 and a booking at 1: three calls fit at 0, a fourth would leave the booking short and goes after it."""
+    bucket = Bucket(rate=1, burst=3)
+    bucket.book(1.0)
+    turns = []
+    state = bucket.now
+    for _ in range(4):
+        turn, state = bucket.fit(state, 0.0)
+        turns.append(turn)
+    assert turns == [0.0, 0.0, 0.0, 2.0]
+    assert within_bucket([*turns, 1.0], rate=1, burst=3)
+    assert not within_bucket([0.0, 0.0, 0.0, 0.0, 1.0], rate=1, burst=3)
+
+
+def test_due_bookings_count_as_sends() -> None:
+    """Bookings due by now are counted, in order, and forgotten; the rest stay."""
+    bucket = Bucket(rate=2, burst=1)
+    for booked in (0.5, 1.0, 3.0):
+        bucket.book(booked)
+    assert bucket.settle(1.0) == 2
+    assert bucket.bookings == [3.0]
+    assert bucket.fit(bucket.now, 1.0)[0] == 1.5
 
 
 # Refusals

@@ -1,9 +1,9 @@
 """Rate limiter: never send a host more than it can take, and slow down when it says so.
 
 A token bucket per host, ``rate`` calls a second with room for ``burst`` at
-once, kept as GCRA over the sends actually made: a call is let through when
-the bucket holds a token at the moment it is sent, not at a moment planned
-earlier. Over any one-second window the host receives at most
+once (GCRA, in ``_bucket``), over the sends actually made: a call is let
+through when the bucket holds a token at the moment it is sent, not at a
+moment planned earlier. Over any one-second window the host receives at most
 ``rate + burst`` calls, retries included, however late the event loop wakes
 a sleeper: the calls held up behind a late one cannot then go in a bunch.
 
@@ -54,7 +54,6 @@ A retry's wait for its turn is recorded by the retry layer, in ``CallInfo.waits`
 
 from __future__ import annotations
 
-import bisect
 import math
 import re
 from collections import deque
@@ -67,8 +66,7 @@ from .._call import Call, Host, Next, Wait
 from .._clock import Clock
 from .._exceptions import RateLimitedError
 from .._headers import mentions, retry_after
-
-_NEVER = -math.inf
+from ._bucket import NEVER, Bucket, State
 
 
 class _Waiter:
@@ -79,7 +77,7 @@ class _Waiter:
     def __init__(self, limit: float, deadline: float) -> None:
         self.limit = limit
         self.deadline = deadline
-        self.turn = _NEVER
+        self.turn = NEVER
         self.refused: float | None = None  # set when it cannot go in time: how long it would have waited
         self.gone = False
         self.scope = anyio.CancelScope()  # the sleep in progress; cancelled to wake the call
@@ -91,32 +89,25 @@ class _Waiter:
 class RateLimiter:
     """The rate limiter of one host.
 
-    Times are on the host's clock, or *virtual*: virtual time stands still
-    during a cooldown, so a virtual time ``v`` is the clock's ``v + shift``,
-    ``shift`` being the length of every cooldown so far. The bucket's state
-    (``_tat``, ``_last``) counts the sends made; ``_bookings`` holds the
-    virtual send times promised to retries, in order.
+    Times are on the host's clock, or *virtual* (the bucket's): virtual time
+    stands still during a cooldown, so a virtual time ``v`` is the clock's
+    ``v + shift``, ``shift`` being the length of every cooldown so far.
     """
 
     __slots__ = (
-        "_bookings",
+        "_bucket",
         "_clock",
         "_cooldown",
         "_cooldown_until",
         "_hold_until",
-        "_interval",
         "_label",
-        "_last",
         "_line",
         "_max_cooldown",
         "_max_wait",
-        "_pace",
         "_pace_until",
         "_plan",
         "_rate_limited",
         "_shift",
-        "_tat",
-        "_tolerance",
         "_wait_seconds",
         "_waiting",
     )
@@ -126,22 +117,16 @@ class RateLimiter:
         assert policy is not None
         self._clock: Clock = host.clock
         self._label = host.label
-        self._interval = 1.0 / policy.rate
-        self._tolerance = (policy.burst - 1) * self._interval
+        self._bucket = Bucket(policy.rate, policy.burst)
         self._max_wait = policy.max_wait
         self._max_cooldown = policy.max_cooldown
-        self._tat = _NEVER  # theoretical arrival time: the bucket is full while it is in the past
-        self._last = _NEVER  # the latest send, from which pacing is measured
-        self._bookings: list[float] = []
         self._line: deque[_Waiter] = deque()  # in arrival order; those gone are dropped when they reach the front
         self._waiting = 0  # calls in line and not gone
-        # The bucket once the line has gone (as _fit gives it), and the last turn in line.
-        self._plan: tuple[float, float, int, float] | None = None
+        self._plan: tuple[State, float] | None = None  # the bucket once the line has gone, and the last turn in it
         self._shift = 0.0
-        self._cooldown_until = _NEVER
-        self._pace = 0.0
-        self._pace_until = _NEVER
-        self._hold_until = _NEVER  # before this, the server has a say: no fast path
+        self._cooldown_until = NEVER
+        self._pace_until = NEVER
+        self._hold_until = NEVER  # before this, the server has a say: no fast path
         metrics = host.metrics
         self._wait_seconds = metrics.rate_limit_wait
         self._rate_limited = metrics.rate_limited
@@ -153,83 +138,30 @@ class RateLimiter:
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         now = self._clock.now()
         virtual = now - self._shift
-        tat = self._tat
-        if tat - self._tolerance <= virtual and now >= self._hold_until and not self._waiting and not self._bookings:
-            self._tat = (tat if tat > virtual else virtual) + self._interval
-            self._last = virtual
+        bucket = self._bucket
+        tat = bucket.tat
+        if tat - bucket.tolerance <= virtual and now >= self._hold_until and not self._waiting and not bucket.bookings:
+            bucket.tat = (tat if tat > virtual else virtual) + bucket.interval
+            bucket.last = virtual
             self._wait_seconds.observe(0.0)
             return await call_next(call)
         await self._wait_turn(call, now)
         return await call_next(call)
 
-    # The schedule
-
-    def _fit(self, tat: float, last: float, i: int, earliest: float) -> tuple[float, float, float, int]:
-        """The first virtual time at or after ``earliest`` at which one more call may be sent.
-
-        Starts from the bucket ``(tat, last)`` with the bookings from ``i`` on
-        still to come, and returns the turn with the bucket after it. The turn
-        honours the cooldown and the pacing, and leaves every later booking its
-        token; bookings due before it are counted first.
-        """
-        bookings = self._bookings
-        interval, tolerance = self._interval, self._tolerance
-        floor = self._cooldown_until - self._shift
-        pace_end = self._pace_until - self._shift
-        while True:
-            turn = max(earliest, tat - tolerance, floor)
-            if turn < pace_end:
-                turn = max(turn, min(last + self._pace, pace_end))
-            if i < len(bookings) and bookings[i] <= turn:  # a retry booked before it goes first
-                tat = max(tat, bookings[i]) + interval
-                last = max(last, bookings[i])
-                i += 1
-                continue
-            # Sending at ``turn`` must leave each later booking its token: follow
-            # the bucket with and without this call until the two agree.
-            ahead, behind = max(tat, turn) + interval, tat
-            j = i
-            while j < len(bookings) and ahead > behind:
-                booked = bookings[j]
-                if booked < ahead - tolerance:
-                    break
-                ahead = max(ahead, booked) + interval
-                behind = max(behind, booked) + interval
-                j += 1
-            else:
-                return turn, max(tat, turn) + interval, max(last, turn), i
-            while i <= j:  # it would take booking j's token: go after it
-                tat = max(tat, bookings[i]) + interval
-                last = max(last, bookings[i])
-                i += 1
-            earliest = max(earliest, bookings[j])
+    # The line
 
     def _settle(self, virtual: float) -> None:
-        """Count the bookings that are due as sends, and forget them."""
-        bookings = self._bookings
-        if not bookings or bookings[0] > virtual:
-            return
-        due = bisect.bisect_right(bookings, virtual)
-        tat, last = self._tat, self._last
-        for booked in bookings[:due]:
-            tat = max(tat, booked) + self._interval
-            last = max(last, booked)
-        self._tat, self._last = tat, last
-        del bookings[:due]
+        """Count the retries' bookings due by now as sends (the plan counts from the first left)."""
+        due = self._bucket.settle(virtual)
         plan = self._plan
-        if plan is not None:
-            self._plan = None if plan[2] < due else (plan[0], plan[1], plan[2] - due, plan[3])
+        if due and plan is not None:
+            (tat, last, i), tail = plan
+            self._plan = None if i < due else ((tat, last, i - due), tail)
 
-    def _send(self, virtual: float) -> None:
-        """Count a send made now."""
-        self._settle(virtual)
-        self._tat = max(self._tat, virtual) + self._interval
-        self._last = max(self._last, virtual)
-
-    def _planned(self, now: float) -> tuple[float, float, int, float]:
+    def _planned(self, now: float) -> tuple[State, float]:
         """The bucket once every call in line has gone, and the virtual time the last of them goes."""
         if not self._waiting:
-            return self._tat, self._last, 0, now - self._shift
+            return self._bucket.now, now - self._shift
         if self._plan is None:
             self._replan(now)
             assert self._plan is not None
@@ -237,19 +169,19 @@ class RateLimiter:
 
     def _replan(self, now: float) -> None:
         """Predict every waiting call's turn; those that cannot go in time are refused now."""
-        shift = self._shift
-        tat, last, i, turn = self._tat, self._last, 0, now - shift
+        bucket, shift = self._bucket, self._shift
+        state, turn = bucket.now, now - shift
         for waiter in self._line:
             if waiter.gone or waiter.refused is not None:
                 continue
-            at, after, latest, index = self._fit(tat, last, i, turn)
+            at, after = bucket.fit(state, turn)
             if waiter.too_late(at + shift):
                 waiter.refused = at + shift - now
                 waiter.scope.cancel()
                 continue
             waiter.turn = turn = at
-            tat, last, i = after, latest, index
-        self._plan = (tat, last, i, turn)
+            state = after
+        self._plan = (state, turn)
 
     def _head(self) -> _Waiter | None:
         """The first call in line."""
@@ -263,8 +195,6 @@ class RateLimiter:
         if head is not None:
             head.scope.cancel()
 
-    # Waiting in line
-
     async def _wait_turn(self, call: Call, now: float) -> None:
         arrival = now
         waiter = _Waiter(
@@ -272,18 +202,19 @@ class RateLimiter:
             math.inf if call.deadline is None else call.deadline,
         )
         shift = self._shift
-        tat, last, i, tail = self._planned(now)
-        turn, tat, last, i = self._fit(tat, last, i, max(now - shift, tail))
+        state, tail = self._planned(now)
+        turn, state = self._bucket.fit(state, max(now - shift, tail))
         target = turn + shift
         if target <= now and not self._waiting:  # a token is free after all
-            self._send(now - shift)
+            self._settle(now - shift)
+            self._bucket.send(now - shift)
         else:
             if waiter.too_late(target):
                 self._refuse(call, target - now)
             waiter.turn = turn
             self._line.append(waiter)
             self._waiting += 1
-            self._plan = (tat, last, i, turn)
+            self._plan = (state, turn)
             now = await self._wait_in_line(call, waiter, now)
         waited = now - arrival
         self._wait_seconds.observe(waited)
@@ -292,16 +223,16 @@ class RateLimiter:
 
     async def _wait_in_line(self, call: Call, waiter: _Waiter, now: float) -> float:
         """Wait until ``waiter`` is first in line and the bucket holds a token; count its send; return the time."""
-        clock = self._clock
+        clock, bucket = self._clock, self._bucket
         sent = False
         try:
             while waiter.refused is None:
                 if self._head() is waiter:
                     virtual = now - self._shift
                     self._settle(virtual)
-                    target = self._fit(self._tat, self._last, 0, virtual)[0] + self._shift
+                    target = bucket.fit(bucket.now, virtual)[0] + self._shift
                     if target <= now:
-                        self._send(virtual)
+                        bucket.send(virtual)
                         sent = True
                         return now
                     if waiter.too_late(target):
@@ -354,15 +285,15 @@ class RateLimiter:
         now = self._clock.now()
         shift = self._shift
         self._settle(now - shift)
-        tat, last, i, tail = self._planned(now)
-        turn = self._fit(tat, last, i, max(earliest - shift, tail))[0]
+        state, tail = self._planned(now)
+        turn = self._bucket.fit(state, max(earliest - shift, tail))[0]
         send = max(turn + shift, earliest)
         max_wait = self._max_wait
         if (max_wait is not None and send - earliest > max_wait) or (
             call.deadline is not None and send >= call.deadline
         ):
             return None
-        bisect.insort(self._bookings, turn)
+        self._bucket.book(turn)
         self._plan = None
         return send
 
@@ -383,21 +314,26 @@ class RateLimiter:
         if found is not None:
             remaining, reset = found
             if remaining == 0:
-                self._cool(now, now + max(reset, self._interval if status == 429 else 0.0))
+                self._cool(now, now + max(reset, self._bucket.interval if status == 429 else 0.0))
                 return
-            spacing = reset / remaining
-            pace, pace_until = self._pace, self._pace_until
-            if spacing > self._interval:
-                self._pace = min(spacing, self._max_cooldown)
-                self._pace_until = now + reset
-            else:
-                self._pace_until = _NEVER
-            self._hold_until = max(self._cooldown_until, self._pace_until)
-            if self._pace_until < pace_until or (self._pace < pace and self._pace_until > now):
-                self._plan = None  # turns may come earlier (a later one is found on waking)
-                self._wake_head()
+            self._pace_for(now, reset / remaining, now + reset)
         if status == 429:
-            self._cool(now, now + self._interval)
+            self._cool(now, now + self._bucket.interval)
+
+    def _pace_for(self, now: float, spacing: float, until: float) -> None:
+        """Space calls ``spacing`` apart (at most ``max_cooldown``) until ``until``; wake the line if that is looser."""
+        bucket = self._bucket
+        pace, pace_until = bucket.pace, self._pace_until
+        if spacing > bucket.interval:
+            bucket.pace = min(spacing, self._max_cooldown)
+            self._pace_until = until
+        else:
+            self._pace_until = NEVER
+        bucket.pace_end = self._pace_until - self._shift
+        self._hold_until = max(self._cooldown_until, self._pace_until)
+        if self._pace_until < pace_until or (bucket.pace < pace and self._pace_until > now):
+            self._plan = None  # turns may come earlier (a later one is found on waking)
+            self._wake_head()
 
     def _cool(self, now: float, until: float) -> None:
         """Send nothing before ``until`` (at most ``max_cooldown`` away): pause the schedule, and wake the line."""
@@ -409,6 +345,9 @@ class RateLimiter:
         self._cooldown.inc(until - start)  # the host's time in cooldown, however many calls wait it out
         self._cooldown_until = until
         self._hold_until = max(until, self._pace_until)
+        bucket = self._bucket
+        bucket.floor = until - self._shift
+        bucket.pace_end = self._pace_until - self._shift
         if self._waiting:
             self._replan(now)  # calls that cannot wait that long fail now
             self._wake_head()
