@@ -80,7 +80,7 @@ THROUGHPUT_TARGET = 0.97  # resilient over a socket, as a share of bare
 
 def all_six() -> Policy:
     """Every layer on; the rate limiter at a rate that never makes a call wait."""
-    return Policy(rate_limit=RateLimitPolicy(rate=1e9, burst=10**9), stale_cache=StaleCachePolicy())
+    return Policy(rate_limit=RateLimitPolicy(rate=1e6, burst=10**6), stale_cache=StaleCachePolicy())
 
 
 NO_LAYERS = Policy(timeout=None, retry=None, circuit_breaker=None, bulkhead=None)
@@ -90,7 +90,7 @@ LAYER_ALONE: dict[str, Policy] = {
     "circuit breaker": Policy(timeout=None, retry=None, bulkhead=None),
     "bulkhead": Policy(timeout=None, retry=None, circuit_breaker=None),
     "rate limiter": Policy(
-        timeout=None, retry=None, circuit_breaker=None, bulkhead=None, rate_limit=RateLimitPolicy(rate=1e9, burst=10**9)
+        timeout=None, retry=None, circuit_breaker=None, bulkhead=None, rate_limit=RateLimitPolicy(rate=1e6, burst=10**6)
     ),
     "stale cache": Policy(
         timeout=None, retry=None, circuit_breaker=None, bulkhead=None, stale_cache=StaleCachePolicy()

@@ -64,6 +64,7 @@ class Host:
     """
 
     __slots__ = (
+        "calls",
         "chain",
         "chains",
         "clock",
@@ -102,6 +103,7 @@ class Host:
         self.metrics = metrics
         self.inner = inner
         self.layers: dict[str, Any] = {}
+        self.calls = 0  # calls in flight, counted by the host table: a busy host is never evicted
         self.shared: dict[str, Any] = {} if shared is None else shared  # one dict for all hosts of a transport
         self.chains: dict[tuple[bool, ...], Next] = {}
         self.chain: Next  # the chain of ``policy``, set once the layers exist

@@ -2,60 +2,51 @@
 
 A :class:`Policy` says which layers a host gets and how each behaves; a layer
 set to ``None`` is off and costs nothing. Every dataclass checks its fields in
-``__post_init__`` and raises :class:`ConfigurationError` naming the field and
-the value, so a bad policy fails when the transport is built, not on the
-first call at three in the morning.
+``__post_init__`` and raises :class:`ConfigurationError` naming the field,
+the value and the bound it broke, so a bad policy fails when the transport
+is built, not on the first call at three in the morning.
+
+Every number has bounds (see :mod:`resilient_http._checks`): seconds from
+a millisecond to a year, rates from one call a year to a million a second,
+counts of calls up to a million, so that no value accepted here can make a
+call crash or switch a layer off later.
 """
 
 from __future__ import annotations
 
-import math
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._exceptions import ConfigurationError
+from ._checks import (
+    MAX_ATTEMPTS,
+    MAX_BUDGET_WINDOW,
+    MAX_BYTES,
+    MAX_CALLS,
+    check_count,
+    check_rate,
+    check_ratio,
+    check_seconds,
+    check_statuses,
+    not_above,
+    not_below,
+)
+from ._errors import ConfigurationError
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
-def _number(owner: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be a number")
-    if math.isnan(value):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be a number")
-    return float(value)
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a field name (RFC 9110 §5.1)
 
 
-def _positive(owner: str, name: str, value: Any) -> None:
-    if _number(owner, name, value) <= 0 or math.isinf(value):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be a positive, finite number of seconds")
-
-
-def _non_negative(owner: str, name: str, value: Any) -> None:
-    if _number(owner, name, value) < 0 or math.isinf(value):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be zero or a positive, finite number")
-
-
-def _ratio(owner: str, name: str, value: Any) -> None:
-    if not 0.0 <= _number(owner, name, value) <= 1.0:
-        raise ConfigurationError(f"{owner}.{name}", value, "must be between 0 and 1")
-
-
-def _count(owner: str, name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be a whole number")
-    if value < minimum:
-        raise ConfigurationError(f"{owner}.{name}", value, f"must be at least {minimum}")
-
-
-def _statuses(owner: str, name: str, value: Any) -> frozenset[int]:
+def _header_names(owner: str, name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str | bytes) or not isinstance(value, Collection):
-        raise ConfigurationError(f"{owner}.{name}", value, "must be a collection of HTTP status codes")
-    for status in value:
-        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-            raise ConfigurationError(f"{owner}.{name}", value, f"{status!r} is not an HTTP status code")
-    return frozenset(value)
+        raise ConfigurationError(f"{owner}.{name}", value, "must be a collection of header names")
+    for header in value:
+        if not isinstance(header, str) or not _TOKEN.fullmatch(header):
+            raise ConfigurationError(f"{owner}.{name}", value, f"{header!r} is not a header name")
+    return tuple(sorted({header.lower() for header in value}))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,14 +64,9 @@ class TimeoutPolicy:
     total: float | None = 30.0
 
     def __post_init__(self) -> None:
-        if self.attempt is not None:
-            _positive("TimeoutPolicy", "attempt", self.attempt)
-        if self.total is not None:
-            _positive("TimeoutPolicy", "total", self.total)
-        if self.attempt is not None and self.total is not None and self.attempt > self.total:
-            raise ConfigurationError(
-                "TimeoutPolicy.attempt", self.attempt, f"must not exceed TimeoutPolicy.total ({self.total})"
-            )
+        check_seconds(self, "attempt", optional=True)
+        check_seconds(self, "total", optional=True)
+        not_above(self, "attempt", "total")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,7 +75,9 @@ class RetryBudget:
 
     Over any ``window`` seconds, retries may add at most ``ratio`` of the
     calls made to the host, plus ``min_per_second`` retries each second so
-    that a quiet host can still retry (Finagle's RetryBudget).
+    that a quiet host can still retry (Finagle's RetryBudget). The window
+    is at most a minute (``MAX_BUDGET_WINDOW``, as Finagle's): the host
+    keeps a count for each second of it.
     """
 
     ratio: float = 0.2
@@ -97,16 +85,17 @@ class RetryBudget:
     window: float = 10.0
 
     def __post_init__(self) -> None:
-        _ratio("RetryBudget", "ratio", self.ratio)
-        _non_negative("RetryBudget", "min_per_second", self.min_per_second)
-        _positive("RetryBudget", "window", self.window)
+        check_ratio(self, "ratio")
+        check_rate(self, "min_per_second", zero=True)
+        check_seconds(self, "window", high=MAX_BUDGET_WINDOW)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
     """When and how a failed attempt is tried again.
 
-    ``attempts`` counts every try, the first included. The wait before try
+    ``attempts`` counts every try, the first included, up to
+    100 (``MAX_ATTEMPTS``). The wait before try
     *n* + 1 is drawn uniformly from ``[0, min(max_backoff, backoff * 2**(n-1))]``
     ("full jitter"). A ``Retry-After`` on the response sets the least wait:
     the jitter is added to it, never taken from it. A Retry-After longer than
@@ -122,15 +111,12 @@ class RetryPolicy:
     budget: RetryBudget | None = field(default_factory=RetryBudget)
 
     def __post_init__(self) -> None:
-        _count("RetryPolicy", "attempts", self.attempts, 1)
-        _positive("RetryPolicy", "backoff", self.backoff)
-        _positive("RetryPolicy", "max_backoff", self.max_backoff)
-        if self.max_backoff < self.backoff:
-            raise ConfigurationError(
-                "RetryPolicy.max_backoff", self.max_backoff, f"must not be below RetryPolicy.backoff ({self.backoff})"
-            )
-        object.__setattr__(self, "statuses", _statuses("RetryPolicy", "statuses", self.statuses))
-        _non_negative("RetryPolicy", "max_retry_after", self.max_retry_after)
+        check_count(self, "attempts", 1, MAX_ATTEMPTS)
+        check_seconds(self, "backoff")
+        check_seconds(self, "max_backoff")
+        not_below(self, "max_backoff", "backoff")
+        check_statuses(self, "statuses")
+        check_seconds(self, "max_retry_after", zero=True)
         if self.budget is not None and not isinstance(self.budget, RetryBudget):
             raise ConfigurationError("RetryPolicy.budget", self.budget, "must be a RetryBudget or None")
 
@@ -156,23 +142,14 @@ class CircuitBreakerPolicy:
     failure_statuses: Collection[int] = frozenset({500, 502, 503, 504})
 
     def __post_init__(self) -> None:
-        _ratio("CircuitBreakerPolicy", "failure_ratio", self.failure_ratio)
-        if self.failure_ratio == 0:
-            raise ConfigurationError("CircuitBreakerPolicy.failure_ratio", 0, "must be above 0")
-        _count("CircuitBreakerPolicy", "minimum_calls", self.minimum_calls, 1)
-        _positive("CircuitBreakerPolicy", "window", self.window)
-        _positive("CircuitBreakerPolicy", "break_duration", self.break_duration)
-        _positive("CircuitBreakerPolicy", "max_break_duration", self.max_break_duration)
-        if self.max_break_duration < self.break_duration:
-            raise ConfigurationError(
-                "CircuitBreakerPolicy.max_break_duration",
-                self.max_break_duration,
-                f"must not be below CircuitBreakerPolicy.break_duration ({self.break_duration})",
-            )
-        _count("CircuitBreakerPolicy", "half_open_calls", self.half_open_calls, 1)
-        object.__setattr__(
-            self, "failure_statuses", _statuses("CircuitBreakerPolicy", "failure_statuses", self.failure_statuses)
-        )
+        check_ratio(self, "failure_ratio", zero=False)
+        check_count(self, "minimum_calls", 1, MAX_CALLS)
+        check_seconds(self, "window")
+        check_seconds(self, "break_duration")
+        check_seconds(self, "max_break_duration")
+        not_below(self, "max_break_duration", "break_duration")
+        check_count(self, "half_open_calls", 1, MAX_CALLS)
+        check_statuses(self, "failure_statuses")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -180,7 +157,8 @@ class RateLimitPolicy:
     """A token bucket per host: ``rate`` calls a second, ``burst`` at once.
 
     A call waits its turn for at most ``max_wait`` seconds (``None``: as long
-    as the total timeout allows; ``0``: never waits). No single response
+    as the total timeout allows; ``0``: never waits). ``rate`` lies between
+    one call a year and a million a second (``MAX_RATE``). No single response
     holds the host back longer than ``max_cooldown`` seconds: a longer
     ``Retry-After`` or ``RateLimit`` reset, and a wider ``RateLimit``
     spacing between calls, are cut to it.
@@ -192,18 +170,18 @@ class RateLimitPolicy:
     max_cooldown: float = 60.0
 
     def __post_init__(self) -> None:
-        _positive("RateLimitPolicy", "rate", self.rate)
-        _count("RateLimitPolicy", "burst", self.burst, 1)
-        if self.max_wait is not None:
-            _non_negative("RateLimitPolicy", "max_wait", self.max_wait)
-        _positive("RateLimitPolicy", "max_cooldown", self.max_cooldown)
+        check_rate(self, "rate")
+        check_count(self, "burst", 1, MAX_CALLS)
+        check_seconds(self, "max_wait", zero=True, optional=True)
+        check_seconds(self, "max_cooldown")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BulkheadPolicy:
     """At most ``max_concurrent`` attempts in flight per host, ``max_queue`` waiting.
 
-    A waiting call gives up after ``queue_timeout`` seconds (``None``: the
+    A slot is a connection: a streamed response body holds its slot until it
+    is read to the end or closed. A waiting call gives up after ``queue_timeout`` seconds (``None``: the
     total timeout bounds the wait).
     """
 
@@ -212,10 +190,9 @@ class BulkheadPolicy:
     queue_timeout: float | None = None
 
     def __post_init__(self) -> None:
-        _count("BulkheadPolicy", "max_concurrent", self.max_concurrent, 1)
-        _count("BulkheadPolicy", "max_queue", self.max_queue, 0)
-        if self.queue_timeout is not None:
-            _positive("BulkheadPolicy", "queue_timeout", self.queue_timeout)
+        check_count(self, "max_concurrent", 1, MAX_CALLS)
+        check_count(self, "max_queue", 0, MAX_CALLS)
+        check_seconds(self, "queue_timeout", optional=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,26 +200,34 @@ class StaleCachePolicy:
     """Keep recent good answers, and serve them when the host cannot answer.
 
     ``max_stale`` seconds is how old a stored answer may be when served;
-    ``max_entries`` and ``max_bytes`` bound memory per host and across hosts;
+    ``max_entries`` and ``max_bytes`` bound this host's memory, and the
+    largest of them among the transport's policies bounds all hosts together;
     bodies above ``max_body_bytes`` are never stored.
+
+    The cache is shared by every caller of the transport, so it keeps only
+    what the origin lets a shared cache keep (RFC 9111), and answers to
+    requests with ``Authorization`` or ``Cookie`` only when the answer says
+    ``public`` (or ``s-maxage``, ``must-revalidate``). ``identity_headers``
+    names request headers that say who is asking (``X-Api-Key``, a tenant
+    id, ``Authorization``): their values become part of the key, so answers
+    are kept per identity and never reach another one.
     """
 
     max_stale: float = 300.0
     max_entries: int = 1000
     max_bytes: int = 50_000_000
     max_body_bytes: int = 1_000_000
+    identity_headers: Collection[str] = ()
 
     def __post_init__(self) -> None:
-        _positive("StaleCachePolicy", "max_stale", self.max_stale)
-        _count("StaleCachePolicy", "max_entries", self.max_entries, 1)
-        _count("StaleCachePolicy", "max_bytes", self.max_bytes, 1)
-        _count("StaleCachePolicy", "max_body_bytes", self.max_body_bytes, 0)
-        if self.max_body_bytes > self.max_bytes:
-            raise ConfigurationError(
-                "StaleCachePolicy.max_body_bytes",
-                self.max_body_bytes,
-                f"must not exceed StaleCachePolicy.max_bytes ({self.max_bytes})",
-            )
+        check_seconds(self, "max_stale")
+        check_count(self, "max_entries", 1, MAX_CALLS)
+        check_count(self, "max_bytes", 1, MAX_BYTES)
+        check_count(self, "max_body_bytes", 0, MAX_BYTES)
+        not_above(self, "max_body_bytes", "max_bytes")
+        object.__setattr__(
+            self, "identity_headers", _header_names("StaleCachePolicy", "identity_headers", self.identity_headers)
+        )
 
 
 LAYER_TYPES: dict[str, type] = {

@@ -22,9 +22,11 @@ to send it again later, and ``retry_after`` says when that is worth trying
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import httpx
+
+from ._errors import ConfigurationError as ConfigurationError
 
 TimeoutKind = Literal["attempt", "total"]
 
@@ -82,16 +84,3 @@ class DeadlineExceededError(ResilienceError, httpx.TimeoutException):
         super().__init__(message, request=request)
         self.kind: TimeoutKind = kind
         self.timeout = timeout
-
-
-class ConfigurationError(ValueError):
-    """A policy or policy file is invalid; the message names the field and value."""
-
-    def __init__(self, field: str, value: Any, reason: str, *, where: str | None = None) -> None:
-        message = f"{field}: {reason}" if value is None else f"{field}: {reason} (got {value!r})"
-        super().__init__(message if where is None else f"{where}: {message}")
-        self.field = field
-        self.value = value
-        self.reason = reason
-        #: The file, and the line where it can be told, of a policy file's error.
-        self.where = where

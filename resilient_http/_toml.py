@@ -20,6 +20,10 @@ key: what the host does not say, it inherits. ``layer = false`` turns a
 layer off, ``layer = true`` turns it on (with ``[default]``'s settings for
 it, or the dataclass defaults). Unknown keys and
 bad values raise :class:`ConfigurationError` naming the key path and value.
+Host patterns are checked as in code: two host tables that name the same
+host however spelt (``"api.example.com"`` and ``"API.example.com."``,
+``"bücher.example"`` and ``"xn--bcher-kva.example"``) are an error at the
+line of the second.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ._config import LAYER_TYPES, Policy, RetryBudget
-from ._exceptions import ConfigurationError
+from ._errors import ConfigurationError
 from ._hosts import PolicyTable
 
 _NESTED: dict[tuple[str, str], type] = {("retry", "budget"): RetryBudget}
@@ -129,7 +133,7 @@ def load_policies(path: str | PathLike[str]) -> tuple[dict[str, Policy], Policy]
     except ConfigurationError as exc:
         field, value = exc.field, exc.value
         if field == "policies":  # a bad pattern: name it as the file does
-            field = f"hosts.{json.dumps(str(value)) if not _BARE_KEY.fullmatch(str(value)) else value}"
+            field = f"hosts.{value if _BARE_KEY.fullmatch(str(value)) else json.dumps(str(value), ensure_ascii=False)}"
         line = _line_of(text, field)
         where = f"{path}" if line is None else f"{path}: line {line}"
         raise ConfigurationError(field, value, exc.reason, where=where) from None

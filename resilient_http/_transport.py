@@ -16,7 +16,7 @@ from ._call import PRIORITIES, Call, CallInfo, Host
 from ._clock import Clock, SystemClock, default_random
 from ._config import Policy, RetryPolicy, TimeoutPolicy
 from ._exceptions import ConfigurationError
-from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable
+from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable, canonical_host, host_of
 from ._metrics import HostMetrics, metrics_for, outcome_of_exception, outcome_of_status
 from ._pipeline import chain_for
 from .layers.timeout import IN_MEMORY, guard_body
@@ -92,7 +92,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     can take every connection) and is closed by :meth:`aclose`. Metrics go
     to ``registry`` (the global registry when omitted); transports sharing a registry share
     its series. State is kept for at most ``max_hosts`` hosts, least
-    recently used evicted first. ``clock`` and ``random`` exist for tests.
+    recently used evicted first, and never for a host while it has calls in
+    flight (the table may hold more hosts while more are busy at once).
+    ``clock`` and ``random`` exist for tests.
 
     A single call may override its host's ``timeout`` and ``retry``, turn
     any layer off, and set its bulkhead priority (``critical``, ``high``,
@@ -146,35 +148,40 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         host.metrics.remove()
 
     def policy_for(self, host: str, port: int = 443) -> Policy:
-        """The policy that calls to ``host:port`` get."""
-        return self._table.resolve(host.lower(), port)
+        """The policy that calls to ``host:port`` get (``host`` spelt any way httpx accepts)."""
+        return self._table.resolve(canonical_host(host), port)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         port = url.port or DEFAULT_PORTS.get(url.scheme, 0)
-        host = self._hosts.get(url.host, port)
-        policy = host.policy
-        chain = host.chain
-        priority = "normal"
-        override = request.extensions.get("resilient_http")
-        if override is not None:
-            policy, priority = _override(policy, override)
-            chain = chain_for(host, policy)
-        clock = self._clock
-        started = clock.now()
-        call = Call(request, host, policy, started, priority)
+        hosts = self._hosts
+        host = hosts.enter(host_of(url.raw_host), port)
         try:
-            response = await chain(call)
-        except BaseException as exc:
-            host.metrics.request(outcome_of_exception(exc), clock.now() - started)
-            if isinstance(exc, Exception):
-                exc.resilient_http = call.info()  # type: ignore[attr-defined]
-            raise
-        host.metrics.request("stale" if call.stale else outcome_of_status(response.status_code), clock.now() - started)
-        if call.deadline is not None and not isinstance(response.stream, IN_MEMORY):
-            guard_body(call, response)
-        response.extensions["resilient_http"] = call.info()
-        return response
+            policy = host.policy
+            chain = host.chain
+            priority = "normal"
+            override = request.extensions.get("resilient_http")
+            if override is not None:
+                policy, priority = _override(policy, override)
+                chain = chain_for(host, policy)
+            clock = self._clock
+            started = clock.now()
+            call = Call(request, host, policy, started, priority)
+            try:
+                response = await chain(call)
+            except BaseException as exc:
+                host.metrics.request(outcome_of_exception(exc), clock.now() - started)
+                if isinstance(exc, Exception):
+                    exc.resilient_http = call.info()  # type: ignore[attr-defined]
+                raise
+            outcome = "stale" if call.stale else outcome_of_status(response.status_code)
+            host.metrics.request(outcome, clock.now() - started)
+            if call.deadline is not None and not isinstance(response.stream, IN_MEMORY):
+                guard_body(call, response)
+            response.extensions["resilient_http"] = call.info()
+            return response
+        finally:
+            hosts.leave(host)
 
     async def aclose(self) -> None:
         await self._inner.aclose()

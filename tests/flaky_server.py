@@ -12,7 +12,8 @@ may give the path a default for when its queue is empty::
 
 Connections are kept alive between requests (HTTP/1.1), so connection reuse
 and pool leaks show in :attr:`FlakyServer.connections_accepted` and
-:attr:`FlakyServer.connections_open`. Every request is recorded with its
+:attr:`FlakyServer.connections_open` (and its high-water mark,
+:attr:`FlakyServer.connections_peak`). Every request is recorded with its
 arrival time on ``time.monotonic()``, the clock anyio's asyncio backend and
 resilient_http's ``SystemClock`` read too.
 """
@@ -188,6 +189,7 @@ class FlakyServer:
         self.requests: list[Recorded] = []
         self.connections_accepted = 0
         self.connections_open = 0
+        self.connections_peak = 0
 
     # -- scripting -----------------------------------------------------------
 
@@ -259,6 +261,7 @@ class FlakyServer:
             return
         self.connections_accepted += 1
         self.connections_open += 1
+        self.connections_peak = max(self.connections_peak, self.connections_open)
         conn = _Connection(self.connections_accepted, reader, writer)
         self._handlers.add(task)
         try:

@@ -8,8 +8,9 @@ timers, so the few tests of a timeout really wait, 0.05 s at most.
 
 from __future__ import annotations
 
+import gc
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
 
@@ -30,7 +31,7 @@ from resilient_http import (
     TimeoutPolicy,
     Wait,
 )
-from resilient_http.testing import FakeClock
+from resilient_http.testing import FakeClock, Handler
 
 HOST = "a.test:80"
 # Bounds every test, so that a lost slot fails the test instead of hanging it.
@@ -93,7 +94,7 @@ def policy(
 
 
 def client(
-    handler: Gate, registry: CollectorRegistry, default: Policy, clock: FakeClock | None = None
+    handler: Handler, registry: CollectorRegistry, default: Policy, clock: FakeClock | None = None
 ) -> httpx.AsyncClient:
     transport = ResilientTransport(
         default=default, inner=httpx.MockTransport(handler), registry=registry, clock=clock or FakeClock()
@@ -566,3 +567,181 @@ async def test_gauges_follow_every_slot_and_waiter_exactly(registry: CollectorRe
                 await settle(lambda: name in outcomes and gate.in_flight == in_flight)  # noqa: B023
                 assert (gauge(registry, "in_flight"), gauge(registry, "queued")) == (in_flight, queued)
     assert (gauge(registry, "in_flight"), gauge(registry, "queued")) == (0, 0)
+
+
+# Streamed bodies: the slot is the connection's, and lasts as long as the body
+
+
+class Body(httpx.AsyncByteStream):
+    """An unsized streamed body of two chunks, then a wait on ``hold`` if given; it counts its closings."""
+
+    def __init__(self, hold: anyio.Event | None = None) -> None:
+        self.hold = hold
+        self.closed = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"first"
+        if self.hold is not None:
+            await self.hold.wait()
+        yield b"last"
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+class Streaming:
+    """A handler answering ``/s...`` with a streamed :class:`Body` (kept in ``bodies``), anything else at once."""
+
+    def __init__(self, hold: anyio.Event | None = None) -> None:
+        self.hold = hold
+        self.bodies: list[Body] = []
+        self.entered: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        name = request.url.path.strip("/")
+        self.entered.append(name)
+        if not name.startswith("s"):
+            return httpx.Response(200, content=b"small")
+        body = Body(self.hold)
+        self.bodies.append(body)
+        return httpx.Response(200, stream=body)
+
+
+def slots(registry: CollectorRegistry) -> tuple[float, float]:
+    return gauge(registry, "in_flight"), gauge(registry, "queued")
+
+
+async def open_stream(http: httpx.AsyncClient, path: str) -> httpx.Response:
+    return await http.send(http.build_request("GET", path), stream=True)
+
+
+async def test_a_streamed_body_holds_its_slot_until_it_is_closed(registry: CollectorRegistry) -> None:
+    """While a streamed body is open its connection is busy: the slot is held and the next call waits."""
+    handler = Streaming()
+    outcomes: dict[str, Outcome] = {}
+    with anyio.fail_after(LIMIT):
+        async with client(handler, registry, policy()) as http, anyio.create_task_group() as tg:
+            response = await open_stream(http, "/s1")
+            assert slots(registry) == (1, 0)
+            tg.start_soon(fetch, http, "next", outcomes)
+            await until_queued(registry, 1)
+            assert handler.entered == ["s1"]
+            await response.aclose()
+            await settle(lambda: "next" in outcomes)
+    assert handler.entered == ["s1", "next"]
+    assert handler.bodies[0].closed == 1
+    assert slots(registry) == (0, 0)
+
+
+async def test_a_body_read_to_its_end_frees_the_slot_without_being_closed(registry: CollectorRegistry) -> None:
+    """Reading the last chunk closes the body and frees the slot, even if the caller never closes it."""
+    handler = Streaming()
+    with anyio.fail_after(LIMIT):
+        async with client(handler, registry, policy()) as http:
+            response = await open_stream(http, "/s1")
+            assert isinstance(response.stream, httpx.AsyncByteStream)
+            assert [chunk async for chunk in response.stream] == [b"first", b"last"]
+            assert slots(registry) == (0, 0)
+            assert handler.bodies[0].closed == 1
+            assert (await http.get("/next")).status_code == 200
+
+
+async def test_a_body_gives_its_slot_back_exactly_once(registry: CollectorRegistry) -> None:
+    """Read to the end, then closed twice: one slot given back, and max_concurrent slots remain."""
+    handler = Streaming()
+    outcomes: dict[str, Outcome] = {}
+    with anyio.fail_after(LIMIT):
+        async with client(handler, registry, policy(max_concurrent=2)) as http:
+            response = await open_stream(http, "/s1")
+            await response.aread()
+            await response.aclose()
+            assert isinstance(response.stream, httpx.AsyncByteStream)
+            await response.stream.aclose()
+            assert slots(registry) == (0, 0)
+            first, second = await open_stream(http, "/s2"), await open_stream(http, "/s3")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fetch, http, "third", outcomes)
+                await until_queued(registry, 1)
+                await first.aclose()
+            await second.aclose()
+    assert slots(registry) == (0, 0)
+    assert [body.closed for body in handler.bodies] == [1, 1, 1]
+
+
+async def test_a_read_cancelled_mid_body_frees_the_slot(registry: CollectorRegistry) -> None:
+    """A reader cancelled between two chunks, leaving the response unclosed, gives the slot back."""
+    handler = Streaming(hold=anyio.Event())
+    with anyio.fail_after(LIMIT):
+        async with client(handler, registry, policy()) as http:
+            response = await open_stream(http, "/s1")
+            chunks: list[bytes] = []
+            with anyio.move_on_after(0.01):
+                async for chunk in response.aiter_raw():
+                    chunks.append(chunk)
+            assert chunks == [b"first"]
+            assert slots(registry) == (0, 0)
+            assert handler.bodies[0].closed == 1
+            assert (await http.get("/next")).status_code == 200
+
+
+async def test_a_body_dropped_without_being_closed_is_closed_and_frees_the_slot(registry: CollectorRegistry) -> None:
+    """A streamed response the caller lets go of unread and unclosed is closed on its loop once collected."""
+    handler = Streaming()
+    outcomes: dict[str, Outcome] = {}
+    with anyio.fail_after(LIMIT):
+        async with client(handler, registry, policy()) as http, anyio.create_task_group() as tg:
+            response = await open_stream(http, "/s1")
+            tg.start_soon(fetch, http, "next", outcomes)
+            await until_queued(registry, 1)
+            del response
+            gc.collect()
+            await settle(lambda: "next" in outcomes)
+    assert handler.bodies[0].closed == 1
+    assert slots(registry) == (0, 0)
+
+
+async def test_a_small_body_read_inside_the_attempt_holds_no_slot_afterwards(registry: CollectorRegistry) -> None:
+    """A body with a small Content-Length is read by the attempt: its slot is free when the headers reach the caller."""
+    handler = Streaming()
+    with anyio.fail_after(LIMIT):
+        async with client(handler, registry, policy()) as http:
+            response = await open_stream(http, "/tiny")
+            assert slots(registry) == (0, 0)
+            assert (await http.get("/next")).status_code == 200
+            await response.aclose()
+
+
+async def test_a_streamed_answer_that_is_retried_frees_its_slot_before_the_backoff(registry: CollectorRegistry) -> None:
+    """A streamed 503 the retry layer discards gives its slot back, so the retry is not stuck behind it."""
+    bodies: list[Body] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(Body())
+        return httpx.Response(503 if len(bodies) == 1 else 200, stream=bodies[-1])
+
+    retry = RetryPolicy(attempts=2, backoff=0.01, budget=None)
+    with anyio.fail_after(LIMIT):
+        async with client(handler, registry, policy(retry=retry)) as http:
+            response = await http.get("/")
+    assert response.status_code == 200
+    assert [body.closed for body in bodies] == [1, 1]
+    assert slots(registry) == (0, 0)
+
+
+def test_under_trio_a_dropped_body_is_closed_and_frees_the_slot() -> None:
+    """The garbage-collected body's slot is given back on trio's loop too."""
+    registry = CollectorRegistry()
+    handler = Streaming()
+
+    async def main() -> None:
+        async with client(handler, registry, policy()) as http:
+            response = await open_stream(http, "/s1")
+            assert slots(registry) == (1, 0)
+            del response
+            gc.collect()
+            with anyio.fail_after(LIMIT):
+                await settle(lambda: slots(registry) == (0, 0))
+                assert (await http.get("/next")).status_code == 200
+
+    anyio.run(main, backend="trio")
+    assert handler.bodies[0].closed == 1

@@ -379,6 +379,35 @@ async def test_a_trial_from_an_earlier_round_does_not_count_in_the_next(harness:
     assert _gauge(harness)["closed"] == 1
 
 
+async def test_a_call_from_before_the_circuit_opened_cannot_reopen_it_once_closed(harness: Harness) -> None:
+    """A closed-state call still out when the circuit opened, ending after it closed again, is not counted."""
+    slow = anyio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/slow":
+            await slow.wait()
+            return httpx.Response(503)
+        return httpx.Response(503 if request.url.path == "/fail" else 200)
+
+    client = harness.client(Script(handler), _breaker(**TRIGGER_HAPPY))
+    late: list[int] = []
+
+    async def call_slow() -> None:
+        late.append((await client.get("/slow")).status_code)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call_slow)  # starts while closed
+        await anyio.wait_all_tasks_blocked()
+        await client.get("/fail")  # opens
+        harness.clock.advance(await _open_for(client))
+        assert _state(await client.get("/")) == "closed"  # the trial succeeds: the host has recovered
+        slow.set()  # the old call's failure arrives in the new closed period
+    assert late == [503]
+    response = await client.get("/")
+    assert (response.status_code, _state(response)) == (200, "closed")
+    assert harness.value("resilient_http_circuit_opened_total") == 1
+
+
 async def test_a_trial_ending_in_an_error_made_on_this_side_gives_its_slot_back(harness: Harness) -> None:
     """A trial that fails for a reason that says nothing about the host neither reopens nor blocks the circuit."""
     script = Script(503, httpx.UnsupportedProtocol, 200)

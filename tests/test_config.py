@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
+import httpx
 import pytest
+from conftest import Harness, Script
 
 from resilient_http import (
     BulkheadPolicy,
@@ -87,6 +92,47 @@ INVALID: list[tuple[type, dict[str, Any], str]] = [
     (StaleCachePolicy, {"max_bytes": 0}, "StaleCachePolicy.max_bytes"),
     (StaleCachePolicy, {"max_body_bytes": -1}, "StaleCachePolicy.max_body_bytes"),
     (StaleCachePolicy, {"max_bytes": 100, "max_body_bytes": 101}, "StaleCachePolicy.max_body_bytes"),
+    # Bounds: whatever the type, a value that would overflow, divide by almost nothing or switch a layer off.
+    (TimeoutPolicy, {"attempt": 10**400}, "TimeoutPolicy.attempt"),
+    (TimeoutPolicy, {"attempt": 1e-320}, "TimeoutPolicy.attempt"),
+    (TimeoutPolicy, {"attempt": 0.0005}, "TimeoutPolicy.attempt"),
+    (TimeoutPolicy, {"total": 1e300}, "TimeoutPolicy.total"),
+    (TimeoutPolicy, {"total": -math.inf}, "TimeoutPolicy.total"),
+    (TimeoutPolicy, {"total": Decimal("NaN")}, "TimeoutPolicy.total"),
+    (TimeoutPolicy, {"total": Decimal("sNaN")}, "TimeoutPolicy.total"),
+    (TimeoutPolicy, {"total": Decimal("1e400")}, "TimeoutPolicy.total"),
+    (TimeoutPolicy, {"total": Fraction(1, 10**400)}, "TimeoutPolicy.total"),
+    (TimeoutPolicy, {"total": 1 + 2j}, "TimeoutPolicy.total"),
+    (RetryBudget, {"window": 1e-320}, "RetryBudget.window"),
+    (RetryBudget, {"window": 61}, "RetryBudget.window"),
+    (RetryBudget, {"min_per_second": 1e300}, "RetryBudget.min_per_second"),
+    (RetryBudget, {"min_per_second": 1e-320}, "RetryBudget.min_per_second"),
+    (RetryPolicy, {"attempts": 10**30}, "RetryPolicy.attempts"),
+    (RetryPolicy, {"attempts": 101}, "RetryPolicy.attempts"),
+    (RetryPolicy, {"backoff": 1e300, "max_backoff": 1e300}, "RetryPolicy.backoff"),
+    (RetryPolicy, {"backoff": 1e-320}, "RetryPolicy.backoff"),
+    (RetryPolicy, {"max_backoff": 10**400}, "RetryPolicy.max_backoff"),
+    (RetryPolicy, {"max_retry_after": math.inf}, "RetryPolicy.max_retry_after"),
+    (RetryPolicy, {"max_retry_after": 1e-320}, "RetryPolicy.max_retry_after"),
+    (CircuitBreakerPolicy, {"failure_ratio": math.nan}, "CircuitBreakerPolicy.failure_ratio"),
+    (CircuitBreakerPolicy, {"window": 1e-320}, "CircuitBreakerPolicy.window"),
+    (CircuitBreakerPolicy, {"minimum_calls": 10**30}, "CircuitBreakerPolicy.minimum_calls"),
+    (CircuitBreakerPolicy, {"break_duration": 1e300}, "CircuitBreakerPolicy.break_duration"),
+    (CircuitBreakerPolicy, {"half_open_calls": 10**30}, "CircuitBreakerPolicy.half_open_calls"),
+    (RateLimitPolicy, {"rate": 1e-300}, "RateLimitPolicy.rate"),
+    (RateLimitPolicy, {"rate": 1e300}, "RateLimitPolicy.rate"),
+    (RateLimitPolicy, {"rate": 10**400}, "RateLimitPolicy.rate"),
+    (RateLimitPolicy, {"rate": math.inf}, "RateLimitPolicy.rate"),
+    (RateLimitPolicy, {"rate": 1, "burst": 10**30}, "RateLimitPolicy.burst"),
+    (RateLimitPolicy, {"rate": 1, "max_wait": 1e-320}, "RateLimitPolicy.max_wait"),
+    (RateLimitPolicy, {"rate": 1, "max_wait": math.nan}, "RateLimitPolicy.max_wait"),
+    (BulkheadPolicy, {"max_concurrent": 10**30}, "BulkheadPolicy.max_concurrent"),
+    (BulkheadPolicy, {"max_queue": 10**30}, "BulkheadPolicy.max_queue"),
+    (BulkheadPolicy, {"queue_timeout": 1e-320}, "BulkheadPolicy.queue_timeout"),
+    (StaleCachePolicy, {"max_stale": 1e300}, "StaleCachePolicy.max_stale"),
+    (StaleCachePolicy, {"max_entries": 10**30}, "StaleCachePolicy.max_entries"),
+    (StaleCachePolicy, {"max_bytes": 10**30}, "StaleCachePolicy.max_bytes"),
+    (StaleCachePolicy, {"max_entries": 10.0}, "StaleCachePolicy.max_entries"),
     (Policy, {"timeout": RetryPolicy()}, "Policy.timeout"),
     (Policy, {"retry": 3}, "Policy.retry"),
     (Policy, {"retry": True}, "Policy.retry"),
@@ -117,6 +163,14 @@ VALID_EDGES: list[tuple[type, dict[str, Any]]] = [
     (StaleCachePolicy, {"max_entries": 1, "max_bytes": 1, "max_body_bytes": 1}),
     (StaleCachePolicy, {"max_body_bytes": 0}),
     (Policy, {"timeout": None, "retry": None, "circuit_breaker": None, "bulkhead": None}),
+    # The bounds themselves.
+    (TimeoutPolicy, {"attempt": 0.001, "total": 365 * 24 * 3600}),
+    (RetryBudget, {"window": 60, "min_per_second": 1_000_000}),
+    (RetryPolicy, {"attempts": 100, "backoff": 0.001, "max_backoff": 365 * 24 * 3600}),
+    (RateLimitPolicy, {"rate": 1 / (365 * 24 * 3600), "burst": 1_000_000}),
+    (RateLimitPolicy, {"rate": 1_000_000, "max_wait": 365 * 24 * 3600}),
+    (BulkheadPolicy, {"max_concurrent": 1_000_000, "max_queue": 1_000_000}),
+    (StaleCachePolicy, {"max_entries": 1_000_000, "max_bytes": 1 << 40, "max_body_bytes": 1 << 40}),
 ]
 
 ALL_POLICIES: list[Any] = [
@@ -131,8 +185,13 @@ ALL_POLICIES: list[Any] = [
 ]
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:10]}...{len(text)} chars"
+
+
 def _case_id(case: tuple[type, dict[str, Any], str] | tuple[type, dict[str, Any]]) -> str:
-    return f"{case[0].__name__}({', '.join(f'{k}={v!r}' for k, v in case[1].items())})"
+    return f"{case[0].__name__}({', '.join(f'{k}={_short(v)}' for k, v in case[1].items())})"
 
 
 @pytest.mark.parametrize("case", INVALID, ids=_case_id)
@@ -243,3 +302,158 @@ def test_documented_defaults() -> None:
     breaker = CircuitBreakerPolicy()
     assert breaker.failure_statuses == frozenset({500, 502, 503, 504})
     assert 429 not in breaker.failure_statuses
+
+
+@pytest.mark.parametrize(
+    ("make", "bound"),
+    [
+        (lambda: TimeoutPolicy(attempt=1e-320), "must be at least 0.001 seconds"),
+        (lambda: TimeoutPolicy(total=10**400), "must be at most 31536000 seconds"),
+        (lambda: RateLimitPolicy(rate=1e-300), "must be at least 3.17e-08 a second"),
+        (lambda: RateLimitPolicy(rate=1e300), "must be at most 1000000 a second"),
+        (lambda: RateLimitPolicy(rate=1, max_wait=-1), "must be 0 or at least 0.001 seconds"),
+        (lambda: RetryPolicy(attempts=10**30), "must be at most 100"),
+        (lambda: RetryBudget(window=120), "must be at most 60 seconds"),
+        (lambda: StaleCachePolicy(max_bytes=1 << 41), f"must be at most {1 << 40}"),
+    ],
+)
+def test_an_out_of_range_value_is_refused_naming_the_bound(make: Any, bound: str) -> None:
+    """The message says what the field accepts, not only that the value is wrong."""
+    with pytest.raises(ConfigurationError) as caught:
+        make()
+    assert bound in str(caught.value)
+
+
+class RealLike:
+    """A real number of a foreign type, registered as ``numbers.Real`` as numpy's scalars are."""
+
+    def __init__(self, value: float) -> None:
+        self._value = value
+
+    def __float__(self) -> float:
+        return self._value
+
+    def __eq__(self, other: object) -> bool:
+        return self._value == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class IntegralLike:
+    """A whole number of a foreign type, registered as ``numbers.Integral`` as numpy's integers are."""
+
+    def __init__(self, value: int) -> None:
+        self._value = value
+
+    def __index__(self) -> int:
+        return self._value
+
+
+numbers.Real.register(RealLike)
+numbers.Integral.register(IntegralLike)
+
+
+@pytest.mark.parametrize(
+    "value", [Decimal("2.5"), Fraction(5, 2), RealLike(2.5)], ids=["Decimal", "Fraction", "numpy-like"]
+)
+def test_other_real_numbers_are_accepted_and_stored_as_floats(value: Any) -> None:
+    """A Decimal, a Fraction or a numpy-like scalar is a number of seconds too, kept as a plain float."""
+    stored = [
+        TimeoutPolicy(attempt=value).attempt,
+        RetryPolicy(backoff=value).backoff,
+        RateLimitPolicy(rate=value).rate,
+    ]
+    assert stored == [2.5, 2.5, 2.5]
+    assert {type(number) for number in stored} == {float}
+
+
+def test_other_whole_numbers_are_accepted_and_stored_as_ints() -> None:
+    """A numpy-like integer is a count, kept as a plain int; statuses likewise."""
+    policy = BulkheadPolicy(max_concurrent=IntegralLike(7))  # type: ignore[arg-type]
+    assert policy.max_concurrent == 7
+    assert type(policy.max_concurrent) is int
+    statuses = RetryPolicy(statuses=[IntegralLike(503)]).statuses  # type: ignore[list-item]
+    assert statuses == frozenset({503})
+    assert {type(status) for status in statuses} == {int}
+
+
+YEAR = 365 * 24 * 3600
+
+AT_THE_BOUNDS = {
+    "highest": Policy(
+        timeout=TimeoutPolicy(attempt=YEAR, total=YEAR),
+        retry=RetryPolicy(
+            attempts=100,
+            backoff=YEAR,
+            max_backoff=YEAR,
+            max_retry_after=YEAR,
+            budget=RetryBudget(ratio=1, min_per_second=1_000_000, window=60),
+        ),
+        circuit_breaker=CircuitBreakerPolicy(
+            minimum_calls=1_000_000,
+            window=YEAR,
+            break_duration=YEAR,
+            max_break_duration=YEAR,
+            half_open_calls=1_000_000,
+        ),
+        rate_limit=RateLimitPolicy(rate=1_000_000, burst=1_000_000, max_wait=YEAR),
+        bulkhead=BulkheadPolicy(max_concurrent=1_000_000, max_queue=1_000_000, queue_timeout=YEAR),
+        stale_cache=StaleCachePolicy(max_stale=YEAR, max_entries=1_000_000, max_bytes=1 << 40, max_body_bytes=1 << 40),
+    ),
+    "highest, without a total timeout or a budget": Policy(
+        timeout=TimeoutPolicy(attempt=YEAR, total=None),
+        retry=RetryPolicy(attempts=100, backoff=YEAR, max_backoff=YEAR, max_retry_after=YEAR, budget=None),
+        rate_limit=RateLimitPolicy(rate=1 / YEAR, burst=1_000_000),
+    ),
+    "lowest": Policy(
+        timeout=TimeoutPolicy(attempt=None, total=0.001),
+        retry=RetryPolicy(
+            attempts=2,
+            backoff=0.001,
+            max_backoff=0.001,
+            max_retry_after=0,
+            budget=RetryBudget(ratio=0, min_per_second=1 / YEAR, window=0.001),
+        ),
+        circuit_breaker=CircuitBreakerPolicy(
+            failure_ratio=1e-9, minimum_calls=1, window=0.001, break_duration=0.001, max_break_duration=0.001
+        ),
+        rate_limit=RateLimitPolicy(rate=1 / YEAR, burst=1, max_wait=0),
+        bulkhead=BulkheadPolicy(max_concurrent=1, max_queue=0, queue_timeout=0.001),
+        stale_cache=StaleCachePolicy(max_stale=0.001, max_entries=1, max_bytes=1, max_body_bytes=0),
+    ),
+}
+
+
+@pytest.mark.parametrize("policy", AT_THE_BOUNDS.values(), ids=AT_THE_BOUNDS.keys())
+async def test_policies_at_their_bounds_never_crash_a_call(harness: Harness, policy: Policy) -> None:
+    """Every field at its bound makes calls that answer or fail with an httpx error, never an arithmetic one."""
+    script = Script(
+        503,
+        (429, {"Retry-After": str(10**12), "RateLimit": "a;r=0;t=999999999999"}),
+        (503, {"Retry-After": "999999999999"}),
+        (200, {"RateLimit": "a;r=1;t=999999999999", "Cache-Control": "max-age=999999999999"}),
+        200,
+    )
+    client = harness.client(script, policy)
+    for _ in range(4):
+        try:
+            await client.get("/")
+        except httpx.TransportError:
+            pass
+        harness.clock.advance(YEAR)
+
+
+async def test_the_most_attempts_with_the_longest_backoff_retry_to_the_end(harness: Harness) -> None:
+    """100 tries a year apart, with no budget or deadline to stop them, end as "attempts", not in an overflow."""
+    script = Script(503)
+    policy = Policy(
+        timeout=None,
+        circuit_breaker=None,
+        retry=RetryPolicy(attempts=100, backoff=YEAR, max_backoff=YEAR, budget=None),
+    )
+    client = harness.client(script, policy)
+    response = await client.get("/")
+    assert response.status_code == 503
+    assert script.calls == 100
+    info = response.extensions["resilient_http"]
+    assert info.retry_stop == "attempts"

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import io
+import os
+from collections.abc import AsyncIterator, Iterator
 from email.utils import formatdate
-from typing import Any
+from functools import partial
+from typing import Any, BinaryIO
 
 import anyio
 import httpx
 import pytest
 from conftest import Harness, Script, Step, only
 
-from resilient_http import CallInfo, RetryBudget, RetryPolicy, TimeoutPolicy, Wait
+from resilient_http import (
+    BulkheadFullError,
+    BulkheadPolicy,
+    CallInfo,
+    RateLimitPolicy,
+    RetryBudget,
+    RetryPolicy,
+    TimeoutPolicy,
+    Wait,
+    call_info,
+)
 from resilient_http.testing import FakeClock
 
 #: Retries with no budget and no deadline, so a test sees one rule at a time.
@@ -161,6 +174,42 @@ async def test_a_body_that_cannot_be_replayed_is_never_retried(harness: Harness,
     assert harness.clock.sleeps == []
 
 
+@pytest.mark.parametrize("error", [httpx.ConnectError, httpx.ConnectTimeout])
+@pytest.mark.parametrize("file", [b"a,b\n1,2\n", io.BytesIO(b"a,b\n1,2\n")], ids=["bytes", "file"])
+async def test_a_multipart_upload_is_retried_when_the_connection_was_never_opened(
+    harness: Harness, error: type[httpx.TransportError], file: bytes | io.BytesIO
+) -> None:
+    """A files= form, whose files httpx rewinds, is sent again after a connection that was never opened."""
+    script = Script(error, 200)
+    response = await harness.client(script, _retrying()).post(
+        "/", data={"kind": "report"}, files={"report": ("report.csv", file, "text/csv")}
+    )
+    assert response.status_code == 200
+    assert script.calls == 2
+    assert b"1,2" in script.requests[1].content
+    assert harness.value("resilient_http_retries_total", reason="connect_error") == 1
+
+
+@pytest.fixture
+def pipe() -> Iterator[BinaryIO]:
+    """A file that can be read once and not rewound: the read end of a pipe holding a line."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"line\n")
+    os.close(write_end)
+    with open(read_end, "rb") as file:
+        yield file
+
+
+async def test_a_multipart_upload_of_a_file_that_cannot_rewind_is_not_retried(harness: Harness, pipe: BinaryIO) -> None:
+    """A form whose file cannot be read twice (a pipe) is sent once, whatever happens."""
+    script = Script(httpx.ConnectError, 200)
+    with pytest.raises(httpx.ConnectError) as caught:
+        await harness.client(script, _retrying()).put("/", files={"log": ("log.txt", pipe)})
+    assert script.calls == 1
+    info = call_info(caught.value)
+    assert info is not None and info.retry_stop == "body_not_replayable"
+
+
 async def test_retry_none_turns_retries_off(harness: Harness) -> None:
     """A policy without retry makes exactly one attempt."""
     script = Script(503, 200)
@@ -203,6 +252,20 @@ async def test_one_attempt_means_no_retry(harness: Harness) -> None:
 
 
 # How long it waits
+
+
+async def test_backoff_never_overflows_however_many_attempts(harness: Harness) -> None:
+    """Past attempt 1025, backoff * 2**(n-1) no longer fits a float: the ceiling stays max_backoff instead.
+
+    Policies refuse more than 100 attempts; the layer's own guard is tested past that check.
+    """
+    policy = RetryPolicy(attempts=100, backoff=0.001, max_backoff=0.002, budget=None)
+    object.__setattr__(policy, "attempts", 10**100)
+    script = Script(*([503] * 1100), 200)
+    response = await harness.client(script, _retrying(policy)).get("/")
+    assert response.status_code == 200
+    assert script.calls == 1101
+    assert 0 <= min(harness.clock.sleeps) and max(harness.clock.sleeps) <= 0.002
 
 
 async def test_backoff_is_full_jitter_below_an_exponential_ceiling(harness: Harness) -> None:
@@ -505,3 +568,99 @@ async def test_the_budget_stop_is_reported(harness: Harness) -> None:
     response = await harness.client(Script(503), _retrying(RetryPolicy(budget=budget))).get("/")
     info = _info(response)
     assert (info.attempts, info.retry_stop, info.waits) == (1, "budget", ())
+
+
+# A retry that is never sent
+
+
+class HeldClock(FakeClock):
+    """A fake clock whose sleeps never end while ``held``: a backoff the test can cancel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = True
+
+    async def sleep(self, seconds: float) -> None:
+        if self.held:
+            await anyio.sleep_forever()
+        await super().sleep(seconds)
+
+
+#: One retry per ten-second window, whatever the traffic.
+ONE_RETRY = RetryBudget(ratio=0.0, min_per_second=0.1, window=10)
+
+
+async def test_a_retry_the_rate_limiter_refuses_gives_its_budget_back(harness: Harness) -> None:
+    """A retry charged to the budget, then refused by the rate limiter, leaves the budget as it was."""
+    script = Script(503, 503, 200)
+    policy = only(
+        retry=RetryPolicy(attempts=2, backoff=0.01, budget=ONE_RETRY),
+        rate_limit=RateLimitPolicy(rate=1, max_wait=0.5),
+    )
+    client = harness.client(script, policy)
+    refused = await client.get("/")  # the retry's turn is a second away, past max_wait
+    assert (_info(refused).attempts, _info(refused).retry_stop) == (1, "rate_limit")
+    retried = await client.get("/", extensions={"resilient_http": {"rate_limit": None}})
+    assert retried.status_code == 200
+    assert (_info(retried).attempts, _info(retried).retry_stop) == (2, None)
+    assert harness.value("resilient_http_retry_budget_exhausted_total") == 0
+
+
+async def test_a_retry_cancelled_during_its_backoff_is_not_counted_and_gives_its_budget_back(
+    harness: Harness,
+) -> None:
+    """A call cancelled while it waits to retry counts no retry, and the retry's budget is there for the next call."""
+    clock = harness.clock = HeldClock()
+    script = Script(503, 503, 200)
+    client = harness.client(script, _retrying(RetryPolicy(attempts=2, backoff=0.01, budget=ONE_RETRY)))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(client.get, "/")
+        await anyio.wait_all_tasks_blocked()
+        assert script.calls == 1  # answered 503, now waiting out the backoff
+        tg.cancel_scope.cancel()
+    assert harness.value("resilient_http_retries_total", reason="status_503") is None
+    clock.held = False
+    response = await client.get("/")
+    assert (response.status_code, _info(response).attempts) == (200, 2)
+    assert harness.value("resilient_http_retries_total", reason="status_503") == 1
+
+
+async def test_a_retry_the_bulkhead_refuses_is_not_counted_and_gives_its_budget_back(harness: Harness) -> None:
+    """A retry shed by a full bulkhead never reached the network: it is not a retry, and costs no budget."""
+    go = anyio.Event()
+    seen: dict[str, int] = {}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        seen[path] = seen.get(path, 0) + 1
+        if path == "/hog":
+            await anyio.sleep_forever()
+        if path == "/a":
+            await go.wait()
+        return httpx.Response(503 if seen[path] == 1 else 200)
+
+    policy = only(
+        retry=RetryPolicy(attempts=2, backoff=0.01, budget=ONE_RETRY),
+        bulkhead=BulkheadPolicy(max_concurrent=1, max_queue=1, queue_timeout=0.01),
+    )
+    client = harness.client(Script(handler), policy)
+    refused = anyio.Event()
+
+    async def call_a() -> None:
+        with pytest.raises(BulkheadFullError):
+            await client.get("/a")
+        refused.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call_a)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(partial(client.get, "/hog", extensions={"resilient_http": {"retry": None}}))
+            await anyio.wait_all_tasks_blocked()  # queued behind /a
+            go.set()  # /a's 503 hands the slot to /hog; its retry waits in the queue, then gives up
+            await refused.wait()
+            tg.cancel_scope.cancel()
+    assert seen["/a"] == 1
+    assert harness.value("resilient_http_retries_total", reason="status_503") is None
+    response = await client.get("/c")
+    assert (response.status_code, _info(response).attempts) == (200, 2)

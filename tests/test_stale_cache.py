@@ -11,10 +11,13 @@ from prometheus_client import CollectorRegistry
 from resilient_http import (
     CircuitBreakerPolicy,
     CircuitOpenError,
+    ConfigurationError,
     Policy,
     ResilientTransport,
     StaleCachePolicy,
 )
+from resilient_http._toml import parse_policies
+from resilient_http.layers.stale_store import Store
 from resilient_http.testing import FakeClock
 
 HOST = "api.example:443"
@@ -221,16 +224,228 @@ async def test_request_no_store_is_neither_stored_nor_answered(clock: FakeClock,
             await c.get(URL)
 
 
-async def test_other_credentials_never_see_an_entry(clock: FakeClock, registry: CollectorRegistry) -> None:
-    """An answer given to one Authorization or Cookie value is never served to another, or to none."""
-    upstream = Upstream(ok(b"alice's"), down())
+@pytest.mark.parametrize("directive", ["private", 'private="set-cookie"', "public, private", "private, max-age=60"])
+async def test_private_answers_are_never_kept(directive: str, clock: FakeClock, registry: CollectorRegistry) -> None:
+    """A shared cache never keeps ``private`` answers, qualified or not, whatever else they say."""
+    upstream = Upstream(ok(**{"cache-control": directive}), down())
     async with client(upstream, clock, registry) as c:
-        await c.get(URL, headers={"authorization": "Bearer alice"})
-        for headers in ({"authorization": "Bearer bob"}, {}, {"cookie": "session=alice"}):
+        await c.get(URL)
+        with pytest.raises(httpx.ConnectError):
+            await c.get(URL)
+    assert registry.get_sample_value("resilient_http_cache_entries", {"host": HOST}) == 0
+
+
+@pytest.mark.parametrize("credential", [{"authorization": "Bearer alice"}, {"cookie": "session=alice"}])
+@pytest.mark.parametrize("directive", [None, "max-age=60", "no-transform"])
+async def test_answers_to_credentials_are_not_kept_unless_the_answer_is_shareable(
+    credential: dict[str, str], directive: str | None, clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    """An answer to Authorization or Cookie that does not say public/s-maxage/must-revalidate is kept for nobody."""
+    headers = {} if directive is None else {"cache-control": directive}
+    upstream = Upstream(ok(b"alice's", **headers), down())
+    async with client(upstream, clock, registry) as c:
+        await c.get(URL, headers=credential)
+        for caller in (credential, {"authorization": "Bearer bob"}, {}):
             with pytest.raises(httpx.ConnectError):
-                await c.get(URL, headers=headers)
-        again = await c.get(URL, headers={"authorization": "Bearer alice"})
-    assert again.content == b"alice's"
+                await c.get(URL, headers=caller)
+    assert registry.get_sample_value("resilient_http_cache_entries", {"host": HOST}) == 0
+
+
+@pytest.mark.parametrize("credential", [{"authorization": "Bearer alice"}, {"cookie": "session=alice"}])
+@pytest.mark.parametrize("directive", ["public", "s-maxage=30", "must-revalidate, max-age=30"])
+async def test_a_shareable_answer_to_credentials_is_kept_for_everyone(
+    credential: dict[str, str], directive: str, clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    """``public``, ``s-maxage``, ``must-revalidate`` let any caller have it: other credentials, and none."""
+    upstream = Upstream(ok(b"catalogue", **{"cache-control": directive}), down())
+    async with client(upstream, clock, registry) as c:
+        await c.get(URL, headers=credential)
+        for caller in (credential, {"authorization": "Bearer bob"}, {}):
+            assert (await c.get(URL, headers=caller)).content == b"catalogue"
+
+
+async def test_a_request_with_credentials_may_get_the_answer_kept_for_everyone(
+    clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    """What the origin gives a caller without credentials is no secret: it answers one with credentials too."""
+    upstream = Upstream(ok(b"for anyone"), down())
+    async with client(upstream, clock, registry) as c:
+        await c.get(URL)
+        stale = await c.get(URL, headers={"authorization": "Bearer alice"})
+    assert (stale.content, stale.extensions["resilient_http"].stale) == (b"for anyone", True)
+
+
+async def test_an_answer_to_credentials_does_not_renew_the_shared_copy(
+    clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    """The same bytes given to a caller with credentials are not storable, so they do not make the shared copy young."""
+    upstream = Upstream(ok(b"same"), ok(b"same"), down())
+    async with client(upstream, clock, registry, StaleCachePolicy(max_stale=60)) as c:
+        await c.get(URL)
+        clock.advance(100)
+        await c.get(URL, headers={"authorization": "Bearer alice"})
+        clock.advance(10)
+        with pytest.raises(httpx.ConnectError):
+            await c.get(URL)
+
+
+@pytest.mark.parametrize("directive", ["s-maxage=30", "must-revalidate, max-age=30", "proxy-revalidate, max-age=30"])
+async def test_answers_that_forbid_stale_use_are_served_only_while_fresh(
+    directive: str, clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    """``s-maxage``, ``must-revalidate``, ``proxy-revalidate``: served only while younger than their lifetime."""
+    upstream = Upstream(ok(b"fresh", **{"cache-control": f"{directive}, stale-if-error=600"}), down())
+    async with client(upstream, clock, registry) as c:
+        await c.get(URL)
+        clock.advance(29.5)
+        assert (await c.get(URL)).content == b"fresh"
+        clock.advance(0.5)  # 30 s old: stale, and stale use is forbidden
+        with pytest.raises(httpx.ConnectError):
+            await c.get(URL)
+
+
+async def test_s_maxage_wins_over_max_age_in_a_shared_cache(clock: FakeClock, registry: CollectorRegistry) -> None:
+    """``max-age=100, s-maxage=10``: a shared cache's lifetime is 10 s."""
+    upstream = Upstream(ok(**{"cache-control": "max-age=100, s-maxage=10"}), down())
+    async with client(upstream, clock, registry) as c:
+        await c.get(URL)
+        clock.advance(10)
+        with pytest.raises(httpx.ConnectError):
+            await c.get(URL)
+
+
+async def test_an_answer_already_too_old_is_not_kept(clock: FakeClock, registry: CollectorRegistry) -> None:
+    """``Age: 400`` against max_stale 300: it could never be served, so it takes no memory."""
+    upstream = Upstream(ok(age="400"), down())
+    async with client(upstream, clock, registry, StaleCachePolicy(max_stale=300)) as c:
+        await c.get(URL)
+        assert registry.get_sample_value("resilient_http_cache_entries", {"host": HOST}) == 0
+        with pytest.raises(httpx.ConnectError):
+            await c.get(URL)
+
+
+async def test_an_answer_that_sets_a_cookie_is_not_kept(clock: FakeClock, registry: CollectorRegistry) -> None:
+    """``Set-Cookie`` may start one caller's session: without ``public`` the answer is kept for nobody."""
+    upstream = Upstream(ok(b"welcome alice", **{"set-cookie": "session=alice"}), down())
+    async with client(upstream, clock, registry) as c:
+        await c.get(URL)
+        with pytest.raises(httpx.ConnectError):
+            await c.get(URL)
+    assert registry.get_sample_value("resilient_http_cache_entries", {"host": HOST}) == 0
+
+
+async def test_set_cookie_is_never_replayed(clock: FakeClock, registry: CollectorRegistry) -> None:
+    """A public answer that sets a cookie is kept without the cookie: another caller never receives it."""
+    upstream = Upstream(ok(b"catalogue", **{"cache-control": "public", "set-cookie": "session=alice"}), down())
+    transport = ResilientTransport(
+        default=Policy(retry=None, circuit_breaker=None, bulkhead=None, stale_cache=StaleCachePolicy()),
+        inner=httpx.MockTransport(upstream),
+        registry=registry,
+        clock=clock,
+    )
+    async with httpx.AsyncClient(transport=transport) as alice, httpx.AsyncClient(transport=transport) as bob:
+        assert (await alice.get(URL)).headers["set-cookie"] == "session=alice"
+        stale = await bob.get(URL)
+        assert stale.content == b"catalogue"
+        assert "set-cookie" not in stale.headers
+        assert not bob.cookies
+
+
+async def test_virtual_hosts_behind_one_address_are_kept_apart(clock: FakeClock, registry: CollectorRegistry) -> None:
+    """The ``Host`` header is part of the key: one address serving two sites never mixes their answers."""
+    upstream = Upstream(ok(b"site a"), down())
+    async with client(upstream, clock, registry) as c:
+        await c.get(URL, headers={"host": "a.example"})
+        with pytest.raises(httpx.ConnectError):
+            await c.get(URL, headers={"host": "b.example"})
+        assert (await c.get(URL, headers={"host": "A.Example"})).content == b"site a"
+
+
+IDENTITY = StaleCachePolicy(identity_headers=("X-Api-Key",))
+
+
+async def test_identity_headers_keep_answers_per_identity(clock: FakeClock, registry: CollectorRegistry) -> None:
+    """With X-Api-Key named, each key gets its own answers back, and no other's; no key is an identity too."""
+    upstream = Upstream(ok(b"tenant a"), ok(b"tenant b"), ok(b"anonymous"), down())
+    async with client(upstream, clock, registry, IDENTITY) as c:
+        await c.get(URL, headers={"x-api-key": "a"})
+        await c.get(URL, headers={"x-api-key": "b"})
+        await c.get(URL)
+        answers = [
+            (await c.get(URL, headers=headers)).content for headers in ({"x-api-key": "a"}, {"x-api-key": "b"}, {})
+        ]
+        with pytest.raises(httpx.ConnectError):
+            await c.get(URL, headers={"x-api-key": "c"})
+    assert answers == [b"tenant a", b"tenant b", b"anonymous"]
+
+
+async def test_a_named_credential_keeps_answers_per_credential(clock: FakeClock, registry: CollectorRegistry) -> None:
+    """Naming Authorization keeps non-public answers per token; ``private`` ones still never."""
+    policy = StaleCachePolicy(identity_headers=("authorization",))
+    upstream = Upstream(ok(b"alice's"), ok(b"secret", **{"cache-control": "private"}), down())
+    async with client(upstream, clock, registry, policy) as c:
+        await c.get(URL, headers={"authorization": "Bearer alice"})
+        await c.get(URL, headers={"authorization": "Bearer bob"})
+        assert (await c.get(URL, headers={"authorization": "Bearer alice"})).content == b"alice's"
+        for caller in ({"authorization": "Bearer bob"}, {}):
+            with pytest.raises(httpx.ConnectError):
+                await c.get(URL, headers=caller)
+
+
+async def test_a_named_cookie_keeps_answers_per_cookie(clock: FakeClock, registry: CollectorRegistry) -> None:
+    """Naming Cookie keeps answers per cookie, and one that refreshes the cookie is kept without Set-Cookie."""
+    policy = StaleCachePolicy(identity_headers=("Cookie",))
+    upstream = Upstream(ok(b"alice's cart", **{"set-cookie": "session=alice2"}), down())
+    async with client(upstream, clock, registry, policy) as c:
+        await c.get(URL, headers={"cookie": "session=alice"})
+        c.cookies.clear()
+        stale = await c.get(URL, headers={"cookie": "session=alice"})
+        assert (stale.content, stale.headers.get("set-cookie")) == (b"alice's cart", None)
+        with pytest.raises(httpx.ConnectError):
+            await c.get(URL, headers={"cookie": "session=bob"})
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ({}, {"x-a": ""}),
+        ({}, {"x-a": "None"}),
+        ({"x-a": "1", "x-b": "2"}, {"x-a": "1\x002"}),
+        ({"x-a": "1", "x-b": "2"}, {"x-a": "1, 2"}),
+        ({"x-a": "1", "x-b": "2"}, {"x-a": "1|2"}),
+        ({"x-a": "1"}, {"x-b": "1"}),
+    ],
+)
+async def test_identity_keys_never_collide(
+    first: dict[str, str], second: dict[str, str], clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    """Absent, empty and values with separators in them are all different identities."""
+    policy = StaleCachePolicy(identity_headers=("x-a", "x-b"))
+    upstream = Upstream(ok(b"first's"), down())
+    async with client(upstream, clock, registry, policy) as c:
+        await c.get(URL, headers=first)
+        with pytest.raises(httpx.ConnectError):
+            await c.get(URL, headers=second)
+        assert (await c.get(URL, headers=first)).content == b"first's"
+
+
+@pytest.mark.parametrize(
+    "value", ["X-Api-Key", ["x api key"], ["x-api-key\n"], [""], [b"x-api-key"], ["clé"], 42, None]
+)
+def test_identity_headers_must_be_header_names(value: object) -> None:
+    """A bare string, a non-token or a non-string is refused, naming the field."""
+    with pytest.raises(ConfigurationError, match=r"StaleCachePolicy\.identity_headers"):
+        StaleCachePolicy(identity_headers=value)  # type: ignore[arg-type]
+
+
+def test_identity_headers_are_read_from_toml() -> None:
+    """``identity_headers = [...]`` in a stale_cache table, names normalised to lower case."""
+    policies, default = parse_policies(
+        {"default": {"stale_cache": {"identity_headers": ["X-Api-Key", "X-Tenant"]}}, "hosts": {"a.example": {}}}
+    )
+    assert default.stale_cache is not None
+    assert default.stale_cache.identity_headers == ("x-api-key", "x-tenant")
+    assert policies["a.example"].stale_cache == default.stale_cache
 
 
 async def test_vary_is_honoured(clock: FakeClock, registry: CollectorRegistry) -> None:
@@ -394,3 +609,104 @@ async def test_the_same_answer_again_restarts_its_age(clock: FakeClock, registry
         stale = await c.get(URL)
     assert stale.content == b"same"
     assert stale.headers["age"] == "10"
+
+
+def store_of(transport: ResilientTransport) -> Store:
+    """The transport's stale-cache store (what the bookkeeping tests look into)."""
+    store: Store = transport._shared["stale_cache"]
+    return store
+
+
+def transport_for(
+    upstream: Handler,
+    clock: FakeClock,
+    registry: CollectorRegistry,
+    *,
+    max_hosts: int = 1000,
+    **caches: StaleCachePolicy,
+) -> ResilientTransport:
+    """A transport whose ``default`` host policy and named hosts (``a_example`` → ``a.example``) have stale caches."""
+    off: dict[str, object] = {"retry": None, "circuit_breaker": None, "bulkhead": None}
+    default = caches.pop("default", StaleCachePolicy())
+    return ResilientTransport(
+        {name.replace("_", "."): Policy(stale_cache=cache, **off) for name, cache in caches.items()},  # type: ignore[arg-type]
+        default=Policy(stale_cache=default, **off),  # type: ignore[arg-type]
+        inner=httpx.MockTransport(upstream),
+        registry=registry,
+        clock=clock,
+        max_hosts=max_hosts,
+    )
+
+
+async def test_a_small_policy_evicts_only_its_own_entries(clock: FakeClock, registry: CollectorRegistry) -> None:
+    """A host allowed 2 entries, filling up, never takes the entries of a host allowed 100."""
+    upstream = Upstream(ok(b"x"))
+    transport = transport_for(
+        upstream,
+        clock,
+        registry,
+        default=StaleCachePolicy(max_entries=100),
+        small_example=StaleCachePolicy(max_entries=2),
+    )
+    async with httpx.AsyncClient(transport=transport) as c:
+        for i in range(5):
+            await c.get(f"https://big.example/{i}")
+        for i in range(10):
+            await c.get(f"https://small.example/{i}")
+        upstream.behaviours = [down()]
+        for i in range(5):
+            assert (await c.get(f"https://big.example/{i}")).extensions["resilient_http"].stale is True
+    assert registry.get_sample_value("resilient_http_cache_entries", {"host": "big.example:443"}) == 5
+    assert registry.get_sample_value("resilient_http_cache_entries", {"host": "small.example:443"}) == 2
+
+
+async def test_all_hosts_together_are_bounded_by_the_largest_policy(
+    clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    """Past the largest policy's max_entries across hosts, the least recently used entry of any host goes."""
+    upstream = Upstream(ok(b"x"))
+    transport = transport_for(
+        upstream,
+        clock,
+        registry,
+        default=StaleCachePolicy(max_entries=4),
+        small_example=StaleCachePolicy(max_entries=2),
+    )
+    async with httpx.AsyncClient(transport=transport) as c:
+        await c.get("https://small.example/0")
+        for i in range(4):
+            await c.get(f"https://big.example/{i}")
+    assert len(store_of(transport).entries) == 4
+    assert "small.example:443" not in store_of(transport).shelves
+
+
+async def test_a_hosts_bookkeeping_leaves_with_its_last_entry(clock: FakeClock, registry: CollectorRegistry) -> None:
+    """Evicted by other hosts, or found too old, a host's last entry takes its shelf along: nothing per host remains."""
+    upstream = Upstream(ok(b"x"))
+    transport = transport_for(upstream, clock, registry, default=StaleCachePolicy(max_entries=2, max_stale=60))
+    async with httpx.AsyncClient(transport=transport) as c:
+        for host in ("a", "b", "c", "d"):
+            await c.get(f"https://{host}.example/")
+        store = store_of(transport)
+        assert sorted(store.shelves) == ["c.example:443", "d.example:443"]
+        clock.advance(61)
+        upstream.behaviours = [down()]
+        for host in ("c", "d"):
+            with pytest.raises(httpx.ConnectError):
+                await c.get(f"https://{host}.example/")
+    assert (store.shelves, store.entries, store.by_key, store.total_bytes) == ({}, {}, {}, 0)
+    assert registry.get_sample_value("resilient_http_cache_entries", {"host": "d.example:443"}) == 0
+
+
+async def test_a_host_made_again_reports_the_entries_it_still_has(
+    clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    """After the host table evicted a host, its entries survive, and its new gauges count them at once."""
+    upstream = Upstream(ok(b"x"))
+    transport = transport_for(upstream, clock, registry, max_hosts=1)
+    async with httpx.AsyncClient(transport=transport) as c:
+        await c.get("https://a.example/")
+        await c.get("https://b.example/")  # evicts a.example's host state and its series
+        upstream.behaviours = [down()]
+        assert (await c.get("https://a.example/")).extensions["resilient_http"].stale is True
+    assert registry.get_sample_value("resilient_http_cache_entries", {"host": "a.example:443"}) == 1

@@ -238,6 +238,12 @@ def test_unknown_keys_raise_naming_the_key_path(write: Writer, text: str, path: 
         ("[default.retry]\nstatuses = [700]\n", "default.retry.statuses", [700]),
         ("[default]\nretry = 3\n", "default.retry", 3),
         ("[default.timeout]\nattempt = 50\n", "default.timeout.attempt", 50),
+        ("[default.timeout]\ntotal = inf\n", "default.timeout.total", float("inf")),
+        ("[default.retry]\nbackoff = 1e300\n", "default.retry.backoff", 1e300),
+        ("[default.circuit_breaker]\nwindow = nan\n", "default.circuit_breaker.window", float("nan")),
+        ("[default.retry.budget]\nwindow = 1e-320\n", "default.retry.budget.window", 1e-320),
+        ("[default.retry]\nattempts = 9223372036854775807\n", "default.retry.attempts", 9223372036854775807),
+        ('[hosts."a.example".rate_limit]\nrate = 1e-300\n', 'hosts."a.example".rate_limit.rate', 1e-300),
     ],
 )
 def test_bad_values_raise_naming_the_key_path_and_value(write: Writer, text: str, path: str, value: object) -> None:
@@ -348,3 +354,47 @@ async def test_from_file_builds_a_transport_that_applies_the_file(write: Writer,
         assert script.calls == 2
         assert (await client.get("https://example.org/")).status_code == 503
         assert script.calls == 3
+
+
+def test_two_host_tables_for_the_same_host_are_refused_with_the_line(write: Writer) -> None:
+    """Spellings of one host (case, trailing dot, punycode) are one host: the second is an error at its line."""
+    path = write("""\
+        [default]
+        retry = false
+
+        [hosts."bücher.example"]
+        retry = { attempts = 2 }
+
+        [hosts."XN--BCHER-KVA.example."]
+        retry = { attempts = 3 }
+    """)
+    with pytest.raises(ConfigurationError) as caught:
+        load_policies(path)
+    assert caught.value.where == f"{path}: line 7"
+    assert caught.value.field == 'hosts."XN--BCHER-KVA.example."'
+    assert "'bücher.example'" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "shown"),
+    [
+        ('"a.com:80:90"', '"a.com:80:90"'),
+        ('"a\\u0000.com"', '"a\\u0000.com"'),
+        ('"user@a.com"', '"user@a.com"'),
+        ('"a..com"', '"a..com"'),
+        ('"bü..example"', '"bü..example"'),
+    ],
+)
+def test_a_bad_host_pattern_is_reported_with_its_line(write: Writer, key: str, shown: str) -> None:
+    """A host table whose name is not a host pattern names the file, the line and the pattern."""
+    path = write(f"""\
+        [default]
+        retry = false
+
+        [hosts.{key}.retry]
+        attempts = 2
+    """)
+    with pytest.raises(ConfigurationError) as caught:
+        load_policies(path)
+    assert caught.value.where == f"{path}: line 4"
+    assert caught.value.field == f"hosts.{shown}"

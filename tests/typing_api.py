@@ -66,7 +66,9 @@ def every_policy() -> Policy:
     assert_type(rate_limit.max_wait, float | None)
     bulkhead = BulkheadPolicy(max_concurrent=10, max_queue=0, queue_timeout=1.0)
     assert_type(bulkhead.queue_timeout, float | None)
-    stale_cache = StaleCachePolicy(max_stale=60, max_entries=10, max_bytes=1000, max_body_bytes=100)
+    stale_cache = StaleCachePolicy(
+        max_stale=60, max_entries=10, max_bytes=1000, max_body_bytes=100, identity_headers=("X-Api-Key",)
+    )
     assert_type(stale_cache.max_bytes, int)
     Policy(timeout=None, retry=None, circuit_breaker=None, rate_limit=None, bulkhead=None, stale_cache=None)
     policy = Policy(

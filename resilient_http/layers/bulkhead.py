@@ -3,11 +3,18 @@
 Each host gets at most ``max_concurrent`` attempts in flight and at most
 ``max_queue`` calls waiting for one; a call beyond that fails at once with
 :class:`BulkheadFullError`. The bulkhead sits inside retry, so every attempt
-takes a slot and gives it back when the attempt returns (its headers, and its
-body when the attempt pre-reads it) or fails: a call waiting out a backoff
-holds nothing. It sits outside the per-attempt timeout, so time spent queueing
-never eats into an attempt's time. State lives on the layer, one per host: a
-hung host fills its own slots and no other host's.
+takes a slot: a call waiting out a backoff holds nothing. It sits outside the
+per-attempt timeout, so time spent queueing never eats into an attempt's time.
+State lives on the layer, one per host: a hung host fills its own slots and no
+other host's.
+
+A slot is a connection: it is held as long as the attempt's connection is.
+An attempt that fails, or whose body was read inside the attempt (small
+bodies are), gives its slot back when it returns. A streamed body (unsized,
+or large) keeps the slot until it is read to the end, closed, or cancelled
+mid-read; a body dropped without being closed is closed, and its slot freed,
+on its event loop once the garbage collector finds it. Each way settles the
+slot exactly once.
 
 A waiting call gives up after ``queue_timeout`` seconds with
 :class:`BulkheadFullError`, and always when the call's total deadline comes,
@@ -30,7 +37,11 @@ cancelled before or after being granted) settles the counts exactly once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import httpx
@@ -39,7 +50,7 @@ from .._call import PRIORITIES, Call, Host, Next, Wait
 from .._clock import Clock
 from .._exceptions import BulkheadFullError
 from .._metrics import HostMetrics
-from .timeout import expired
+from .timeout import IN_MEMORY, expired
 
 _RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 _WAITING, _GRANTED, _SHED = 0, 1, 2
@@ -56,11 +67,57 @@ class _Waiter:
         self.event = anyio.Event()
 
 
+class _SlotStream(httpx.AsyncByteStream):
+    """A streamed body that holds its attempt's slot until it is read to the end, closed, or dropped."""
+
+    __slots__ = ("_bulkhead", "_home", "_inner")
+
+    def __init__(self, inner: httpx.AsyncByteStream, bulkhead: Bulkhead) -> None:
+        self._inner = inner
+        self._home = _home()
+        self._bulkhead: Bulkhead | None = bulkhead  # None once the slot is given back
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._inner:
+                yield chunk
+        finally:  # read to the end, failed, cancelled, or abandoned mid-read
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        bulkhead = self._bulkhead
+        if bulkhead is None:
+            return
+        self._bulkhead = None
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._inner.aclose()
+        finally:
+            bulkhead._release()
+
+    def __del__(self) -> None:
+        bulkhead = self._bulkhead
+        if bulkhead is not None:
+            self._bulkhead = None
+            bulkhead._dropped(self._inner, self._home)
+
+
+def _home() -> Any:
+    """The running event loop (asyncio) or its token (trio): where a dropped body must be closed."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        import trio
+
+        return trio.lowlevel.current_trio_token()
+
+
 class Bulkhead:
     """The bulkhead layer of one host."""
 
     __slots__ = (
         "_clock",
+        "_closing",
         "_in_flight",
         "_in_flight_gauge",
         "_limit",
@@ -85,6 +142,7 @@ class Bulkhead:
         self._in_flight = 0
         self._queued = 0
         self._queues: tuple[deque[_Waiter], ...] = tuple(deque() for _ in PRIORITIES)
+        self._closing: set[asyncio.Task[None]] = set()  # dropped bodies being closed (asyncio keeps weak refs)
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         # A slot is free only when nobody waits: a freed slot is handed to the
@@ -95,7 +153,50 @@ class Bulkhead:
         else:
             await self._wait(call)
         try:
-            return await call_next(call)
+            response = await call_next(call)
+        except BaseException:
+            self._release()
+            raise
+        stream = response.stream
+        if isinstance(stream, IN_MEMORY) or not isinstance(stream, httpx.AsyncByteStream):
+            self._release()
+        else:  # the connection stays busy until the body is done with: so does the slot
+            response.stream = _SlotStream(stream, self)
+        return response
+
+    def _dropped(self, body: httpx.AsyncByteStream, home: Any) -> None:
+        """A streamed body was dropped unclosed: close it and free its slot on its own event loop.
+
+        Called by the garbage collector, perhaps in another thread, perhaps in
+        the middle of this layer's own bookkeeping: so nothing is done here
+        but asking the loop to do it.
+        """
+        try:
+            if isinstance(home, asyncio.AbstractEventLoop):
+                home.call_soon_threadsafe(self._close_later, home, body)
+            else:
+                home.run_sync_soon(self._close_later, None, body)
+        except RuntimeError:  # the loop is gone, and every waiter with it
+            self._release()
+
+    def _close_later(self, loop: asyncio.AbstractEventLoop | None, body: httpx.AsyncByteStream) -> None:
+        """On the body's own loop: start closing it (in a task: closing may wait on the network)."""
+        if loop is not None:
+            task = loop.create_task(self._close_dropped(body))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            return
+        import trio
+
+        try:
+            trio.lowlevel.spawn_system_task(self._close_dropped, body)
+        except RuntimeError:  # trio is shutting down: nobody is left waiting
+            self._release()
+
+    async def _close_dropped(self, body: httpx.AsyncByteStream) -> None:
+        try:
+            with contextlib.suppress(Exception), anyio.CancelScope(shield=True):  # nobody is left to tell
+                await body.aclose()
         finally:
             self._release()
 

@@ -21,6 +21,13 @@ all trials succeed the circuit closes and its next break is back to
 previous break, jittered by ±20 % and capped at ``max_break_duration``. A
 trial that is cancelled, or ends in an error that says nothing about the
 host (an invalid URL, say), gives its slot back.
+
+An outcome counts only in the period it started in. Every change of state
+begins a new period, and a call carries the number of the period that let
+it through: a call that started before the circuit opened and ends after it
+closed again is not counted in the new window (it cannot re-open a host that
+has recovered), and a trial of an earlier half-open round neither frees a
+slot nor decides the next round.
 """
 
 from __future__ import annotations
@@ -50,8 +57,8 @@ class CircuitBreaker:
         "_failures",
         "_metrics",
         "_opened_until",
+        "_period",
         "_random",
-        "_round",
         "_successes",
         "_total",
         "_trial_successes",
@@ -73,19 +80,20 @@ class CircuitBreaker:
         self._opened_until = 0.0
         self._trials_out = 0
         self._trial_successes = 0
-        self._round = 0  # numbers the half-open periods, so a late trial cannot count in a later one
+        self._period = 1  # numbers the states the breaker has been in (see the module docstring)
         self.state = CLOSED
         metrics.circuit(CLOSED)
 
     def _set(self, state: str) -> None:
         self.state = state
+        self._period += 1
         self._metrics.circuit(state)
 
     def acquire(self, now: float) -> int:
-        """Let a call through, returning its half-open round if it is a trial (else 0); raise if refused."""
+        """Let a call through, returning the number of the period it starts in; raise if refused."""
         state = self.state
         if state == CLOSED:
-            return 0
+            return self._period
         if state == OPEN:
             if now < self._opened_until:
                 raise CircuitOpenError(
@@ -95,7 +103,6 @@ class CircuitBreaker:
                 )
             self._set(HALF_OPEN)
             self._trials_out = self._trial_successes = 0
-            self._round += 1
         if self._trials_out + self._trial_successes >= self.policy.half_open_calls:
             raise CircuitOpenError(
                 f"circuit half-open for {self._metrics.host}: trial calls in flight",
@@ -103,18 +110,18 @@ class CircuitBreaker:
                 retry_after=None,
             )
         self._trials_out += 1
-        return self._round
+        return self._period
 
-    def release(self, trial: int) -> None:
-        """A call ended without a verdict on the host: give back its trial slot."""
-        if trial and trial == self._round and self.state == HALF_OPEN:
+    def release(self, period: int) -> None:
+        """A call ended without a verdict on the host: give back its trial slot if it is a trial."""
+        if period == self._period and self.state == HALF_OPEN:
             self._trials_out -= 1
 
-    def record(self, now: float, trial: int, failure: bool, hinted: float | None = None) -> None:
-        """Count a finished call; open or close the circuit when the counts say so."""
-        if trial:
-            if self.state != HALF_OPEN or trial != self._round:  # a stale trial from an earlier round
-                return
+    def record(self, now: float, period: int, failure: bool, hinted: float | None = None) -> None:
+        """Count a call that ended in ``period``'s state; open or close the circuit when the counts say so."""
+        if period != self._period:  # it started in an earlier state: its outcome is about a host that changed since
+            return
+        if self.state == HALF_OPEN:
             self._trials_out -= 1
             if failure:
                 self._break = min(self.policy.max_break_duration, self._break * 2)
@@ -123,8 +130,6 @@ class CircuitBreaker:
                 self._trial_successes += 1
                 if self._trial_successes >= self.policy.half_open_calls:
                     self._close()
-            return
-        if self.state != CLOSED:
             return
         epoch = int(now / self._width)
         slot = epoch % _BUCKETS
@@ -189,26 +194,26 @@ class CircuitBreakerLayer:
         breaker = self.breaker
         clock = self._clock
         try:
-            trial = breaker.acquire(clock.now())
+            period = breaker.acquire(clock.now())
         finally:
             call.circuit_state = breaker.state
         try:
             response = await call_next(call)
         except Exception as exc:
             if _is_host_failure(exc, call):
-                breaker.record(clock.now(), trial, failure=True)
+                breaker.record(clock.now(), period, failure=True)
             else:
-                breaker.release(trial)
+                breaker.release(period)
             call.circuit_state = breaker.state
             raise
         except BaseException:  # cancelled: no verdict on the host
-            breaker.release(trial)
+            breaker.release(period)
             raise
         status = response.status_code
         failure = status in breaker.policy.failure_statuses
         hinted = None
         if failure and status == 503:
             hinted = retry_after(response.headers, clock.wall())
-        breaker.record(clock.now(), trial, failure, hinted)
+        breaker.record(clock.now(), period, failure, hinted)
         call.circuit_state = breaker.state
         return response

@@ -55,7 +55,6 @@ A retry's wait for its turn is recorded by the retry layer, in ``CallInfo.waits`
 from __future__ import annotations
 
 import math
-import re
 from collections import deque
 from typing import NoReturn
 
@@ -65,7 +64,7 @@ import httpx
 from .._call import Call, Host, Next, Wait
 from .._clock import Clock
 from .._exceptions import RateLimitedError
-from .._headers import mentions, retry_after
+from .._headers import mentions, quota, retry_after
 from ._bucket import NEVER, Bucket, State
 
 
@@ -351,87 +350,3 @@ class RateLimiter:
         if self._waiting:
             self._replan(now)  # calls that cannot wait that long fail now
             self._wake_head()
-
-
-# RFC 8941 structured fields, as much as the RateLimit fields use: a List of
-# Items with parameters. Anything else in a field makes the whole field malformed.
-_KEY = r"[a-z*][a-z0-9_.*-]*"
-_BARE = r'"(?:[^"\\]|\\["\\])*"|-?[0-9]+(?:\.[0-9]+)?|\?[01]|[A-Za-z*][A-Za-z0-9!#$%&\'*+.^_`|~:/-]*'
-_MEMBER = re.compile(rf"[ \t]*({_BARE})((?:;[ ]*{_KEY}(?:=(?:{_BARE}))?)*)[ \t]*(,|\Z)")
-_PARAM = re.compile(rf";[ ]*({_KEY})(?:=({_BARE}))?")
-_COUNT = re.compile(r"[0-9]{1,15}")  # a non-negative sf-integer
-
-_Item = tuple[str, dict[str, str]]
-
-
-def _items(value: str) -> list[_Item] | None:
-    """The members of a List field as (bare item, parameters), or ``None`` if it is malformed."""
-    items: list[_Item] = []
-    pos = 0
-    while True:
-        match = _MEMBER.match(value, pos)
-        if match is None:
-            return None
-        params = {key: raw or "?1" for key, raw in _PARAM.findall(match.group(2))}
-        items.append((match.group(1).strip('"'), params))
-        if not match.group(3):
-            return items
-        pos = match.end()
-
-
-def _count(raw: str | None) -> int | None:
-    return int(raw) if raw is not None and _COUNT.fullmatch(raw) else None
-
-
-def _single(headers: httpx.Headers, name: str) -> int | None:
-    value = headers.get(name)
-    items = None if value is None else _items(value)
-    return _count(items[0][0]) if items is not None and len(items) == 1 else None
-
-
-def quota(headers: httpx.Headers) -> tuple[int, int] | None:
-    """The tightest (remaining, seconds to reset) that the response announces, or ``None``.
-
-    Read from ``RateLimit`` (a policy's ``t`` defaults to the window ``w`` of
-    the ``RateLimit-Policy`` item of the same name), else from the older
-    ``RateLimit-Remaining`` and ``RateLimit-Reset``. Of several policies the
-    tightest is the one that asks for the widest spacing.
-    """
-    items = _items(headers["ratelimit"]) if "ratelimit" in headers else None
-    if items:
-        windows: dict[str, int] | None = None  # read only when a policy lacks its t
-        best: tuple[int, int] | None = None
-        for name, params in items:
-            remaining = _count(params.get("r"))
-            reset = _count(params.get("t"))
-            if reset is None:
-                if windows is None:
-                    windows = _windows(headers)
-                reset = windows.get(name)
-            if remaining is None or reset is None:
-                continue
-            if best is None or _tightness(remaining, reset) > _tightness(*best):
-                best = (remaining, reset)
-        if best is not None:
-            return best
-    if "ratelimit-remaining" not in headers:
-        return None
-    remaining = _single(headers, "ratelimit-remaining")
-    reset = _single(headers, "ratelimit-reset")
-    return None if remaining is None or reset is None else (remaining, reset)
-
-
-def _windows(headers: httpx.Headers) -> dict[str, int]:
-    """The window ``w`` of each policy named in ``RateLimit-Policy``."""
-    policy = headers.get("ratelimit-policy")
-    windows = {}
-    for name, params in (None if policy is None else _items(policy)) or ():
-        window = _count(params.get("w"))
-        if window is not None:
-            windows[name] = window
-    return windows
-
-
-def _tightness(remaining: int, reset: int) -> tuple[bool, float]:
-    """Sorts quotas by the spacing they ask for; an exhausted one is the tightest."""
-    return (remaining == 0, reset if remaining == 0 else reset / remaining)

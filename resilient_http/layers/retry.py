@@ -3,13 +3,19 @@
 Safe: only idempotent methods (RFC 9110 §9.2.2) and requests carrying an
 ``Idempotency-Key`` are retried after they may have reached the server; a
 connection that could not be opened (``ConnectError``, ``ConnectTimeout``,
-``PoolTimeout``) is safe to retry for every method. A body that cannot be
-replayed (a generator) is never retried.
+``PoolTimeout``) is safe to retry for every method. A body is retried only
+if it can be sent again: bytes, and multipart forms whose files can be
+rewound (httpx rewinds them itself); a generator body never is.
 
 Responsible: exponential backoff with full jitter; a server's
 ``Retry-After`` is the least wait (jitter only adds); a per-host retry budget
 caps the extra load retries may add, so a failing dependency sees at most
-``1 + ratio`` times its normal traffic instead of ``attempts`` times.
+``1 + ratio`` times its normal traffic instead of ``attempts`` times. A
+retry takes its share of the budget when it is scheduled and gives it back
+if it is never sent (a rate limiter refused it, the call was cancelled
+during the backoff, the bulkhead shed it); ``retries_total`` counts a retry
+once its attempt has reached the network, so that attempts minus calls is
+retries.
 
 Still worth it: a wait that would not end before the total deadline, or a
 Retry-After above ``max_retry_after``, ends the call at once with its last
@@ -23,6 +29,7 @@ from __future__ import annotations
 import math
 
 import httpx
+from httpx._multipart import FileField, MultipartStream  # httpx's form body; no public module exports it
 
 from .._call import Call, Host, Next, Wait
 from .._clock import Clock
@@ -70,8 +77,8 @@ class Budget:
         else:
             self._calls[self._slot(now)] += 1
 
-    def withdraw(self, now: float, policy: RetryBudget) -> bool:
-        """Take one retry if ``policy`` allows it; ``False`` when the budget is spent."""
+    def withdraw(self, now: float, policy: RetryBudget) -> int | None:
+        """Take one retry if ``policy`` allows it and return a receipt for :meth:`refund`; ``None`` when spent."""
         slot = self._slot(now)
         oldest = int(now / self._width) - len(self._epochs)
         calls = retries = 0
@@ -80,9 +87,42 @@ class Budget:
                 calls += self._calls[i]
                 retries += self._retries[i]
         if retries + 1 > policy.ratio * calls + policy.min_per_second * self.window:
-            return False
+            return None
         self._retries[slot] += 1
+        return self._epochs[slot]
+
+    def refund(self, receipt: int | None) -> None:
+        """Give back a retry that was never sent; nothing once its bucket has left the window."""
+        if receipt is None:
+            return
+        slot = receipt % len(self._epochs)
+        if self._epochs[slot] == receipt and self._retries[slot] > 0:
+            self._retries[slot] -= 1
+
+
+def replayable(stream: object) -> bool:
+    """Whether a request body can be sent again: bytes, or a multipart form whose files rewind."""
+    if isinstance(stream, httpx.ByteStream):
         return True
+    if isinstance(stream, MultipartStream):
+        # httpx seeks every file field back to 0 each time it renders the form.
+        for field in stream.fields:
+            if isinstance(field, FileField):
+                file = field.file
+                if not isinstance(file, str | bytes) and not _seekable(file):
+                    return False
+        return True
+    return False
+
+
+def _seekable(file: object) -> bool:
+    seekable = getattr(file, "seekable", None)
+    if seekable is None:
+        return False
+    try:
+        return bool(seekable())
+    except (OSError, ValueError):  # closed, or not a real file after all
+        return False
 
 
 def _error_reason(exc: Exception, retry_safe: bool) -> str | None:
@@ -123,26 +163,31 @@ class Retry:
         self._budget = Budget(RetryBudget().window if budget is None else budget.window)
 
     def _backoff(self, policy: RetryPolicy, attempt: int) -> float:
-        ceiling = min(policy.max_backoff, policy.backoff * 2 ** (attempt - 1))
+        # 2.0**1023 is the largest power of two a float holds; the product may be inf, which min() caps.
+        ceiling = min(policy.max_backoff, policy.backoff * 2.0 ** min(attempt - 1, 1023))
         return self._random.uniform(0.0, ceiling)
 
-    def _schedule(self, call: Call, now: float, delay: float) -> float | str:
-        """When the retry after ``delay`` seconds may go, or why it may not (and count that)."""
+    def _schedule(self, call: Call, now: float, delay: float) -> tuple[float, int | None] | str:
+        """When the retry after ``delay`` seconds may go and its budget receipt, or why it may not (and count that)."""
         if call.deadline is not None and now + delay >= call.deadline:
             return "deadline"
         budget = call.policy.retry.budget if call.policy.retry is not None else None
-        if budget is not None and not self._budget.withdraw(now, budget):
-            self._metrics.budget_exhausted.inc()
-            return "budget"
+        receipt = None
+        if budget is not None:
+            receipt = self._budget.withdraw(now, budget)
+            if receipt is None:
+                self._metrics.budget_exhausted.inc()
+                return "budget"
         earliest = when = now + delay
         for gate in self._gates:
             allowed = gate(call, when)
             if allowed is None:
+                self._budget.refund(receipt)
                 return "rate_limit"
             when = allowed
         # Not ``when - now``: float rounding would make it differ from ``delay``
         # with no gate at all, and a phantom "rate_limit" wait would be recorded.
-        return delay + (when - earliest)
+        return delay + (when - earliest), receipt
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         policy = call.policy.retry
@@ -151,25 +196,30 @@ class Retry:
         clock = self._clock
         self._budget.deposit(clock.now())
         retry_safe = request.method in IDEMPOTENT_METHODS or "idempotency-key" in request.headers
-        replayable = isinstance(request.stream, httpx.ByteStream)
+        can_replay = replayable(request.stream)
         attempt = 1
+        reason: str | None = None  # why the attempt about to be made is a retry (None: the first)
+        receipt: int | None = None  # its share of the budget
         while True:
             try:
-                response = await call_next(call)
+                if reason is None:
+                    response = await call_next(call)
+                else:
+                    response = await self._resend(call, call_next, reason, receipt)
             except Exception as exc:
                 reason = _error_reason(exc, retry_safe)
                 if reason is None:
                     if _error_reason(exc, True) is not None:
                         call.retry_stop = "not_idempotent"
                     raise
-                stop = self._stop(call, policy, attempt, replayable)
+                stop = self._stop(call, policy, attempt, can_replay)
                 if stop is not None:
                     call.retry_stop = stop
                     raise
                 backoff = self._backoff(policy, attempt)
-                delay = self._schedule(call, clock.now(), backoff)
-                if isinstance(delay, str):
-                    call.retry_stop = delay
+                scheduled = self._schedule(call, clock.now(), backoff)
+                if isinstance(scheduled, str):
+                    call.retry_stop = scheduled
                     raise
                 wait = "backoff"
             else:
@@ -179,7 +229,7 @@ class Retry:
                 if not retry_safe:
                     call.retry_stop = "not_idempotent"
                     return response
-                stop = self._stop(call, policy, attempt, replayable)
+                stop = self._stop(call, policy, attempt, can_replay)
                 if stop is not None:
                     call.retry_stop = stop
                     return response
@@ -189,21 +239,40 @@ class Retry:
                     call.retry_stop = "retry_after_too_long"
                     return response
                 backoff = self._backoff(policy, attempt) + (hinted or 0.0)
-                delay = self._schedule(call, now, backoff)
-                if isinstance(delay, str):
-                    call.retry_stop = delay
+                scheduled = self._schedule(call, now, backoff)
+                if isinstance(scheduled, str):
+                    call.retry_stop = scheduled
                     return response
-                await discard(response)
                 reason = f"status_{status}"
+                try:
+                    await discard(response)
+                except BaseException:
+                    self._budget.refund(scheduled[1])
+                    raise
                 wait = "backoff" if hinted is None else "retry_after"
-            self._metrics.retry(reason)
+            delay, receipt = scheduled
             call.waits.append(Wait(wait, backoff))
             if delay > backoff:
                 call.waits.append(Wait("rate_limit", delay - backoff))
-            await clock.sleep(delay)
-            if self._holds:
-                await self._hold_back(call)
+            try:
+                await clock.sleep(delay)
+                if self._holds:
+                    await self._hold_back(call)
+            except BaseException:  # cancelled, or held back past the deadline: never sent
+                self._budget.refund(receipt)
+                raise
             attempt += 1
+
+    async def _resend(self, call: Call, call_next: Next, reason: str, receipt: int | None) -> httpx.Response:
+        """Make a retry's attempt: count it if it reached the network, else give its budget back."""
+        before = call.attempts
+        try:
+            return await call_next(call)
+        finally:
+            if call.attempts > before:
+                self._metrics.retry(reason)
+            else:  # refused on the way (a full bulkhead, the deadline in its queue)
+                self._budget.refund(receipt)
 
     async def _hold_back(self, call: Call) -> None:
         """Wait out a cooldown the server imposed while this retry was waiting for its turn."""
@@ -224,9 +293,9 @@ class Retry:
         await clock.sleep(until - now)
 
     @staticmethod
-    def _stop(call: Call, policy: RetryPolicy, attempt: int, replayable: bool) -> str | None:
+    def _stop(call: Call, policy: RetryPolicy, attempt: int, can_replay: bool) -> str | None:
         if attempt >= policy.attempts:
             return "attempts"
-        if not replayable:
+        if not can_replay:
             return "body_not_replayable"
         return None

@@ -1,53 +1,83 @@
 """Stale-cache fallback: when a call fails, answer with the last good response, marked stale.
 
-This is not an HTTP cache: a fresh response is never served from it, and
-every call still goes to the network. It keeps recent successful answers
-(200, 203, 204) to GET and HEAD and serves one only when the whole chain
-failed: an exception, a final 500/502/503/504, an open circuit, a refused
-rate-limit or bulkhead slot, the total deadline. Client errors (4xx) are
-answers, not failures: they pass through.
+This is not an HTTP cache: it never answers in place of the network,
+however fresh its copy, and every call still goes to the network. It keeps
+recent successful answers (200, 203, 204) to GET and HEAD and serves one
+only when the whole chain failed: an exception, a final 500/502/503/504, an
+open circuit, a refused rate-limit or bulkhead slot, the total deadline.
+Client errors (4xx) are answers, not failures: they pass through.
 
-What may be stored follows RFC 9111 for a private cache, with a small
-hand-written check rather than hishel: we need only "may this be stored"
-and "may this be served stale on error" (RFC 5861), not freshness,
-validation or heuristics, and hishel does not serve stale on error. Not
-stored: ``no-store`` (request or response), ``Vary: *``, bodies above
-``max_body_bytes``. Never served stale: ``no-cache``, ``must-revalidate``.
-A stored response may be served until it is ``max_stale`` seconds old, or,
-when it says ``stale-if-error=N``, until ``max-age + N`` (the response's
-own word wins). ``Vary`` is honoured by matching the request's values.
+One transport serves many callers, so this is an RFC 9111 *shared* cache:
+one caller's answer must never reach another caller it was not meant for.
+The rules are a small hand-written check rather than hishel: we need only
+"may this be stored" and "may this be served on error" (RFC 5861), not
+validation or heuristics, and hishel does not serve stale on error.
 
-Entries are keyed by method, URL and the request's credentials
-(``Authorization`` and ``Cookie``, hashed): a caller never sees an answer
-given to other credentials. Served answers carry an ``Age`` header and
-``CallInfo.stale`` / ``CallInfo.age``.
+The key is the effective request target: method, scheme, the address called
+(host and port), the ``Host`` header (virtual hosts behind one address),
+path and query; then the request's values of the policy's
+``identity_headers`` (hashed), and of the headers the answer ``Vary``s on.
+An absent header is a value of its own, equal to no string, the empty one
+included.
 
-Memory is bounded by ``max_entries`` and ``max_bytes`` for each host and,
-with the same numbers, for all hosts of the transport together (least
-recently used go first). The store outlives the transport's per-host
-state, so an answer survives the host's eviction from the host table.
+Never stored: ``no-store`` (request or response), ``no-cache``, ``private``
+(with or without field names), ``Vary: *``, bodies above ``max_body_bytes``.
+Who an answer is for:
+
+- A request with ``Authorization`` or ``Cookie`` (a cookie is a credential
+  too) not named in ``identity_headers`` has its answer stored only when the
+  answer says a shared cache may keep it: ``public``, ``s-maxage`` or
+  ``must-revalidate`` (RFC 9111 §3.5). It is then kept for every caller of
+  that target, as is any answer to a request without credentials: that is
+  what the origin gives anyone, so a request with credentials may be
+  answered with it too.
+- A header named in ``identity_headers`` (``X-Api-Key``, a tenant id,
+  ``Authorization`` itself) is part of the key: answers are kept per
+  identity, and one identity never sees another's.
+- ``Set-Cookie`` is never stored, so never replayed. An answer that sets a
+  cookie may belong to one caller's session: it is kept (without the
+  cookie) only when it says a shared cache may keep it, or when the request
+  carried a named identity and it is kept for that identity alone.
+
+How long: until ``max_stale`` seconds old or, when the answer says
+``stale-if-error=N``, until ``max-age + N`` (the response's own word wins).
+``must-revalidate``, ``proxy-revalidate`` and, in a shared cache,
+``s-maxage`` forbid serving the answer once stale (RFC 9111 §4.2.4): such an
+answer is served only while fresh, younger than its ``s-maxage`` (or else
+its ``max-age``); ``Expires`` is not read. Served answers carry an ``Age``
+header and ``CallInfo.stale`` / ``CallInfo.age``. An answer that arrives
+already too old is not stored, and an entry found too old is dropped. How
+memory is bounded is :mod:`.stale_store`'s story.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+import math
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import httpx
 
 from .._call import Call, Host, Next
-from .._config import StaleCachePolicy
-from .._headers import pick
-from .._metrics import HostMetrics, outcome_of_exception
+from .._headers import age_value, delta_seconds, pick
+from .._metrics import outcome_of_exception
+from .stale_store import Entry, Key, Store
 from .timeout import BufferedStream
 
 STORABLE_STATUSES = frozenset({200, 203, 204})
 FAILURE_STATUSES = frozenset({500, 502, 503, 504})
 _METHODS = frozenset({"GET", "HEAD"})
 
-Key = tuple[str, str, str, bytes, str]  # method, host:port, scheme, path and query, credentials digest
+#: Never stored.
+_NEVER = frozenset({"no-store", "no-cache", "private"})
+#: The answer says a shared cache may keep it, even for a request with credentials (RFC 9111 §3.5).
+_SHAREABLE = frozenset({"public", "s-maxage", "must-revalidate"})
+#: A shared cache may serve the answer only while it is fresh (RFC 9111 §4.2.4, §5.2.2).
+_FRESH_ONLY = frozenset({"must-revalidate", "proxy-revalidate", "s-maxage"})
+_CREDENTIALS = (b"authorization", b"cookie")
+_SET_COOKIE = frozenset({b"set-cookie", b"set-cookie2"})
+_RESPONSE_HEADERS = frozenset({b"cache-control", b"vary", b"age", *_SET_COOKIE})
+_NOT_KEPT = frozenset({b"age", *_SET_COOKIE})
 
 
 def cache_control(value: str | None) -> dict[str, str]:
@@ -64,118 +94,12 @@ def cache_control(value: str | None) -> dict[str, str]:
 
 def _seconds(directives: dict[str, str], name: str) -> float | None:
     value = directives.get(name)
-    return float(value) if value is not None and value.isascii() and value.isdigit() else None
+    return None if value is None else delta_seconds(value)
 
 
-@dataclass(slots=True)
-class Entry:
-    key: Key
-    host: str
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    http_version: bytes
-    vary: tuple[tuple[str, str | None], ...]  # (header name, the request's value)
-    stored: float  # host clock
-    initial_age: float
-    limit: float  # seconds of age up to which it may be served stale
-    size: int = 0
-
-    def measure(self) -> None:
-        self.size = len(self.body) + sum(len(k) + len(v) for k, v in self.headers)
-
-
-Slot = tuple[Key, tuple[tuple[str, str | None], ...]]
-
-
-class Store:
-    """Entries of every host of a transport, bounded per host and in total."""
-
-    def __init__(self) -> None:
-        self.entries: OrderedDict[Slot, Entry] = OrderedDict()  # least recently used first
-        self.hosts: dict[str, OrderedDict[Slot, Entry]] = {}
-        self.host_bytes: dict[str, int] = {}
-        self.by_key: dict[Key, list[Entry]] = {}
-        self.total_bytes = 0
-        self.metrics: dict[str, HostMetrics] = {}
-
-    def find(self, key: Key, request: httpx.Request) -> Entry | None:
-        for entry in self.by_key.get(key, ()):
-            if all(request.headers.get(name) == value for name, value in entry.vary):
-                slot = (entry.key, entry.vary)
-                self.entries.move_to_end(slot)
-                self.hosts[entry.host].move_to_end(slot)
-                return entry
-        return None
-
-    def refresh(self, entry: Entry, now: float) -> None:
-        """The same answer came again: it is as fresh as now, and the most recently used."""
-        entry.stored = now
-        slot = (entry.key, entry.vary)
-        self.entries.move_to_end(slot)
-        self.hosts[entry.host].move_to_end(slot)
-
-    def put(self, entry: Entry, policy: StaleCachePolicy, metrics: HostMetrics) -> None:
-        host = entry.host
-        self.metrics[host] = metrics
-        slot = (entry.key, entry.vary)
-        entry.measure()
-        old = self.entries.get(slot)
-        if old is not None:
-            # The same resource again (the usual case): replace it where it stands.
-            own = self.hosts[host]
-            self.entries[slot] = own[slot] = entry
-            self.entries.move_to_end(slot)
-            own.move_to_end(slot)
-            variants = self.by_key[entry.key]
-            variants[variants.index(old)] = entry
-            if entry.size != old.size:
-                self._count(entry, entry.size - old.size)
-        else:
-            own = self.hosts.setdefault(host, OrderedDict())
-            self.entries[slot] = own[slot] = entry
-            self.by_key.setdefault(entry.key, []).append(entry)
-            self._count(entry, entry.size)
-        # Least recently used go first: this host's own, then anyone's.
-        while len(own) > 1 and (len(own) > policy.max_entries or self.host_bytes[host] > policy.max_bytes):
-            self._remove(next(iter(own)))
-        while len(self.entries) > 1 and (len(self.entries) > policy.max_entries or self.total_bytes > policy.max_bytes):
-            self._remove(next(iter(self.entries)))
-
-    def _remove(self, slot: Slot) -> None:
-        entry = self.entries.pop(slot, None)
-        if entry is None:
-            return
-        own = self.hosts[entry.host]
-        del own[slot]
-        variants = self.by_key[entry.key]
-        variants.remove(entry)
-        if not variants:
-            del self.by_key[entry.key]
-        self._count(entry, -entry.size)
-        if not own:
-            del self.hosts[entry.host]
-
-    def _count(self, entry: Entry, size: int) -> None:
-        host = entry.host
-        self.host_bytes[host] = self.host_bytes.get(host, 0) + size
-        self.total_bytes += size
-        metrics = self.metrics.get(host)
-        if metrics is not None:
-            metrics.cache_entries.set(len(self.hosts.get(host, ())))
-            metrics.cache_bytes.set(self.host_bytes[host])
-
-
-_REQUEST_HEADERS = frozenset({b"cache-control", b"authorization", b"cookie"})
-_RESPONSE_HEADERS = frozenset({b"cache-control", b"vary", b"age"})
-
-
-def _credentials(found: dict[bytes, str]) -> str:
-    authorization = found.get(b"authorization")
-    cookie = found.get(b"cookie")
-    if authorization is None and cookie is None:
-        return ""
-    return hashlib.sha256(f"{authorization}\x00{cookie}".encode()).hexdigest()
+def _digest(value: str | None) -> bytes | None:
+    """An identity header's value, hashed so that no credential sits in the store in clear."""
+    return None if value is None else hashlib.sha256(value.encode("latin-1")).digest()
 
 
 class _TeeStream(httpx.AsyncByteStream):
@@ -209,7 +133,7 @@ class _TeeStream(httpx.AsyncByteStream):
 class StaleCache:
     """The stale-cache layer of one host."""
 
-    __slots__ = ("_clock", "_metrics", "_policy", "_store")
+    __slots__ = ("_clock", "_credentials", "_identity", "_metrics", "_policy", "_request_headers", "_store")
 
     def __init__(self, host: Host) -> None:
         policy = host.policy.stale_cache
@@ -221,6 +145,10 @@ class StaleCache:
         if store is None:
             store = host.shared["stale_cache"] = Store()
         self._store: Store = store
+        store.adopt(host.label, host.metrics)
+        self._identity = tuple(name.encode("ascii") for name in policy.identity_headers)
+        self._credentials = frozenset(_CREDENTIALS).difference(self._identity)
+        self._request_headers = frozenset({b"cache-control", b"host", *_CREDENTIALS, *self._identity})
 
     def keep(self, entry: Entry) -> None:
         self._store.put(entry, self._policy, self._metrics)
@@ -229,11 +157,21 @@ class StaleCache:
         request = call.request
         if request.method not in _METHODS:
             return await call_next(call)
-        found = pick(request.headers, _REQUEST_HEADERS)
+        found = pick(request.headers, self._request_headers)
         if "no-store" in cache_control(found.get(b"cache-control")):
             return await call_next(call)
+        # The request's side of the key and of storability, once per call.
         url = request.url
-        key: Key = (request.method, call.host.label, url.scheme, url.raw_path, _credentials(found))
+        vhost = found.get(b"host")
+        identity = tuple([_digest(found.get(name)) for name in self._identity]) if self._identity else ()
+        key: Key = (
+            request.method,
+            call.host.label,
+            url.scheme,
+            None if vhost is None else vhost.lower(),
+            url.raw_path,
+            identity,
+        )
         try:
             response = await call_next(call)
         except Exception as exc:
@@ -248,10 +186,12 @@ class StaleCache:
                 await response.aclose()
                 return stale
         elif status in STORABLE_STATUSES:
-            self._offer(call, key, response)
+            credentialed = not found.keys().isdisjoint(self._credentials)
+            self._offer(call, key, response, credentialed, any(identity))  # a digest is never empty
         return response
 
-    def _offer(self, call: Call, key: Key, response: httpx.Response) -> None:
+    def _offer(self, call: Call, key: Key, response: httpx.Response, credentialed: bool, identified: bool) -> None:
+        """Store ``response`` if the rules allow it (see the module docstring), deciding once."""
         headers = response.headers
         stream = response.stream
         if isinstance(stream, BufferedStream):
@@ -261,15 +201,20 @@ class StaleCache:
         else:
             body = None
         raw = headers.raw
-        if body is not None:
-            # The usual case: the same answer as last time, headers and all. Only its time moves.
+        if body is not None and not credentialed:
+            # The usual case: the same answer as last time, headers and all, so just as storable
+            # (stored headers hold no Age or Set-Cookie). Only its time moves.
             old = self._store.entries.get((key, ()))
             if old is not None and old.body == body and old.headers == raw and old.status == response.status_code:
                 self._store.refresh(old, self._clock.now())
                 return
         found = pick(headers, _RESPONSE_HEADERS)
         directives = cache_control(found.get(b"cache-control"))
-        if "no-store" in directives or "no-cache" in directives or "must-revalidate" in directives:
+        if not directives.keys().isdisjoint(_NEVER):
+            return
+        if directives.keys().isdisjoint(_SHAREABLE) and (
+            credentialed or (not identified and not found.keys().isdisjoint(_SET_COOKIE))
+        ):
             return
         vary = found.get(b"vary")
         vary_names = [name.strip().lower() for name in vary.split(",") if name.strip()] if vary else []
@@ -277,19 +222,28 @@ class StaleCache:
             return
         sie = _seconds(directives, "stale-if-error")
         limit = self._policy.max_stale if sie is None else (_seconds(directives, "max-age") or 0.0) + sie
-        age = found.get(b"age", "")
+        if not directives.keys().isdisjoint(_FRESH_ONLY):
+            fresh = _seconds(directives, "s-maxage")
+            if fresh is None:
+                fresh = _seconds(directives, "max-age")
+            if not fresh:
+                return
+            limit = math.nextafter(fresh, -math.inf)  # served while younger than ``fresh``, never as old
+        kept = raw if found.keys().isdisjoint(_NOT_KEPT) else [(k, v) for k, v in raw if k.lower() not in _NOT_KEPT]
         entry = Entry(
             key=key,
             host=call.host.label,
             status=response.status_code,
-            headers=[(k, v) for k, v in raw if k.lower() != b"age"] if b"age" in found else raw,
+            headers=kept,
             body=b"",
             http_version=response.extensions.get("http_version", b"HTTP/1.1"),
             vary=tuple((name, call.request.headers.get(name)) for name in vary_names),
             stored=self._clock.now(),
-            initial_age=float(age) if age.isascii() and age.isdigit() else 0.0,
+            initial_age=age_value(found.get(b"age")) or 0.0,
             limit=limit,
         )
+        if entry.initial_age > limit:
+            return
         limit_bytes = self._policy.max_body_bytes
         if body is None:
             if isinstance(stream, httpx.AsyncByteStream):
@@ -305,6 +259,7 @@ class StaleCache:
             return None
         age = self._clock.now() - entry.stored + entry.initial_age
         if age > entry.limit:
+            self._store.remove(entry)  # it only grows older
             return None
         headers = [*entry.headers, (b"Age", str(int(age)).encode())]
         call.stale = True

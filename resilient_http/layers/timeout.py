@@ -28,6 +28,7 @@ import httpx
 from .._call import Call
 from .._deadline import Scope, move_on_after
 from .._exceptions import DeadlineExceededError, TimeoutKind
+from .._headers import non_negative
 from .._metrics import outcome_of_status
 
 PREREAD_LIMIT = 1 << 20
@@ -98,7 +99,8 @@ def guard_body(call: Call, response: httpx.Response) -> None:
 async def _preread(response: httpx.Response) -> None:
     stream = response.stream
     length = response.headers.get("content-length")
-    if length is None or not length.isdigit() or int(length) > PREREAD_LIMIT:
+    size = None if length is None else non_negative(length, PREREAD_LIMIT + 1)
+    if size is None or size > PREREAD_LIMIT:
         return
     assert isinstance(stream, httpx.AsyncByteStream)
     chunks = []

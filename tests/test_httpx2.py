@@ -1,0 +1,94 @@
+"""The httpx2 flavour: the same layers, speaking httpx2, with nothing aliased in the process."""
+
+from __future__ import annotations
+
+import sys
+
+import httpx
+import httpx2
+import pytest
+from prometheus_client import CollectorRegistry
+
+import resilient_http
+import resilient_http.httpx2 as rh2
+
+
+def test_the_httpx2_flavour_offers_the_same_public_names() -> None:
+    """``resilient_http.httpx2`` exports exactly what ``resilient_http`` does."""
+    assert rh2.__all__ == resilient_http.__all__
+    assert all(hasattr(rh2, name) for name in rh2.__all__)
+
+
+def test_policies_are_shared_and_http_objects_are_httpx2s() -> None:
+    """One Policy class serves both; the transport and its exceptions belong to httpx2."""
+    assert rh2.Policy is resilient_http.Policy
+    assert rh2.ConfigurationError is resilient_http.ConfigurationError
+    assert issubclass(rh2.ResilientTransport, httpx2.AsyncBaseTransport)
+    assert not issubclass(rh2.ResilientTransport, httpx.AsyncBaseTransport)
+    assert issubclass(rh2.CircuitOpenError, httpx2.TransportError)
+    assert issubclass(rh2.DeadlineExceededError, httpx2.TimeoutException)
+    assert not issubclass(rh2.CircuitOpenError, httpx.HTTPError)
+
+
+def test_nothing_is_aliased_in_the_process() -> None:
+    """``import httpx`` still gives httpx: the flavour never touches sys.modules["httpx"]."""
+    assert sys.modules["httpx"] is httpx
+    assert httpx is not httpx2
+
+
+async def test_an_httpx2_client_gets_retries_and_its_call_info() -> None:
+    """503s with Retry-After are retried through an httpx2.AsyncClient; call_info reads the httpx2 response."""
+    answers = iter([503, 503, 200])
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(next(answers), headers={"Retry-After": "0"}, text="ok")
+
+    transport = rh2.ResilientTransport(inner=httpx2.MockTransport(handler), registry=CollectorRegistry())
+    async with httpx2.AsyncClient(transport=transport) as client:
+        response = await client.get("https://api.example.com/")
+    assert isinstance(response, httpx2.Response)
+    assert response.status_code == 200
+    info = rh2.call_info(response)
+    assert info is not None and info.attempts == 3
+
+
+async def test_an_open_circuit_is_an_httpx2_transport_error() -> None:
+    """An httpx2 caller catching ``httpx2.TransportError`` catches the breaker's refusal."""
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(500)
+
+    policy = rh2.Policy(
+        retry=None, circuit_breaker=rh2.CircuitBreakerPolicy(minimum_calls=2, failure_ratio=0.5, break_duration=60)
+    )
+    transport = rh2.ResilientTransport(
+        default=policy, inner=httpx2.MockTransport(handler), registry=CollectorRegistry()
+    )
+    async with httpx2.AsyncClient(transport=transport) as client:
+        for _ in range(2):
+            await client.get("https://api.example.com/")
+        with pytest.raises(httpx2.TransportError) as caught:
+            await client.get("https://api.example.com/")
+    assert isinstance(caught.value, rh2.CircuitOpenError)
+    info = rh2.call_info(caught.value)
+    assert info is not None and info.circuit_state == "open"
+
+
+def test_shared_modules_import_no_http_package() -> None:
+    """What both flavours share imports neither httpx nor a module that does, so httpx2 alone would do."""
+    import ast
+    from pathlib import Path
+
+    from resilient_http import _flavours
+
+    root = Path(resilient_http.__file__).parent
+    for name in _flavours.SHARED:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not any(alias.name.split(".")[0] in _flavours.RENAMES for alias in node.names), name
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0:
+                    assert (node.module or "").split(".")[0] not in _flavours.RENAMES, name
+                else:
+                    assert node.level == 1 and node.module in _flavours.SHARED, (name, node.module)
