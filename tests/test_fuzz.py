@@ -30,6 +30,7 @@ from resilient_http import (
     TimeoutPolicy,
     call_info,
 )
+from resilient_http._checks import MAX_SECONDS
 from resilient_http._headers import MAX_DELTA, age_value, delta_seconds, http_date, non_negative, quota, retry_after
 from resilient_http.testing import FakeClock
 
@@ -156,11 +157,11 @@ STATUSES = st.permutations([200, 429, 503, 500])
 def _chain_policy() -> Policy:
     return Policy(
         timeout=TimeoutPolicy(attempt=10.0, total=TOTAL),
-        retry=RetryPolicy(attempts=4, max_retry_after=1e9, budget=None),
+        retry=RetryPolicy(attempts=4, max_retry_after=MAX_SECONDS, budget=None),
         circuit_breaker=CircuitBreakerPolicy(minimum_calls=2, failure_ratio=0.5),
         rate_limit=RateLimitPolicy(rate=10.0, burst=2),
         bulkhead=BulkheadPolicy(max_concurrent=2, max_queue=10),
-        stale_cache=StaleCachePolicy(max_stale=1e9),
+        stale_cache=StaleCachePolicy(max_stale=MAX_SECONDS),
     )
 
 
