@@ -577,13 +577,27 @@ async def test_a_cooldown_within_max_cooldown_is_kept_whole(registry: CollectorR
     assert server.times == [START, START + 29.0]
 
 
-@pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan"), True, "60"])
-def test_max_cooldown_must_be_a_positive_finite_number_of_seconds(bad: Any) -> None:
+YEAR = 365 * 24 * 3600.0
+
+
+@pytest.mark.parametrize("bad", [0, -1, 0.0009, YEAR * 2, float("inf"), float("nan"), True, "60"])
+def test_max_cooldown_must_be_between_a_millisecond_and_a_year(bad: Any) -> None:
     """A bad max_cooldown fails when the policy is built, naming the field and the value."""
     with pytest.raises(ConfigurationError) as caught:
         RateLimitPolicy(rate=1, max_cooldown=bad)
     assert caught.value.field == "RateLimitPolicy.max_cooldown"
     assert caught.value.value is bad
+
+
+@pytest.mark.parametrize("cap", [0.001, YEAR])
+async def test_max_cooldown_at_its_bounds_holds_the_host_back_so_long(registry: CollectorRegistry, cap: float) -> None:
+    """At a millisecond and at a year, the cap is exact arithmetic: no overflow, no early send."""
+    clock = FakeClock()
+    server = Server(clock, {"/0": [(429, {"Retry-After": str(int(YEAR * 10))})]})
+    async with client(server, registry, rate=1_000_000, burst=10, max_cooldown=cap) as http:
+        await http.get("/0")
+        await http.get("/1")
+    assert server.times == [START, START + cap]
 
 
 def test_max_cooldown_is_read_from_toml_and_checked_there() -> None:

@@ -62,8 +62,9 @@ def every_policy() -> Policy:
         failure_statuses=(500, 503),
     )
     assert_type(breaker.half_open_calls, int)
-    rate_limit = RateLimitPolicy(rate=10, burst=5, max_wait=None)
+    rate_limit = RateLimitPolicy(rate=10, burst=5, max_wait=None, max_cooldown=30.0)
     assert_type(rate_limit.max_wait, float | None)
+    assert_type(rate_limit.max_cooldown, float)
     bulkhead = BulkheadPolicy(max_concurrent=10, max_queue=0, queue_timeout=1.0)
     assert_type(bulkhead.queue_timeout, float | None)
     stale_cache = StaleCachePolicy(
