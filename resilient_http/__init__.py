@@ -13,10 +13,14 @@ from ._config import TimeoutPolicy as TimeoutPolicy
 from ._exceptions import BulkheadFullError as BulkheadFullError
 from ._exceptions import CircuitOpenError as CircuitOpenError
 from ._exceptions import ConfigurationError as ConfigurationError
+from ._exceptions import ConnectDeadlineExceededError as ConnectDeadlineExceededError
 from ._exceptions import DeadlineExceededError as DeadlineExceededError
+from ._exceptions import PoolDeadlineExceededError as PoolDeadlineExceededError
 from ._exceptions import RateLimitedError as RateLimitedError
+from ._exceptions import ReadDeadlineExceededError as ReadDeadlineExceededError
 from ._exceptions import RejectedError as RejectedError
 from ._exceptions import ResilienceError as ResilienceError
+from ._exceptions import WriteDeadlineExceededError as WriteDeadlineExceededError
 from ._transport import ResilientTransport as ResilientTransport
 from ._transport import call_info as call_info
 
@@ -29,10 +33,13 @@ __all__ = [
     "CircuitBreakerPolicy",
     "CircuitOpenError",
     "ConfigurationError",
+    "ConnectDeadlineExceededError",
     "DeadlineExceededError",
     "Policy",
+    "PoolDeadlineExceededError",
     "RateLimitPolicy",
     "RateLimitedError",
+    "ReadDeadlineExceededError",
     "RejectedError",
     "ResilienceError",
     "ResilientTransport",
@@ -41,5 +48,6 @@ __all__ = [
     "StaleCachePolicy",
     "TimeoutPolicy",
     "Wait",
+    "WriteDeadlineExceededError",
     "call_info",
 ]

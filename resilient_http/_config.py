@@ -51,21 +51,33 @@ def _header_names(owner: str, name: str, value: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TimeoutPolicy:
-    """How long one attempt, and the whole call, may take (seconds; ``None``: unbounded).
+    """How long one attempt, the whole call, and a pause in a streamed body may take (seconds; ``None``: unbounded).
 
-    ``total`` covers everything the call does: queueing for a slot, every
-    attempt, every backoff and reading the response body. ``attempt`` covers
-    one try: connecting, sending, and receiving the headers (and the body when
-    it is small enough to be read inside the attempt). These replace the
-    client's own httpx timeouts, which would otherwise cut attempts short.
+    ``attempt`` covers one try: waiting for a pool connection, connecting,
+    sending, receiving the headers, and the first bytes of a small body
+    (one that announces a ``Content-Length`` of at most 1 MiB). ``total``
+    covers everything before the response is returned: queueing, every
+    attempt, every backoff. A body that streams on after that is bounded by
+    ``idle``, the longest pause allowed between two of its chunks, so a
+    download or an event stream that keeps flowing is never cut; set
+    ``stream_total`` to bound it by ``total`` as well.
+
+    httpx's implicit 5 s default per operation is dropped, so that it cannot
+    cut attempts shorter than the policy says; timeouts the caller sets
+    explicitly keep their httpx meaning inside every attempt.
     """
 
     attempt: float | None = 10.0
     total: float | None = 30.0
+    idle: float | None = 10.0
+    stream_total: bool = False
 
     def __post_init__(self) -> None:
         check_seconds(self, "attempt", optional=True)
         check_seconds(self, "total", optional=True)
+        check_seconds(self, "idle", optional=True)
+        if not isinstance(self.stream_total, bool):
+            raise ConfigurationError("TimeoutPolicy.stream_total", self.stream_total, "must be true or false")
         not_above(self, "attempt", "total")
 
 

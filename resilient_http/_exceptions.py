@@ -11,6 +11,10 @@ transport is swapped in::
           │    ├── RateLimitedError
           │    └── BulkheadFullError
           └── DeadlineExceededError   (also an httpx.TimeoutException)
+               ├── ConnectDeadlineExceededError   (also an httpx.ConnectTimeout)
+               ├── PoolDeadlineExceededError      (also an httpx.PoolTimeout)
+               ├── WriteDeadlineExceededError     (also an httpx.WriteTimeout)
+               └── ReadDeadlineExceededError      (also an httpx.ReadTimeout)
 
     ValueError
      └── ConfigurationError           (a bad policy, raised at construction)
@@ -18,6 +22,12 @@ transport is swapped in::
 A rejection means the request never reached the network: it is always safe
 to send it again later, and ``retry_after`` says when that is worth trying
 (``None`` when nobody knows).
+
+A policy timeout that ran out during one operation of httpx's is also that
+operation's httpx class, so ``except httpx.ConnectTimeout`` and the rule
+"nothing was sent, retry any method" keep their meaning; the base class is
+raised when the operation is unknown (a wait outside the network, or an
+inner transport that does not enforce httpx's timeouts).
 """
 
 from __future__ import annotations
@@ -28,7 +38,9 @@ import httpx
 
 from ._errors import ConfigurationError as ConfigurationError
 
-TimeoutKind = Literal["attempt", "total"]
+TimeoutKind = Literal["attempt", "total", "idle"]
+#: The httpx operation a timeout interrupted, as the keys of ``request.extensions["timeout"]``.
+Phase = Literal["connect", "pool", "write", "read"]
 
 
 class ResilienceError(httpx.TransportError):
@@ -67,10 +79,12 @@ class BulkheadFullError(RejectedError):
 
 
 class DeadlineExceededError(ResilienceError, httpx.TimeoutException):
-    """A per-attempt or total timeout of the policy ran out.
+    """A timeout of the policy ran out.
 
-    ``kind`` is ``"attempt"`` (one try took too long; another may be made) or
-    ``"total"`` (the whole call, waits and body included, took too long).
+    ``kind`` is ``"attempt"`` (one try took too long; another may be made),
+    ``"total"`` (the whole call took too long) or ``"idle"`` (a streamed
+    body paused longer than ``TimeoutPolicy.idle``); ``timeout`` is that
+    policy value in seconds. Subclasses say which httpx operation it cut.
     """
 
     def __init__(
@@ -84,3 +98,35 @@ class DeadlineExceededError(ResilienceError, httpx.TimeoutException):
         super().__init__(message, request=request)
         self.kind: TimeoutKind = kind
         self.timeout = timeout
+
+
+class ConnectDeadlineExceededError(DeadlineExceededError, httpx.ConnectTimeout):
+    """A policy timeout ran out while connecting: nothing was sent."""
+
+
+class PoolDeadlineExceededError(DeadlineExceededError, httpx.PoolTimeout):
+    """A policy timeout ran out while waiting for a pool connection: nothing was sent."""
+
+
+class WriteDeadlineExceededError(DeadlineExceededError, httpx.WriteTimeout):
+    """A policy timeout ran out while sending the request."""
+
+
+class ReadDeadlineExceededError(DeadlineExceededError, httpx.ReadTimeout):
+    """A policy timeout ran out while waiting for the response, its headers or its body."""
+
+
+_BY_PHASE: dict[Phase | None, type[DeadlineExceededError]] = {
+    "connect": ConnectDeadlineExceededError,
+    "pool": PoolDeadlineExceededError,
+    "write": WriteDeadlineExceededError,
+    "read": ReadDeadlineExceededError,
+    None: DeadlineExceededError,
+}
+
+
+def deadline_error(
+    message: str, *, phase: Phase | None, kind: TimeoutKind, timeout: float, request: httpx.Request | None = None
+) -> DeadlineExceededError:
+    """The error for a policy timeout that cut ``phase`` (``None``: an unknown one)."""
+    return _BY_PHASE[phase](message, kind=kind, timeout=timeout, request=request)

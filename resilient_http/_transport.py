@@ -176,7 +176,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 raise
             outcome = "stale" if call.stale else outcome_of_status(response.status_code)
             host.metrics.request(outcome, clock.now() - started)
-            if call.deadline is not None and not isinstance(response.stream, IN_MEMORY):
+            if not isinstance(response.stream, IN_MEMORY):
                 guard_body(call, response)
             response.extensions["resilient_http"] = call.info()
             return response

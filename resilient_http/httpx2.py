@@ -26,10 +26,13 @@ CallInfo = _impl.CallInfo
 CircuitBreakerPolicy = _impl.CircuitBreakerPolicy
 CircuitOpenError = _impl.CircuitOpenError
 ConfigurationError = _impl.ConfigurationError
+ConnectDeadlineExceededError = _impl.ConnectDeadlineExceededError
 DeadlineExceededError = _impl.DeadlineExceededError
 Policy = _impl.Policy
+PoolDeadlineExceededError = _impl.PoolDeadlineExceededError
 RateLimitPolicy = _impl.RateLimitPolicy
 RateLimitedError = _impl.RateLimitedError
+ReadDeadlineExceededError = _impl.ReadDeadlineExceededError
 RejectedError = _impl.RejectedError
 ResilienceError = _impl.ResilienceError
 ResilientTransport = _impl.ResilientTransport
@@ -38,6 +41,7 @@ RetryPolicy = _impl.RetryPolicy
 StaleCachePolicy = _impl.StaleCachePolicy
 TimeoutPolicy = _impl.TimeoutPolicy
 Wait = _impl.Wait
+WriteDeadlineExceededError = _impl.WriteDeadlineExceededError
 call_info = _impl.call_info
 
 __all__ = [
@@ -47,10 +51,13 @@ __all__ = [
     "CircuitBreakerPolicy",
     "CircuitOpenError",
     "ConfigurationError",
+    "ConnectDeadlineExceededError",
     "DeadlineExceededError",
     "Policy",
+    "PoolDeadlineExceededError",
     "RateLimitPolicy",
     "RateLimitedError",
+    "ReadDeadlineExceededError",
     "RejectedError",
     "ResilienceError",
     "ResilientTransport",
@@ -59,5 +66,6 @@ __all__ = [
     "StaleCachePolicy",
     "TimeoutPolicy",
     "Wait",
+    "WriteDeadlineExceededError",
     "call_info",
 ]

@@ -30,7 +30,6 @@ from resilient_http import (
     TimeoutPolicy,
     call_info,
 )
-from resilient_http._checks import MAX_SECONDS
 from resilient_http._headers import MAX_DELTA, age_value, delta_seconds, http_date, non_negative, quota, retry_after
 from resilient_http.testing import FakeClock
 
@@ -157,11 +156,11 @@ STATUSES = st.permutations([200, 429, 503, 500])
 def _chain_policy() -> Policy:
     return Policy(
         timeout=TimeoutPolicy(attempt=10.0, total=TOTAL),
-        retry=RetryPolicy(attempts=4, max_retry_after=MAX_SECONDS, budget=None),
+        retry=RetryPolicy(attempts=4, max_retry_after=31_536_000, budget=None),
         circuit_breaker=CircuitBreakerPolicy(minimum_calls=2, failure_ratio=0.5),
         rate_limit=RateLimitPolicy(rate=10.0, burst=2),
         bulkhead=BulkheadPolicy(max_concurrent=2, max_queue=10),
-        stale_cache=StaleCachePolicy(max_stale=MAX_SECONDS),
+        stale_cache=StaleCachePolicy(max_stale=31_536_000),
     )
 
 
@@ -170,10 +169,14 @@ def _response(status: int, headers: list[tuple[str, str]], streamed: bool) -> ht
     if not streamed:
         return httpx.Response(status, headers=raw, content=b"body")
 
-    async def body() -> AsyncIterator[bytes]:
-        yield b"body"
+    return httpx.Response(status, headers=raw, stream=_OneChunk())
 
-    return httpx.Response(status, headers=raw, content=body())
+
+class _OneChunk(httpx.AsyncByteStream):
+    """A streamed body of one chunk whose iterator closes with it (an async generator given as content would not)."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"body"
 
 
 Answer = tuple[list[tuple[str, str]], bool]

@@ -89,7 +89,7 @@ async def _exercise_every_core_metric(harness: Harness) -> None:
             retry=RetryPolicy(backoff=0.001, budget=RetryBudget(ratio=0, min_per_second=0.1, window=10)),
             circuit_breaker=CircuitBreakerPolicy(minimum_calls=2, failure_ratio=0.5),
         ),
-        "slow.example": only(timeout=TimeoutPolicy(attempt=1, total=1)),
+        "slow.example": only(timeout=TimeoutPolicy(attempt=1, total=1, stream_total=True)),
     }
     client = harness.client(Script(handler), only(), policies=policies)
     assert (await client.get("https://flaky.example/")).status_code == 200  # 503, retried, 200

@@ -8,6 +8,7 @@ measured, and generous upper bounds that prove a timeout fired.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -202,24 +203,27 @@ async def test_hung_server_under_tight_total_timeout_raises_total_deadline_in_ti
     assert len(server.requests_to("/hang")) == 2  # 0.3 s, then the 0.2 s left
 
 
-async def test_short_client_timeout_does_not_cut_an_attempt_the_policy_allows(
+async def test_explicit_client_timeout_is_honoured_inside_the_attempt(
     server: FlakyServer, registry: CollectorRegistry
 ) -> None:
-    """httpx.AsyncClient(timeout=0.05) does not override the policy: a 0.3 s answer within attempt=2 s succeeds."""
-    server.default("/slow", delay(0.3, 200, body=b"late but fine"))
-    async with client(registry, policy(attempt=2.0, total=5.0), timeout=0.05) as http:
-        response = await http.get(server.url("/slow"))
-    assert response.text == "late but fine"
-    assert len(server.requests_to("/slow")) == 1
+    """httpx.AsyncClient(timeout=0.05) keeps its httpx meaning: a 0.3 s answer is an httpx.ReadTimeout of the caller."""
+    server.default("/slow", delay(0.3, 200, body=b"late"))
+    started = time.monotonic()
+    async with client(registry, policy(attempt=2.0, total=5.0, retry=None), timeout=0.05) as http:
+        with pytest.raises(httpx.ReadTimeout) as caught:
+            await http.get(server.url("/slow"))
+    assert time.monotonic() - started < 0.3
+    assert not isinstance(caught.value, DeadlineExceededError)  # the caller's timeout, not the policy's
 
 
-async def test_trickled_body_is_cut_by_the_total_timeout_on_get(
+async def test_with_stream_total_a_trickled_body_is_cut_by_the_total_timeout_on_get(
     server: FlakyServer, registry: CollectorRegistry
 ) -> None:
     """A body that trickles past the total timeout raises DeadlineExceededError(kind="total") from client.get."""
     server.default("/trickle", trickle(chunks=25, interval=0.2))
     started = time.monotonic()
-    async with client(registry, policy(attempt=0.5, total=1.0)) as http:
+    bounded = dataclasses.replace(policy(), timeout=TimeoutPolicy(attempt=0.5, total=1.0, stream_total=True))
+    async with client(registry, bounded) as http:
         with pytest.raises(DeadlineExceededError) as caught:
             await http.get(server.url("/trickle"))
     elapsed = time.monotonic() - started
@@ -228,14 +232,15 @@ async def test_trickled_body_is_cut_by_the_total_timeout_on_get(
     assert len(server.requests_to("/trickle")) == 1
 
 
-async def test_trickled_body_is_cut_by_the_total_timeout_while_streaming(
+async def test_with_stream_total_a_trickled_body_is_cut_by_the_total_timeout_while_streaming(
     server: FlakyServer, registry: CollectorRegistry
 ) -> None:
     """A trickled body read with client.stream raises DeadlineExceededError(kind="total") mid-iteration."""
     server.default("/trickle", trickle(chunks=25, interval=0.2, chunk=b"abcd"))
     received = b""
     started = time.monotonic()
-    async with client(registry, policy(attempt=0.5, total=1.0)) as http:
+    bounded = dataclasses.replace(policy(), timeout=TimeoutPolicy(attempt=0.5, total=1.0, stream_total=True))
+    async with client(registry, bounded) as http:
         with pytest.raises(DeadlineExceededError) as caught:
             async with http.stream("GET", server.url("/trickle")) as response:
                 assert response.status_code == 200
@@ -247,11 +252,11 @@ async def test_trickled_body_is_cut_by_the_total_timeout_while_streaming(
     assert 0 < len(received) < 25 * 4  # some chunks came through, not all
 
 
-async def test_small_sized_body_that_stalls_is_an_attempt_timeout_and_is_retried(
+async def test_small_sized_body_whose_first_bytes_stall_is_an_attempt_timeout_and_is_retried(
     server: FlakyServer, registry: CollectorRegistry
 ) -> None:
-    """A small body with Content-Length is read inside the attempt, so its stall is retried like a hung server."""
-    server.queue("/stall", trickle(chunks=10, interval=0.2, sized=True), respond(200, body=b"ok"))
+    """The first bytes of a small body with Content-Length are waited for inside the attempt: their stall is retried."""
+    server.queue("/stall", trickle(chunks=2, interval=0.8, sized=True), respond(200, body=b"ok"))
     async with client(registry, policy(attempt=0.5, total=5.0)) as http:
         response = await http.get(server.url("/stall"))
     assert response.text == "ok"

@@ -137,7 +137,8 @@ async def test_a_read_cancelled_mid_body_frees_its_connection_and_slot(
             with anyio.CancelScope() as reading:
                 async for _ in first.aiter_raw():
                     reading.cancel()  # after the first chunk
-            assert not first.is_closed
+            # httpx leaves the response open here; httpx2 closes it itself. Either way the slot must come back.
+            assert first.is_closed == (httpx.__name__ == "httpx2")
             await until(lambda: bool(third))
             await until(lambda: server.connections_open == 2)
             await second.aclose()

@@ -158,7 +158,7 @@ def the_exceptions(request: httpx.Request) -> None:
             assert_type(exc.retry_after, float | None)
             assert_type(exc.host, str)
         except DeadlineExceededError as exc:
-            assert_type(exc.kind, Literal["attempt", "total"])
+            assert_type(exc.kind, Literal["attempt", "total", "idle"])
             assert_type(exc.timeout, float)
         except httpx.TransportError:
             pass
