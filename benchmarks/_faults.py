@@ -17,6 +17,10 @@ Modes, switched while traffic runs (:meth:`FaultServer.set_mode`):
               with ``Retry-After`` (whole seconds to the window's end, at least 1)
     hang      read the request, never answer
     outage    503 without ``Retry-After``, or a TCP reset for ``reset_share`` of them
+    capacity  ``capacity`` requests served at once in ``base_latency`` seconds; above
+              it, each answer takes longer in proportion (``base_latency * n /
+              capacity``), and a share of arrivals get an immediate 503 that grows
+              from 0 at ``capacity`` to all of them at 1.25 x ``capacity``
 
 Every arrival is recorded with its ``time.monotonic()`` time (the clock
 asyncio and resilient_http read) and what it got: a status, ``RESET`` or
@@ -38,7 +42,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Literal
 
-Mode = Literal["healthy", "errors", "quota", "hang", "outage"]
+Mode = Literal["healthy", "errors", "quota", "hang", "outage", "capacity"]
 RESET = 0
 HUNG = -1
 
@@ -63,6 +67,8 @@ class FaultServer:
         reset_share: float = 0.3,
         cache_control: str | None = None,
         grace: float = 0.005,
+        capacity: int = 20,
+        base_latency: float = 0.1,
         seed: int = 0,
     ) -> None:
         self.error_share = error_share
@@ -71,6 +77,9 @@ class FaultServer:
         self.reset_share = reset_share
         self.cache_control = cache_control
         self.grace = grace
+        self.capacity = capacity  # may be changed while traffic runs
+        self.base_latency = base_latency
+        self.busy = 0  # requests being served in capacity mode
         self.mode: Mode = "healthy"
         self.arrivals: list[Arrival] = []
         self.port = 0
@@ -155,6 +164,8 @@ class FaultServer:
                 writer.transport.abort()
                 return False
             return self._send(writer, path, now, 503, {})
+        if mode == "capacity":
+            return await self._serve_within_capacity(writer, path, now)
         if mode == "errors" and self._random.random() < self.error_share:
             headers = {} if self.error_retry_after is None else {"Retry-After": str(self.error_retry_after)}
             return self._send(writer, path, now, 503, headers)
@@ -168,6 +179,17 @@ class FaultServer:
             self._served += 1
         headers = {} if self.cache_control is None else {"Cache-Control": self.cache_control}
         return self._send(writer, path, now, 200, headers)
+
+    async def _serve_within_capacity(self, writer: asyncio.StreamWriter, path: str, now: float) -> bool:
+        capacity, busy = self.capacity, self.busy
+        if busy >= capacity and self._random.random() < (busy - capacity + 1) / max(1.0, capacity / 4):
+            return self._send(writer, path, now, 503, {})
+        self.busy += 1
+        try:
+            await asyncio.sleep(self.base_latency * max(1.0, (busy + 1) / capacity))
+        finally:
+            self.busy -= 1
+        return self._send(writer, path, now, 200, {})
 
     def _send(
         self,

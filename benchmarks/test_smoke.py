@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import chaos, overhead
+from benchmarks import adaptive, chaos, overhead
 
 
 def _number(value: Any) -> bool:
@@ -96,3 +97,20 @@ def test_plots_and_results_are_written(results: dict[str, Path], tmp_path: Path)
     assert "old" not in text and "kept" in text
     for block in ("machine", "overhead", "chaos", "targets"):
         assert text.count(f"<!-- generated:{block} -->") == 1
+
+
+def test_adaptive_reports_every_client_phase_and_target(tmp_path: Path) -> None:
+    """The adaptive benchmark runs every client through the three phases, samples the limit, and judges it."""
+    path = tmp_path / "adaptive.json"
+    assert adaptive.main(["--smoke", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert list(data["clients"]) == list(adaptive.CLIENTS)
+    for name, client in data["clients"].items():
+        assert list(client["phases"]) == list(adaptive.PHASES), name
+        assert all(_number(phase["goodput"]) for phase in client["phases"].values())
+        assert client["samples"] and client["goodput_timeline"]
+        assert ("limit" in client) == (name in (adaptive.AIMD, adaptive.GRADIENT))
+    assert len(data["targets"]) == 3 and all(isinstance(t["met"], bool) for t in data["targets"])
+    if importlib.util.find_spec("matplotlib") is not None:
+        adaptive.plot(data, str(tmp_path / "adaptive.png"))
+        assert (tmp_path / "adaptive.png").stat().st_size > 0

@@ -2,6 +2,7 @@
 
 from ._call import CallInfo as CallInfo
 from ._call import Wait as Wait
+from ._config import AdaptiveLimit as AdaptiveLimit
 from ._config import BulkheadPolicy as BulkheadPolicy
 from ._config import CircuitBreakerPolicy as CircuitBreakerPolicy
 from ._config import Policy as Policy
@@ -27,6 +28,7 @@ from ._transport import call_info as call_info
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveLimit",
     "BulkheadFullError",
     "BulkheadPolicy",
     "CallInfo",

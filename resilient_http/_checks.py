@@ -159,6 +159,18 @@ def check_statuses(policy: object, name: str) -> None:
     object.__setattr__(policy, name, frozenset(codes))
 
 
+def check_number(policy: object, name: str, low: float, high: float) -> None:
+    """Check that field ``name`` is a plain number (a factor, say) within ``[low, high]``; store it as a float."""
+    _ranged(policy, name, low, high, "")
+
+
+def check_choice(policy: object, name: str, choices: Collection[str]) -> None:
+    """Check that field ``name`` is one of the strings ``choices``."""
+    value = getattr(policy, name)
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigurationError(_name(policy, name), value, f"must be one of {', '.join(map(repr, choices))}")
+
+
 def not_above(policy: object, name: str, other: str) -> None:
     """A cross-field rule: field ``name`` must not exceed field ``other``."""
     value, limit = getattr(policy, name), getattr(policy, other)

@@ -17,14 +17,16 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ._checks import (
     MAX_ATTEMPTS,
     MAX_BUDGET_WINDOW,
     MAX_BYTES,
     MAX_CALLS,
+    check_choice,
     check_count,
+    check_number,
     check_rate,
     check_ratio,
     check_seconds,
@@ -188,6 +190,60 @@ class RateLimitPolicy:
         check_seconds(self, "max_cooldown")
 
 
+#: How an adaptive limit learns: from drops alone (``"aimd"``), or from latency too (``"gradient"``).
+AdaptiveMode = Literal["aimd", "gradient"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdaptiveLimit:
+    """A bulkhead limit that follows what the host can take, between ``min`` and ``max_concurrent``.
+
+    A *drop* is an attempt that timed out (an httpx timeout or the attempt
+    timeout; the call's own total timeout says nothing of the host), could
+    not connect, or got a status in ``drop_statuses`` (429 and 503: the
+    server says it is overloaded). A drop multiplies the limit by ``backoff``, at most once per round trip:
+    drops of attempts sent before the last decrease were sent under the old
+    limit and say nothing about the new one (TCP's and QUIC's recovery
+    period), so a burst of 503s shrinks the limit once, not to ``min``.
+
+    Other answers below 500 move the limit by ``mode`` (other errors, and
+    other server errors, move nothing), and only while it is in use
+    (at least half of it in flight when the attempt was sent): an idle
+    host says nothing about its capacity.
+
+    - ``"aimd"`` (Netflix concurrency-limits' AIMDLimit, the default): the
+      limit grows by one per round trip (one per ``limit`` answers), so that
+      growth and the once-per-round-trip decrease balance near capacity.
+    - ``"gradient"`` (Netflix's Gradient2Limit): each answer's latency is
+      compared with a long-run average; the limit moves towards
+      ``limit * clamp(tolerance * long / latency, 0.5, 1) + queue``
+      (``queue`` = 4), by ``smoothing`` of the way each time. Rising latency
+      shrinks it before the server starts refusing.
+
+    The limit starts at ``initial`` (lowered to ``max_concurrent`` when above
+    it). Calls beyond the limit queue as with a fixed one: priorities and
+    shedding work on top of it.
+    """
+
+    mode: AdaptiveMode = "aimd"
+    initial: int = 10
+    min: int = 1
+    backoff: float = 0.9
+    drop_statuses: Collection[int] = frozenset({429, 503})
+    smoothing: float = 0.2
+    tolerance: float = 1.5
+
+    def __post_init__(self) -> None:
+        check_choice(self, "mode", ("aimd", "gradient"))
+        check_count(self, "min", 1, MAX_CALLS)
+        check_count(self, "initial", 1, MAX_CALLS)
+        not_below(self, "initial", "min")
+        check_number(self, "backoff", 0.5, 0.99)
+        check_statuses(self, "drop_statuses")
+        check_ratio(self, "smoothing", zero=False)
+        check_number(self, "tolerance", 1, 10)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BulkheadPolicy:
     """At most ``max_concurrent`` attempts in flight per host, ``max_queue`` waiting.
@@ -195,16 +251,30 @@ class BulkheadPolicy:
     A slot is a connection: a streamed response body holds its slot until it
     is read to the end or closed. A waiting call gives up after ``queue_timeout`` seconds (``None``: the
     total timeout bounds the wait).
+
+    With ``adaptive`` (an :class:`AdaptiveLimit`), the number of slots follows
+    the host's answers, from ``adaptive.min`` up to ``max_concurrent``, which
+    stays the hard ceiling.
     """
 
     max_concurrent: int = 100
     max_queue: int = 100
     queue_timeout: float | None = None
+    adaptive: AdaptiveLimit | None = None
 
     def __post_init__(self) -> None:
         check_count(self, "max_concurrent", 1, MAX_CALLS)
         check_count(self, "max_queue", 0, MAX_CALLS)
         check_seconds(self, "queue_timeout", optional=True)
+        if self.adaptive is not None:
+            if not isinstance(self.adaptive, AdaptiveLimit):
+                raise ConfigurationError("BulkheadPolicy.adaptive", self.adaptive, "must be an AdaptiveLimit or None")
+            if self.adaptive.min > self.max_concurrent:
+                raise ConfigurationError(
+                    "BulkheadPolicy.adaptive",
+                    self.adaptive,
+                    f"its min ({self.adaptive.min}) must not exceed max_concurrent ({self.max_concurrent})",
+                )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

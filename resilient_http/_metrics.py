@@ -56,6 +56,7 @@ SPECS: tuple[tuple[str, str, str, str, str | None], ...] = (
     ("cooldown", "counter", "cooldown_seconds", "Time spent in cooldown imposed by the server.", None),
     ("bulkhead_in_flight", "gauge", "bulkhead_in_flight", "Attempts holding a bulkhead slot.", None),
     ("bulkhead_queued", "gauge", "bulkhead_queued", "Calls waiting for a bulkhead slot.", None),
+    ("bulkhead_limit", "gauge", "bulkhead_limit", "Bulkhead slots: max_concurrent, or the adaptive limit now.", None),
     ("bulkhead_rejected", "counter", "bulkhead_rejected", "Calls shed by the bulkhead.", "priority"),
     ("stale_served", "counter", "stale_served", "Stale answers served, by what failed.", "reason"),
     ("cache_entries", "gauge", "cache_entries", "Responses kept for stale fallback.", None),
@@ -203,6 +204,7 @@ class HostMetrics:
         "attempt_duration",
         "budget_exhausted",
         "bulkhead_in_flight",
+        "bulkhead_limit",
         "bulkhead_queued",
         "cache_bytes",
         "cache_entries",
@@ -217,6 +219,7 @@ class HostMetrics:
     attempt_duration: Buckets
     budget_exhausted: Value
     bulkhead_in_flight: Value
+    bulkhead_limit: Value
     bulkhead_queued: Value
     cache_bytes: Value
     cache_entries: Value

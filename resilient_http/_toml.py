@@ -15,6 +15,10 @@
     [hosts."*.internal.example".circuit_breaker]
     failure_ratio = 0.25
 
+    [hosts."*.internal.example".bulkhead]
+    max_concurrent = 50
+    adaptive = { min = 2 }         # a limit that adapts (AIMD) from 2 to 50
+
 Keys mirror the dataclasses. A host table is laid over ``[default]`` key by
 key: what the host does not say, it inherits. ``layer = false`` turns a
 layer off, ``layer = true`` turns it on (with ``[default]``'s settings for
@@ -36,11 +40,11 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from ._config import LAYER_TYPES, Policy, RetryBudget
+from ._config import LAYER_TYPES, AdaptiveLimit, Policy, RetryBudget
 from ._errors import ConfigurationError
 from ._hosts import PolicyTable
 
-_NESTED: dict[tuple[str, str], type] = {("retry", "budget"): RetryBudget}
+_NESTED: dict[tuple[str, str], type] = {("retry", "budget"): RetryBudget, ("bulkhead", "adaptive"): AdaptiveLimit}
 
 
 def _merge(base: Any, over: Any) -> Any:

@@ -20,6 +20,7 @@ from ._flavours import load as _load
 
 _impl = _load()
 
+AdaptiveLimit = _impl.AdaptiveLimit
 BulkheadFullError = _impl.BulkheadFullError
 BulkheadPolicy = _impl.BulkheadPolicy
 CallInfo = _impl.CallInfo
@@ -45,6 +46,7 @@ WriteDeadlineExceededError = _impl.WriteDeadlineExceededError
 call_info = _impl.call_info
 
 __all__ = [
+    "AdaptiveLimit",
     "BulkheadFullError",
     "BulkheadPolicy",
     "CallInfo",

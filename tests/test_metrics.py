@@ -40,6 +40,7 @@ OTHERS_BY_HOST = {
     "resilient_http_rate_limited_total",
     "resilient_http_cooldown_seconds_total",
     "resilient_http_bulkhead_in_flight",
+    "resilient_http_bulkhead_limit",
     "resilient_http_bulkhead_queued",
     "resilient_http_cache_entries",
     "resilient_http_cache_bytes",

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 import resilient_http
 from resilient_http import (
+    AdaptiveLimit,
     BulkheadFullError,
     BulkheadPolicy,
     CallInfo,
@@ -65,8 +66,13 @@ def every_policy() -> Policy:
     rate_limit = RateLimitPolicy(rate=10, burst=5, max_wait=None, max_cooldown=30.0)
     assert_type(rate_limit.max_wait, float | None)
     assert_type(rate_limit.max_cooldown, float)
-    bulkhead = BulkheadPolicy(max_concurrent=10, max_queue=0, queue_timeout=1.0)
+    adaptive = AdaptiveLimit(
+        mode="gradient", initial=5, min=2, backoff=0.8, drop_statuses={503}, smoothing=0.2, tolerance=1.5
+    )
+    assert_type(adaptive.mode, Literal["aimd", "gradient"])
+    bulkhead = BulkheadPolicy(max_concurrent=10, max_queue=0, queue_timeout=1.0, adaptive=adaptive)
     assert_type(bulkhead.queue_timeout, float | None)
+    assert_type(bulkhead.adaptive, AdaptiveLimit | None)
     stale_cache = StaleCachePolicy(
         max_stale=60, max_entries=10, max_bytes=1000, max_body_bytes=100, identity_headers=("X-Api-Key",)
     )

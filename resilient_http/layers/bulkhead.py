@@ -28,6 +28,13 @@ lowest-priority waiters, if that waiter ranks below it; otherwise the newcomer
 is refused. So critical calls may wait, but are never shed while a
 lower-priority call waits.
 
+With an adaptive limit (``BulkheadPolicy.adaptive``, see
+:mod:`resilient_http.layers.adaptive`), the number of slots follows each
+attempt's outcome. Nothing else changes: when the limit shrinks below the
+attempts in flight, none is cancelled, and slots given back are not handed
+on until the count is under the limit; when it grows, waiters are granted
+at once, head of the queue first.
+
 Slots are counted, not locked: taking a free slot when nobody waits is a
 compare and an increment. Only a call that must wait pays for an
 ``anyio.Event`` and a timer. A slot passes from hand to hand without ever
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
@@ -48,9 +56,12 @@ import httpx
 
 from .._call import PRIORITIES, Call, Host, Next, Wait
 from .._clock import Clock
-from .._exceptions import BulkheadFullError
+from .._exceptions import BulkheadFullError, DeadlineExceededError
 from .._metrics import HostMetrics
+from .adaptive import AdaptiveSlots
 from .timeout import IN_MEMORY, expired
+
+logger = logging.getLogger("resilient_http.bulkhead")
 
 _RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 _WAITING, _GRANTED, _SHED = 0, 1, 2
@@ -102,6 +113,11 @@ class _SlotStream(httpx.AsyncByteStream):
             bulkhead._dropped(self._inner, self._home)
 
 
+def _total_ran_out(exc: BaseException) -> bool:
+    """The call's own total deadline ended the attempt: its budget, not the host, ran out."""
+    return isinstance(exc, DeadlineExceededError) and exc.kind == "total"
+
+
 def _home() -> Any:
     """The running event loop (asyncio) or its token (trio): where a dropped body must be closed."""
     try:
@@ -116,11 +132,14 @@ class Bulkhead:
     """The bulkhead layer of one host."""
 
     __slots__ = (
+        "_adaptive",
         "_clock",
         "_closing",
+        "_drop_statuses",
         "_in_flight",
         "_in_flight_gauge",
         "_limit",
+        "_limit_gauge",
         "_max_queue",
         "_metrics",
         "_queue_timeout",
@@ -133,6 +152,14 @@ class Bulkhead:
         policy = host.policy.bulkhead
         assert policy is not None
         self._limit = policy.max_concurrent
+        self._adaptive: AdaptiveSlots | None = None
+        self._drop_statuses: frozenset[int] = frozenset()
+        if policy.adaptive is not None:
+            self._adaptive = AdaptiveSlots(policy.adaptive, policy.max_concurrent)
+            self._drop_statuses = frozenset(policy.adaptive.drop_statuses)
+            self._limit = self._adaptive.limit
+        self._limit_gauge = host.metrics.bulkhead_limit
+        self._limit_gauge.set(self._limit)
         self._max_queue = policy.max_queue
         self._queue_timeout = policy.queue_timeout
         self._clock: Clock = host.clock
@@ -152,17 +179,72 @@ class Bulkhead:
             self._in_flight_gauge.inc()
         else:
             await self._wait(call)
+        if self._adaptive is not None:
+            return await self._adapting(call, call_next, self._adaptive)
         try:
             response = await call_next(call)
         except BaseException:
             self._release()
             raise
+        return self._settle(response)
+
+    async def _adapting(self, call: Call, call_next: Next, slots: AdaptiveSlots) -> httpx.Response:
+        """One attempt holding a slot, whose outcome moves the adaptive limit before the slot is settled."""
+        number, in_flight = slots.sent(), self._in_flight
+        started = self._clock.now()
+        try:
+            response = await call_next(call)
+        except BaseException as exc:
+            try:
+                if isinstance(exc, httpx.TimeoutException | httpx.ConnectError) and not _total_ran_out(exc):
+                    self._adapt(slots.drop(number), "drop", exc)
+            finally:
+                self._release()
+            raise
+        try:
+            status = response.status_code
+            if status in self._drop_statuses:
+                self._adapt(slots.drop(number), "drop", status)
+            elif status < 500:  # other server errors say nothing of load, and are often fast
+                self._adapt(slots.success(in_flight, self._clock.now() - started), "success", None)
+        except BaseException:
+            self._release()
+            raise
+        return self._settle(response)
+
+    def _settle(self, response: httpx.Response) -> httpx.Response:
+        """Give the slot back now, or when a streamed body is done with."""
         stream = response.stream
         if isinstance(stream, IN_MEMORY) or not isinstance(stream, httpx.AsyncByteStream):
             self._release()
         else:  # the connection stays busy until the body is done with: so does the slot
             response.stream = _SlotStream(stream, self)
         return response
+
+    def _adapt(self, changed: bool, why: str, cause: object) -> None:
+        """Follow the adaptive limit after a sample: grant waiters when it grew."""
+        if not changed:
+            return
+        assert self._adaptive is not None
+        old, new = self._limit, self._adaptive.limit
+        self._limit = new
+        self._limit_gauge.set(new)
+        while self._queued and self._in_flight < new:
+            for queue in self._queues:
+                if queue:
+                    self._wake(queue.popleft(), _GRANTED)
+                    self._in_flight += 1
+                    self._in_flight_gauge.inc()
+                    break
+        self._limit_changed(old, new, why, cause)
+
+    def _limit_changed(self, old: int, new: int, why: str, cause: object) -> None:
+        """The one place the "limit changed" event is emitted (logged at DEBUG until hooks exist)."""
+        if logger.isEnabledFor(logging.DEBUG):
+            if isinstance(cause, BaseException):
+                cause = type(cause).__name__
+            detail = "" if cause is None else f" ({cause})"
+            logger.debug("bulkhead of %s: limit %d -> %d after a %s%s", self._metrics.host, old, new, why, detail)
 
     def _dropped(self, body: httpx.AsyncByteStream, home: Any) -> None:
         """A streamed body was dropped unclosed: close it and free its slot on its own event loop.
@@ -201,8 +283,8 @@ class Bulkhead:
             self._release()
 
     def _release(self) -> None:
-        """Hand the slot to the head of the queue, or free it."""
-        if self._queued:
+        """Hand the slot to the head of the queue, or free it (always, while above a shrunk limit)."""
+        if self._queued and self._in_flight <= self._limit:
             for queue in self._queues:
                 if queue:
                     self._wake(queue.popleft(), _GRANTED)
