@@ -187,17 +187,22 @@ class RateLimitPolicy:
 
     A call waits its turn for at most ``max_wait`` seconds (``None``: as long
     as the total timeout allows; ``0``: never waits). ``rate`` lies between
-    one call a year and a million a second (``MAX_RATE``).
+    one call a year and a million a second (``MAX_RATE``). No single response
+    holds the host back longer than ``max_cooldown`` seconds: a longer
+    ``Retry-After`` or ``RateLimit`` reset, and a wider ``RateLimit``
+    spacing between calls, are cut to it.
     """
 
     rate: float
     burst: int = 1
     max_wait: float | None = None
+    max_cooldown: float = 60.0
 
     def __post_init__(self) -> None:
         check_rate(self, "rate")
         check_count(self, "burst", 1, MAX_CALLS)
         check_seconds(self, "max_wait", zero=True, optional=True)
+        check_seconds(self, "max_cooldown")
 
 
 #: How an adaptive limit learns: from drops alone (``"aimd"``), or from latency too (``"gradient"``).

@@ -68,8 +68,9 @@ def every_policy() -> Policy:
         failure_statuses=(500, 503),
     )
     assert_type(breaker.half_open_calls, int)
-    rate_limit = RateLimitPolicy(rate=10, burst=5, max_wait=None)
+    rate_limit = RateLimitPolicy(rate=10, burst=5, max_wait=None, max_cooldown=30.0)
     assert_type(rate_limit.max_wait, float | None)
+    assert_type(rate_limit.max_cooldown, float)
     adaptive = AdaptiveLimit(
         mode="gradient", initial=5, min=2, backoff=0.8, drop_statuses={503}, smoothing=0.2, tolerance=1.5
     )
