@@ -27,7 +27,11 @@ if os.environ.get("RESILIENT_HTTP_FLAVOUR") == "httpx2":
 
     clone = _flavours.load()
     names = [info.name for info in pkgutil.walk_packages(resilient_http.__path__, "") if info.name != "__main__"]
-    modules = {"": clone, **{name: _flavours.load(name) for name in names if name != "httpx2"}}
+    # Shared modules stay the originals, as the clone's own imports have them: a
+    # second _flavours would name its package "resilient_http._httpx2" and break
+    # ``import resilient_http.httpx2``.
+    cloned = [name for name in names if name != "httpx2" and name.split(".")[0] not in _flavours.SHARED]
+    modules = {"": clone, **{name: _flavours.load(name) for name in cloned}}
     sys.modules["httpx"] = httpx2
     sys.modules["httpcore"] = httpcore2
     for name, module in modules.items():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import re
 from collections.abc import Collection
 from decimal import Decimal
 from typing import Any
@@ -169,6 +170,24 @@ def check_choice(policy: object, name: str, choices: Collection[str]) -> None:
     value = getattr(policy, name)
     if not isinstance(value, str) or value not in choices:
         raise ConfigurationError(_name(policy, name), value, f"must be one of {', '.join(map(repr, choices))}")
+
+
+_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Z]+")  # a token (RFC 9110 §9.1) without lower-case letters
+
+
+def check_methods(policy: object, name: str) -> None:
+    """Check that field ``name`` is a collection of request methods; store it as a frozenset of str.
+
+    Methods are case-sensitive (RFC 9110 §9.1) and httpx sends them
+    upper-case, so ``"post"`` is refused rather than silently never matching.
+    """
+    value = getattr(policy, name)
+    if isinstance(value, str | bytes) or not isinstance(value, Collection):
+        raise ConfigurationError(_name(policy, name), value, "must be a collection of request methods")
+    for method in value:
+        if not isinstance(method, str) or not _METHOD.fullmatch(method):
+            raise ConfigurationError(_name(policy, name), value, f"{method!r} is not an upper-case request method")
+    object.__setattr__(policy, name, frozenset(value))
 
 
 def not_above(policy: object, name: str, other: str) -> None:

@@ -26,6 +26,7 @@ from ._checks import (
     MAX_CALLS,
     check_choice,
     check_count,
+    check_methods,
     check_number,
     check_rate,
     check_ratio,
@@ -115,14 +116,27 @@ class RetryPolicy:
     the jitter is added to it, never taken from it. A Retry-After longer than
     ``max_retry_after``, or a wait that would not end before the total
     timeout, means the response is returned at once instead.
+
+    ``statuses`` includes 529, which no RFC registers: the one meaning
+    servers give it is "overloaded, try later" (Anthropic's API, whose SDK
+    retries it). A host that never sends it loses nothing; a host that does
+    is retried as for a 503, and the same rules of method apply to it.
+
+    Which requests may be tried again once they may have reached the
+    server: the idempotent methods (RFC 9110 §9.2.2), requests with an
+    ``Idempotency-Key``, the ``methods`` added here for a host whose API
+    makes them safe to repeat (``methods={"POST"}``), and a 429 for every
+    method: it is the server refusing to act, as the AWS, Azure, OpenAI and
+    Anthropic SDKs read it.
     """
 
     attempts: int = 3
     backoff: float = 0.1
     max_backoff: float = 10.0
-    statuses: Collection[int] = frozenset({408, 429, 502, 503, 504})
+    statuses: Collection[int] = frozenset({408, 429, 502, 503, 504, 529})
     max_retry_after: float = 60.0
     budget: RetryBudget | None = field(default_factory=RetryBudget)
+    methods: Collection[str] = frozenset()
 
     def __post_init__(self) -> None:
         check_count(self, "attempts", 1, MAX_ATTEMPTS)
@@ -131,6 +145,7 @@ class RetryPolicy:
         not_below(self, "max_backoff", "backoff")
         check_statuses(self, "statuses")
         check_seconds(self, "max_retry_after", zero=True)
+        check_methods(self, "methods")
         if self.budget is not None and not isinstance(self.budget, RetryBudget):
             raise ConfigurationError("RetryPolicy.budget", self.budget, "must be a RetryBudget or None")
 
@@ -172,17 +187,22 @@ class RateLimitPolicy:
 
     A call waits its turn for at most ``max_wait`` seconds (``None``: as long
     as the total timeout allows; ``0``: never waits). ``rate`` lies between
-    one call a year and a million a second (``MAX_RATE``).
+    one call a year and a million a second (``MAX_RATE``). No single response
+    holds the host back longer than ``max_cooldown`` seconds: a longer
+    ``Retry-After`` or ``RateLimit`` reset, and a wider ``RateLimit``
+    spacing between calls, are cut to it.
     """
 
     rate: float
     burst: int = 1
     max_wait: float | None = None
+    max_cooldown: float = 60.0
 
     def __post_init__(self) -> None:
         check_rate(self, "rate")
         check_count(self, "burst", 1, MAX_CALLS)
         check_seconds(self, "max_wait", zero=True, optional=True)
+        check_seconds(self, "max_cooldown")
 
 
 #: How an adaptive limit learns: from drops alone (``"aimd"``), or from latency too (``"gradient"``).

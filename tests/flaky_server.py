@@ -79,7 +79,9 @@ class Close:
 class Trickle:
     """Send the headers at once, then ``chunks`` pieces of the body, ``interval`` seconds apart.
 
-    The body is chunked; with ``sized`` it announces its full ``Content-Length`` instead.
+    The pieces are ``chunk`` repeated, or the distinct ``pieces`` when given
+    (the events of a server-sent event stream). The body is chunked; with
+    ``sized`` it announces its full ``Content-Length`` instead.
     """
 
     status: int = 200
@@ -88,6 +90,10 @@ class Trickle:
     chunks: int = 10
     interval: float = 0.2
     sized: bool = False
+    pieces: tuple[bytes, ...] = ()
+
+    def body(self) -> tuple[bytes, ...]:
+        return self.pieces or (self.chunk,) * self.chunks
 
 
 Behaviour = Respond | Hang | Reset | Close | Trickle
@@ -137,9 +143,10 @@ def trickle(
     status: int = 200,
     headers: HeadersLike | None = None,
     sized: bool = False,
+    pieces: Iterable[bytes] = (),
 ) -> Trickle:
-    """Headers at once, then the body a chunk at a time."""
-    return Trickle(status, _pairs(headers), chunk, chunks, interval, sized)
+    """Headers at once, then the body a chunk at a time (``chunk`` repeated, or each of ``pieces``)."""
+    return Trickle(status, _pairs(headers), chunk, chunks, interval, sized, tuple(pieces))
 
 
 def http_date(timestamp: float) -> str:
@@ -366,16 +373,16 @@ class FlakyServer:
 
     async def _trickle(self, conn: _Connection, behaviour: Trickle) -> None:
         headers = list(behaviour.headers)
+        pieces = behaviour.body()
         if behaviour.sized:
-            headers.append(("Content-Length", str(len(behaviour.chunk) * behaviour.chunks)))
+            headers.append(("Content-Length", str(sum(map(len, pieces)))))
         else:
             headers.append(("Transfer-Encoding", "chunked"))
         writer = conn.writer
         writer.write(_head(behaviour.status, headers))
         await writer.drain()
-        for _ in range(behaviour.chunks):
+        for chunk in pieces:
             await self._idle(conn, behaviour.interval)
-            chunk = behaviour.chunk
             writer.write(chunk if behaviour.sized else b"%x\r\n%s\r\n" % (len(chunk), chunk))
             await writer.drain()
         if not behaviour.sized:

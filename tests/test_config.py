@@ -62,6 +62,15 @@ INVALID: list[tuple[type, dict[str, Any], str]] = [
     (RetryPolicy, {"statuses": ["503"]}, "RetryPolicy.statuses"),
     (RetryPolicy, {"max_retry_after": -1}, "RetryPolicy.max_retry_after"),
     (RetryPolicy, {"max_retry_after": True}, "RetryPolicy.max_retry_after"),
+    (RetryPolicy, {"methods": "POST"}, "RetryPolicy.methods"),
+    (RetryPolicy, {"methods": b"POST"}, "RetryPolicy.methods"),
+    (RetryPolicy, {"methods": ["post"]}, "RetryPolicy.methods"),
+    (RetryPolicy, {"methods": ["Post"]}, "RetryPolicy.methods"),
+    (RetryPolicy, {"methods": ["POST", "GET "]}, "RetryPolicy.methods"),
+    (RetryPolicy, {"methods": [""]}, "RetryPolicy.methods"),
+    (RetryPolicy, {"methods": [b"POST"]}, "RetryPolicy.methods"),
+    (RetryPolicy, {"methods": [None]}, "RetryPolicy.methods"),
+    (RetryPolicy, {"methods": 1}, "RetryPolicy.methods"),
     (RetryPolicy, {"budget": {"ratio": 0.1}}, "RetryPolicy.budget"),
     (RetryPolicy, {"budget": False}, "RetryPolicy.budget"),
     (CircuitBreakerPolicy, {"failure_ratio": 0}, "CircuitBreakerPolicy.failure_ratio"),
@@ -155,6 +164,8 @@ VALID_EDGES: list[tuple[type, dict[str, Any]]] = [
     (RetryPolicy, {"statuses": []}),
     (RetryPolicy, {"statuses": [100, 599]}),
     (RetryPolicy, {"budget": None}),
+    (RetryPolicy, {"methods": []}),
+    (RetryPolicy, {"methods": ["POST", "PATCH", "M-SEARCH"]}),
     (CircuitBreakerPolicy, {"failure_ratio": 1, "minimum_calls": 1, "half_open_calls": 1}),
     (CircuitBreakerPolicy, {"break_duration": 7, "max_break_duration": 7}),
     (RateLimitPolicy, {"rate": 0.01}),
@@ -213,7 +224,7 @@ def test_valid_edge_values_are_accepted(case: tuple[type, dict[str, Any]]) -> No
     kind, kwargs = case
     made = kind(**kwargs)
     for name, value in kwargs.items():
-        expected = frozenset(value) if name.endswith("statuses") else value
+        expected = frozenset(value) if name.endswith(("statuses", "methods")) else value
         assert getattr(made, name) == expected
 
 
@@ -297,7 +308,8 @@ def test_documented_defaults() -> None:
     assert (TimeoutPolicy().attempt, TimeoutPolicy().total) == (10.0, 30.0)
     retry = RetryPolicy()
     assert (retry.attempts, retry.backoff, retry.max_backoff, retry.max_retry_after) == (3, 0.1, 10.0, 60.0)
-    assert retry.statuses == frozenset({408, 429, 502, 503, 504})
+    assert retry.statuses == frozenset({408, 429, 502, 503, 504, 529})
+    assert retry.methods == frozenset()
     assert retry.budget == RetryBudget(ratio=0.2, min_per_second=10.0, window=10.0)
     breaker = CircuitBreakerPolicy()
     assert breaker.failure_statuses == frozenset({500, 502, 503, 504})

@@ -32,6 +32,7 @@ RUNS: dict[str, tuple[list[str], dict[str, str]]] = {
     "stale_fallback": ([str(EXAMPLES / "stale_fallback.py")], {}),
     "trio_program": ([str(EXAMPLES / "trio_program.py")], {}),
     "idempotent_posts": ([str(EXAMPLES / "idempotent_posts.py")], {}),
+    "llm_client": ([str(EXAMPLES / "llm_client.py")], {}),
     "starlette_smoke": ([str(EXAMPLES / "starlette_service.py"), "--smoke"], {}),
     "starlette_multiprocess": ([str(EXAMPLES / "starlette_service.py"), "--smoke"], {"PROMETHEUS_MULTIPROC_DIR": ""}),
 }
@@ -127,6 +128,22 @@ def test_idempotent_posts_make_one_charge_each(runs: dict[str, subprocess.Popen[
     assert re.search(r"no key .*-> 503 +attempts=1 retry_stop=not_idempotent charges made=0$", c), c
     assert re.search(r"no key .*-> ReadError +attempts=1 retry_stop=not_idempotent charges made=1$", d), d
     assert line(text, "charges on the server:").endswith("ch_1 charge A, ch_2 charge B, ch_3 charge D")
+
+
+def test_llm_client_retries_for_the_sdk_streams_whole_and_shares_the_cooldown(
+    runs: dict[str, subprocess.Popen[str]],
+) -> None:
+    """The OpenAI SDK gets answers after a 429 and a 503, a whole event stream, and one call's 429 holds all back."""
+    text = output(runs, "llm_client")
+    refused = line(text, "429 then 200")
+    assert "-> 'Hello!' attempts=2" in refused
+    waited = re.search(r"waits: retry_after (\d+\.\d)s", refused)
+    assert waited is not None and float(waited.group(1)) >= 1.0, refused
+    assert "-> 'Hello again!' attempts=2" in line(text, "503 then 200")
+    assert line(text, "event stream").endswith("-> 12 events 'Once upon a time, a stream flowed to its end.'")
+    shared = line(text, "shared cooldown")
+    later = re.search(r"4 answers; .* the next 4 requests came (\d+\.\d+)s or more later$", shared)
+    assert later is not None and float(later.group(1)) >= 1.0, shared
 
 
 @pytest.mark.parametrize("run", ["starlette_smoke", "starlette_multiprocess"])

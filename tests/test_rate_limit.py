@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from resilient_http import (
     CallInfo,
+    ConfigurationError,
     Policy,
     RateLimitedError,
     RateLimitPolicy,
@@ -35,6 +36,8 @@ from resilient_http import (
     Wait,
 )
 from resilient_http._pipeline import ORDER
+from resilient_http._toml import parse_policies
+from resilient_http.layers._bucket import Bucket
 from resilient_http.testing import FakeClock
 
 HOST = "api.example.com:443"
@@ -92,6 +95,26 @@ class SteppedClock(FakeClock):
                 outer.cancel_scope.cancel()
 
 
+class ManualClock(FakeClock):
+    """A FakeClock whose time moves only when the test advances it; a sleeper wakes once its deadline has passed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sleepers: list[tuple[float, anyio.Event]] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        event = anyio.Event()
+        self._sleepers.append((self.now() + seconds, event))
+        await event.wait()
+
+    def advance(self, seconds: float) -> None:
+        super().advance(seconds)
+        for when, event in self._sleepers:
+            if when <= self.now():
+                event.set()
+
+
 class Server:
     """Answers each path with its scripted answers in turn (then 200s), recording when each call arrived.
 
@@ -137,11 +160,13 @@ def client(
     rate: float,
     burst: int = 1,
     max_wait: float | None = None,
+    max_cooldown: float = 60.0,
     **layers: Any,
 ) -> httpx.AsyncClient:
     """A client over a transport with the rate limiter and ``layers`` only."""
     off: dict[str, Any] = {"timeout": None, "retry": None, "circuit_breaker": None, "bulkhead": None}
-    policy = Policy(**{**off, **layers, "rate_limit": RateLimitPolicy(rate=rate, burst=burst, max_wait=max_wait)})
+    limit = RateLimitPolicy(rate=rate, burst=burst, max_wait=max_wait, max_cooldown=max_cooldown)
+    policy = Policy(**{**off, **layers, "rate_limit": limit})
     transport = ResilientTransport(
         default=policy,
         inner=httpx.MockTransport(server),
@@ -156,6 +181,17 @@ def most_in_one_second(times: Sequence[float]) -> int:
     """The most sends in any closed one-second window."""
     ordered = sorted(times)
     return max((sum(1 for t in ordered if start <= t <= start + 1.0 + EPSILON) for start in ordered), default=0)
+
+
+def within_bucket(times: Sequence[float], rate: float, burst: int) -> bool:
+    """Whether the sends fit a token bucket of ``rate`` and ``burst`` (GCRA), which implies the one-second bound."""
+    interval = 1.0 / rate
+    tat = -float("inf")
+    for when in sorted(times):
+        if when < tat - (burst - 1) * interval - EPSILON:
+            return False
+        tat = max(tat, when) + interval
+    return True
 
 
 def value(registry: CollectorRegistry, name: str) -> float:
@@ -223,6 +259,62 @@ async def test_queued_calls_are_sent_in_arrival_order(registry: CollectorRegistr
         await clock.run(*(job(i, rank) for rank, i in enumerate(order)))
     assert server.paths == [f"/{i}" for i in order]
     assert server.times == pytest.approx([START + 0.1 * rank for rank in range(20)])
+
+
+async def test_calls_woken_late_by_a_busy_loop_do_not_go_in_a_bunch(registry: CollectorRegistry) -> None:
+    """Waiting calls whose wake-ups run late, so that they would all wake at once, still go within rate + burst."""
+    clock = SteppedClock()
+    server = Server(clock)
+    async with client(server, registry, rate=2, burst=1) as http:
+
+        def job(i: int) -> Job:
+            async def run() -> None:
+                await clock.sleep(i * 0.001)
+                clock.lag[anyio.get_current_task().id] = max(0.0, 3.0 - 0.5 * i)  # due at +0.5 i, woken at +3
+                await http.get(f"/{i}")
+
+            return run
+
+        await clock.run(*(job(i) for i in range(10)))
+    assert server.paths == [f"/{i}" for i in range(10)]
+    assert most_in_one_second(server.times) <= 2 + 1
+    assert within_bucket(server.times, rate=2, burst=1)
+
+
+# The bucket's arithmetic (virtual seconds)
+
+
+def test_a_booking_far_ahead_leaves_the_tokens_before_it_free() -> None:
+    """With a retry booked at 5, a call at 2 fits at 2; one at 4.5 would starve the booking and goes after it."""
+    bucket = Bucket(rate=1, burst=1)
+    bucket.send(0.0)
+    bucket.book(5.0)
+    assert bucket.fit(bucket.now, 2.0)[0] == 2.0
+    assert bucket.fit(bucket.now, 4.5)[0] == 6.0
+
+
+def test_a_burst_fits_around_a_booking_as_far_as_its_tokens_go() -> None:
+    """Burst 3 and a booking at 1: three calls fit at 0, a fourth would leave the booking short and goes after it."""
+    bucket = Bucket(rate=1, burst=3)
+    bucket.book(1.0)
+    turns = []
+    state = bucket.now
+    for _ in range(4):
+        turn, state = bucket.fit(state, 0.0)
+        turns.append(turn)
+    assert turns == [0.0, 0.0, 0.0, 2.0]
+    assert within_bucket([*turns, 1.0], rate=1, burst=3)
+    assert not within_bucket([0.0, 0.0, 0.0, 0.0, 1.0], rate=1, burst=3)
+
+
+def test_due_bookings_count_as_sends() -> None:
+    """Bookings due by now are counted, in order, and forgotten; the rest stay."""
+    bucket = Bucket(rate=2, burst=1)
+    for booked in (0.5, 1.0, 3.0):
+        bucket.book(booked)
+    assert bucket.settle(1.0) == 2
+    assert bucket.bookings == [3.0]
+    assert bucket.fit(bucket.now, 1.0)[0] == 1.5
 
 
 # Refusals
@@ -406,8 +498,8 @@ async def test_waiting_call_that_cannot_wait_out_a_new_cooldown_fails_when_it_be
     assert retry_after == pytest.approx(30.5)  # its turn moved from +1 to +31
 
 
-async def test_calls_overdue_when_a_cooldown_begins_take_new_turns_after_it(registry: CollectorRegistry) -> None:
-    """Calls whose turn had come but that a busy loop had not yet sent go after the cooldown, in turns of their own."""
+async def test_calls_overdue_when_a_cooldown_begins_keep_their_place_in_line(registry: CollectorRegistry) -> None:
+    """Calls whose turn had come but that a busy loop had not yet sent go first after the cooldown, in arrival order."""
     clock = SteppedClock()
     # /0 is answered at +2.2 by a 429 asking for 10 s. /1 and /2 were due at +1 and +2 but
     # their wake-ups run 1.5 s late; /3, due at +3, is simply waiting.
@@ -423,9 +515,102 @@ async def test_calls_overdue_when_a_cooldown_begins_take_new_turns_after_it(regi
             return run
 
         await clock.run(job(0, 0.0), job(1, 1.5), job(2, 1.5), job(3, 0.0))
-    assert server.sent[:2] == [(START, "/0"), (pytest.approx(START + 13.0), "/3")]
-    assert sorted(server.times[2:]) == pytest.approx([START + 14.0, START + 15.0])
+    assert server.paths == ["/0", "/1", "/2", "/3"]
+    # The bucket had refilled before the cooldown began, and does not refill during it.
+    assert server.times[1] == pytest.approx(START + 12.2)
     assert most_in_one_second(server.times) <= 2
+
+
+# max_cooldown: no single response switches the host off for longer than the policy allows
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        (429, {"Retry-After": "86400"}),
+        (503, {"Retry-After": "86400"}),
+        (200, {"RateLimit": '"default";r=0;t=86400'}),
+        (200, {"RateLimit-Remaining": "0", "RateLimit-Reset": "86400"}),
+    ],
+    ids=["429", "503", "ratelimit-exhausted", "older-fields-exhausted"],
+)
+async def test_a_server_cooldown_is_cut_to_max_cooldown(
+    registry: CollectorRegistry, status: int, headers: Mapping[str, str]
+) -> None:
+    """A day-long Retry-After or quota reset holds the host back for max_cooldown, no longer."""
+    clock = FakeClock()
+    server = Server(clock, {"/0": [(status, headers)]})
+    async with client(server, registry, rate=100, burst=10, max_cooldown=30) as http:
+        await http.get("/0")
+        await http.get("/1")
+    assert server.times == [START, START + 30.0]
+    assert value(registry, "resilient_http_cooldown_seconds_total") == 30.0
+
+
+async def test_max_cooldown_defaults_to_a_minute(registry: CollectorRegistry) -> None:
+    """Without a max_cooldown of its own, a policy lets one response pause the host for at most 60 s."""
+    clock = FakeClock()
+    server = Server(clock, {"/0": [(429, {"Retry-After": "100000"})]})
+    async with client(server, registry, rate=100, burst=10) as http:
+        await http.get("/0")
+        await http.get("/1")
+    assert RateLimitPolicy(rate=1).max_cooldown == 60.0
+    assert server.times == [START, START + 60.0]
+
+
+async def test_ratelimit_spacing_is_cut_to_max_cooldown(registry: CollectorRegistry) -> None:
+    """r=1 left for a day would space calls a day apart; they go max_cooldown apart instead."""
+    clock = FakeClock()
+    server = Server(clock, {"/0": [(200, {"RateLimit": '"day";r=2;t=86400'})]})
+    async with client(server, registry, rate=100, burst=10, max_cooldown=30) as http:
+        for i in range(3):
+            await http.get(f"/{i}")
+    assert server.times == [START, START + 30.0, START + 60.0]
+
+
+async def test_a_cooldown_within_max_cooldown_is_kept_whole(registry: CollectorRegistry) -> None:
+    """A Retry-After shorter than max_cooldown is obeyed to the second."""
+    clock = FakeClock()
+    server = Server(clock, {"/0": [(429, {"Retry-After": "29"})]})
+    async with client(server, registry, rate=100, burst=10, max_cooldown=30) as http:
+        await http.get("/0")
+        await http.get("/1")
+    assert server.times == [START, START + 29.0]
+
+
+YEAR = 365 * 24 * 3600.0
+
+
+@pytest.mark.parametrize("bad", [0, -1, 0.0009, YEAR * 2, float("inf"), float("nan"), True, "60"])
+def test_max_cooldown_must_be_between_a_millisecond_and_a_year(bad: Any) -> None:
+    """A bad max_cooldown fails when the policy is built, naming the field and the value."""
+    with pytest.raises(ConfigurationError) as caught:
+        RateLimitPolicy(rate=1, max_cooldown=bad)
+    assert caught.value.field == "RateLimitPolicy.max_cooldown"
+    assert caught.value.value is bad
+
+
+@pytest.mark.parametrize("cap", [0.001, YEAR])
+async def test_max_cooldown_at_its_bounds_holds_the_host_back_so_long(registry: CollectorRegistry, cap: float) -> None:
+    """At a millisecond and at a year, the cap is exact arithmetic: no overflow, no early send."""
+    clock = FakeClock()
+    server = Server(clock, {"/0": [(429, {"Retry-After": str(int(YEAR * 10))})]})
+    async with client(server, registry, rate=1_000_000, burst=10, max_cooldown=cap) as http:
+        await http.get("/0")
+        await http.get("/1")
+    assert server.times == [START, START + cap]
+
+
+def test_max_cooldown_is_read_from_toml_and_checked_there() -> None:
+    """`max_cooldown` is a rate_limit key in TOML; a bad value names its key path."""
+    policies, default = parse_policies(
+        {"default": {"rate_limit": {"rate": 5, "max_cooldown": 15}}, "hosts": {"api.example.com": {}}}
+    )
+    assert default.rate_limit == RateLimitPolicy(rate=5, max_cooldown=15)
+    assert policies["api.example.com"].rate_limit == RateLimitPolicy(rate=5, max_cooldown=15)
+    with pytest.raises(ConfigurationError) as caught:
+        parse_policies({"default": {"rate_limit": {"rate": 5, "max_cooldown": -3}}})
+    assert caught.value.field == "default.rate_limit.max_cooldown"
 
 
 # RateLimit fields: slowing down before the quota runs out
@@ -474,6 +659,27 @@ async def test_the_tightest_of_several_quotas_sets_the_spacing(registry: Collect
         await http.get("/0")
         await http.get("/1")
     assert server.times == [START, START + 50.0]
+
+
+async def test_a_waiting_call_goes_earlier_when_the_server_loosens_its_pacing(registry: CollectorRegistry) -> None:
+    """Paced 10 s apart, a waiting call goes as soon as another answer says the quota has room again."""
+    clock = SteppedClock()
+    server = Server(
+        clock,
+        {"/0": [(200, {"RateLimit": '"default";r=1;t=10'})], "/free": [(200, {"RateLimit": '"default";r=50;t=10'})]},
+    )
+    async with client(server, registry, rate=100, burst=10) as http:
+
+        async def first() -> None:
+            await http.get("/0")
+            await http.get("/1")  # paced to +10
+
+        async def free() -> None:  # not rate limited itself, but its answer is read for the host
+            await clock.sleep(2.0)
+            await http.get("/free", extensions={"resilient_http": {"rate_limit": None}})
+
+        await clock.run(first, free)
+    assert server.sent == [(START, "/0"), (START + 2.0, "/free"), (START + 2.0, "/1")]
 
 
 async def test_retry_after_wins_over_ratelimit_fields(registry: CollectorRegistry) -> None:
@@ -543,6 +749,57 @@ async def test_retries_take_tokens_too(registry: CollectorRegistry) -> None:
     [wait] = info(after).waits
     assert wait.reason == "rate_limit"
     assert wait.seconds == pytest.approx(1.0)
+
+
+async def test_a_retry_waiting_out_its_retry_after_does_not_hold_back_calls_while_tokens_remain(
+    registry: CollectorRegistry,
+) -> None:
+    """A retry booked 5 s ahead leaves the tokens it does not need to calls arriving meanwhile: first come, first go."""
+    clock = SteppedClock()
+    # A 502's Retry-After paces only the retry; it is no cooldown of the host.
+    server = Server(clock, {"/a": [(502, {"Retry-After": "5"})]})
+    retry = RetryPolicy(attempts=2, backoff=0.01, budget=None)
+    results: dict[str, httpx.Response] = {}
+    async with client(server, registry, rate=1, retry=retry) as http:
+
+        def job(path: str, at: float) -> Job:
+            async def run() -> None:
+                await clock.sleep(at)
+                results[path] = await http.get(path)
+
+            return run
+
+        await clock.run(job("/a", 0.0), job("/b", 2.0), job("/c", 4.5))
+    assert server.paths == ["/a", "/b", "/a", "/c"]
+    assert server.times[:2] == [START, START + 2.0]  # /b found a token free: it went at once
+    assert info(results["/b"]).waits == ()
+    retried = server.times[2]
+    assert START + 5.0 <= retried <= START + 5.01
+    # /c, at +4.5, would have left the retry no token: it goes after it.
+    assert server.times[3] == pytest.approx(retried + 1.0)
+    assert most_in_one_second(server.times) <= 2
+
+
+async def test_calls_fit_between_retries_booked_ahead_without_breaking_the_bound(registry: CollectorRegistry) -> None:
+    """Many retries booked seconds ahead, fresh calls arriving all along: all fit one token bucket."""
+    clock = SteppedClock()
+    server = Server(clock, {f"/r{i}": [(502, {"Retry-After": str(1 + i % 4)})] for i in range(20)})
+    retry = RetryPolicy(attempts=2, backoff=0.3, budget=None)
+    async with client(server, registry, rate=3, burst=2, retry=retry) as http:
+
+        def job(path: str, at: float) -> Job:
+            async def run() -> None:
+                await clock.sleep(at)
+                assert (await http.get(path)).status_code == 200
+
+            return run
+
+        rng = random.Random(5)
+        retried = [job(f"/r{i}", i * 0.4) for i in range(20)]
+        fresh = [job(f"/f{i}", rng.uniform(0, 10)) for i in range(40)]  # with the retries, twice the rate
+        await clock.run(*retried, *fresh)
+    assert len(server.sent) == 20 * 2 + 40
+    assert within_bucket(server.times, rate=3, burst=2)
 
 
 async def test_retries_keep_the_host_within_its_bound(registry: CollectorRegistry) -> None:
@@ -678,10 +935,10 @@ async def test_cancelled_waiting_call_gives_back_the_latest_turn(registry: Colle
     assert server.sent == [(START, "/first"), (START + 1.0, "/late")]
 
 
-async def test_cancelled_call_in_the_middle_of_the_queue_leaves_a_hole_not_a_double_turn(
+async def test_cancelled_call_in_the_middle_of_the_line_lets_the_calls_behind_it_move_up(
     registry: CollectorRegistry,
 ) -> None:
-    """A waiting call cancelled with others queued behind it does not hand its turn to a later arrival."""
+    """A waiting call cancelled with others queued behind it frees its turn for them, in order: no hole, no extra."""
     clock = SteppedClock()
     server = Server(clock)
     scope = anyio.CancelScope()
@@ -702,11 +959,33 @@ async def test_cancelled_call_in_the_middle_of_the_queue_leaves_a_hole_not_a_dou
             await clock.sleep(0.2)
             scope.cancel()
 
-        # /0 goes at +0, /1 waits for +1 and is cancelled, /2 holds +2; /3../5 arrive after.
+        # /0 goes at +0, /1 waits for +1 and is cancelled, /2 moves up to +1; /3../5 arrive after.
         await clock.run(canceller, *(job(i, at) for i, at in enumerate([0, 0.01, 0.02, 0.5, 0.6, 0.7])))
-    assert "/1" not in server.paths
-    assert server.paths.index("/2") < server.paths.index("/3")
-    assert most_in_one_second(server.times) <= 2
+    assert server.sent == [(START + i, f"/{path}") for i, path in enumerate([0, 2, 3, 4, 5])]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_hundreds_of_waiting_calls_cancelled_at_once_give_their_turns_back(backend: str) -> None:
+    """300 calls waiting in line are cancelled together; a lone call afterwards is served at once (asyncio and trio)."""
+
+    async def main() -> tuple[list[str], tuple[Wait, ...]]:
+        clock = ManualClock()
+        server = Server(clock)
+        async with client(server, CollectorRegistry(), rate=1) as http:
+            await http.get("/first")
+            async with anyio.create_task_group() as group:
+                for i in range(300):
+                    group.start_soon(http.get, f"/{i}")
+                await anyio.wait_all_tasks_blocked()
+                group.cancel_scope.cancel()
+            clock.advance(1.0)  # one interval: the bucket holds a token again
+            with anyio.fail_after(5):  # real seconds: a turn never given back would hang here
+                lone = await http.get("/lone")
+        return server.paths, info(lone).waits
+
+    paths, waits = anyio.run(main, backend=backend)
+    assert paths == ["/first", "/lone"]
+    assert waits == ()
 
 
 async def test_cancelled_calls_never_let_the_host_exceed_its_bound(registry: CollectorRegistry) -> None:

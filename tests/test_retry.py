@@ -44,7 +44,7 @@ def _retrying(retry: RetryPolicy = PLAIN, timeout: TimeoutPolicy | None = None) 
 # What is retried
 
 
-@pytest.mark.parametrize("status", [408, 429, 502, 503, 504])
+@pytest.mark.parametrize("status", [408, 429, 502, 503, 504, 529])
 async def test_retried_statuses_are_retried(harness: Harness, status: int) -> None:
     """Each status in the default `statuses` is tried again, and a later success is returned."""
     script = Script(status, 200)
@@ -85,15 +85,80 @@ async def test_idempotent_methods_are_retried_after_a_response(harness: Harness,
     assert [request.method for request in script.requests] == [method, method]
 
 
+@pytest.mark.parametrize("status", [408, 502, 503, 504, 529])
 @pytest.mark.parametrize("method", ["POST", "PATCH"])
-async def test_non_idempotent_methods_are_not_retried_after_a_response(harness: Harness, method: str) -> None:
-    """POST and PATCH may have had an effect: their 503 is returned, marked not_idempotent."""
-    script = Script(503, 200)
-    response = await harness.client(script, _retrying()).request(method, "/", content=b"x")
-    assert response.status_code == 503
+async def test_non_idempotent_methods_are_not_retried_after_a_response(
+    harness: Harness, method: str, status: int
+) -> None:
+    """POST and PATCH may have had an effect: their 503 (every retried status but 429) is returned, not_idempotent."""
+    script = Script(status, 200)
+    response = await harness.client(script, _retrying(RetryPolicy(budget=None))).request(method, "/", content=b"x")
+    assert response.status_code == status
     assert script.calls == 1
     assert _info(response).retry_stop == "not_idempotent"
     assert harness.clock.sleeps == []
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH", "LOCK"])
+async def test_a_429_is_retried_for_every_method(harness: Harness, method: str) -> None:
+    """A 429 is the server refusing to act (nothing was done), so even a keyless POST is sent again, body and all."""
+    script = Script((429, {"Retry-After": "2"}), 200)
+    response = await harness.client(script, _retrying()).request(method, "/", content=b"summarise this")
+    assert response.status_code == 200
+    assert [(request.method, request.content) for request in script.requests] == [(method, b"summarise this")] * 2
+    assert "idempotency-key" not in script.requests[1].headers
+    assert _info(response).waits[0].reason == "retry_after"
+    assert harness.value("resilient_http_retries_total", reason="status_429") == 1
+
+
+async def test_a_429_to_a_body_that_cannot_be_replayed_is_still_returned(harness: Harness) -> None:
+    """The 429 rule makes a POST safe to repeat, not its generator body sendable twice."""
+    script = Script(429, 200)
+    response = await harness.client(script, _retrying()).post("/", content=_body())
+    assert response.status_code == 429
+    assert script.calls == 1
+    assert _info(response).retry_stop == "body_not_replayable"
+
+
+async def test_a_429_is_not_retried_when_the_policy_leaves_it_out_of_statuses(harness: Harness) -> None:
+    """The method rule says a 429 is safe to retry, not that it must be: `statuses` still decides."""
+    script = Script(429, 200)
+    response = await harness.client(script, _retrying(RetryPolicy(statuses={503}, budget=None))).post("/", content=b"x")
+    assert response.status_code == 429
+    assert script.calls == 1
+    assert _info(response).retry_stop is None
+
+
+@pytest.mark.parametrize("step", [503, 529, httpx.ReadError, httpx.RemoteProtocolError])
+async def test_methods_a_policy_declares_safe_are_retried_after_they_may_have_been_sent(
+    harness: Harness, step: Any
+) -> None:
+    """RetryPolicy(methods={"POST"}) says this host's POSTs may be repeated: after a 5xx or a broken connection too."""
+    policy = RetryPolicy(methods={"POST"}, budget=None)
+    script = Script(step, 200)
+    response = await harness.client(script, _retrying(policy)).post("/", content=b"x")
+    assert response.status_code == 200
+    assert [request.content for request in script.requests] == [b"x", b"x"]
+
+
+async def test_declared_methods_widen_the_idempotent_ones_and_no_others(harness: Harness) -> None:
+    """With methods={"POST"}, GET is still retried and PATCH still is not."""
+    policy = _retrying(RetryPolicy(methods={"POST"}, budget=None))
+    get = Script(503, 200)
+    assert (await harness.client(get, policy).get("/")).status_code == 200
+    patch = Script(503, 200)
+    response = await harness.client(patch, policy).patch("/", content=b"x")
+    assert (response.status_code, patch.calls, _info(response).retry_stop) == (503, 1, "not_idempotent")
+
+
+async def test_a_single_call_may_declare_its_post_safe(harness: Harness) -> None:
+    """The retry policy a call brings in its extensions may name its own method safe."""
+    script = Script(httpx.ReadError, 200)
+    client = harness.client(script, _retrying())
+    extensions = {"resilient_http": {"retry": RetryPolicy(methods={"POST"}, budget=None)}}
+    response = await client.post("/", content=b"x", extensions=extensions)
+    assert response.status_code == 200
+    assert script.calls == 2
 
 
 @pytest.mark.parametrize(
@@ -312,6 +377,56 @@ async def test_retry_after_seconds_is_the_least_wait_and_jitter_only_adds(harnes
     assert slept == harness.clock.sleeps
     assert all(3.0 <= seconds <= 3.0 + PLAIN.backoff for seconds in slept)
     assert max(slept) - min(slept) > PLAIN.backoff / 2
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"RateLimit": '"default";r=0;t=7', "RateLimit-Policy": '"default";q=100;w=60'},
+        {"RateLimit": '"default";r=0', "RateLimit-Policy": '"default";q=100;w=7'},
+        {"RateLimit-Remaining": "0", "RateLimit-Reset": "7"},
+    ],
+    ids=["ratelimit", "policy-window", "older-fields"],
+)
+async def test_a_spent_ratelimit_quota_is_the_least_wait_without_retry_after(
+    harness: Harness, headers: dict[str, str]
+) -> None:
+    """A 429 saying r=0 until t=7 is not retried before those 7 s, even with no rate limiter to read it."""
+    script = Script((429, headers), 200)
+    response = await harness.client(script, _retrying()).post("/", content=b"x")
+    assert response.status_code == 200
+    [slept] = harness.clock.sleeps
+    assert 7.0 <= slept <= 7.0 + PLAIN.backoff
+    assert _info(response).waits[0].reason == "retry_after"
+
+
+async def test_retry_after_wins_over_the_ratelimit_fields(harness: Harness) -> None:
+    """Retry-After: 2 beside r=0;t=60 waits 2 s (and a bit), not a minute."""
+    headers = {"Retry-After": "2", "RateLimit": '"default";r=0;t=60'}
+    await harness.client(Script((429, headers), 200), _retrying()).get("/")
+    [slept] = harness.clock.sleeps
+    assert 2.0 <= slept <= 2.0 + PLAIN.backoff
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"RateLimit": '"default";r=5;t=60'}, {"RateLimit": '"default";r=0;t=x'}, {"RateLimit": "garbage;;"}],
+    ids=["quota-left", "malformed-t", "malformed"],
+)
+async def test_a_quota_not_spent_or_malformed_adds_no_wait(harness: Harness, headers: dict[str, str]) -> None:
+    """Only a spent quota (r=0) is a wait; one with units left, or unreadable, leaves the backoff alone."""
+    await harness.client(Script((503, headers), 200), _retrying()).get("/")
+    [slept] = harness.clock.sleeps
+    assert 0.0 <= slept <= PLAIN.backoff
+
+
+async def test_a_spent_quota_resetting_after_max_retry_after_returns_the_429(harness: Harness) -> None:
+    """A daily quota spent (r=0;t=86400) is not waited out: the 429 is the answer, retry_after_too_long."""
+    script = Script((429, {"RateLimit": '"day";r=0;t=86400'}), 200)
+    response = await harness.client(script, _retrying()).post("/", content=b"x")
+    assert response.status_code == 429
+    assert script.calls == 1
+    assert _info(response).retry_stop == "retry_after_too_long"
 
 
 async def test_retry_after_date_is_read_against_the_response_date(harness: Harness) -> None:

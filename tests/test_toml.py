@@ -110,6 +110,21 @@ def test_a_host_may_replace_a_list_without_merging_it(write: Writer) -> None:
     assert retry.statuses == frozenset({429})
 
 
+def test_a_host_declares_its_posts_safe_to_retry(write: Writer) -> None:
+    """`methods` is read as the dataclass has it, and like `statuses` a host's list replaces the default's."""
+    path = write("""
+        [default.retry]
+        methods = ["PATCH"]
+
+        [hosts."api.llm.example".retry]
+        methods = ["POST"]
+    """)
+    policies, default = load_policies(path)
+    assert default.retry is not None and default.retry.methods == frozenset({"PATCH"})
+    retry = policies["api.llm.example"].retry
+    assert retry == RetryPolicy(methods={"POST"})
+
+
 def test_false_turns_a_layer_off(write: Writer) -> None:
     """`layer = false` turns a layer off, in [default] and in a host table over an inherited one."""
     path = write("""
@@ -236,6 +251,8 @@ def test_unknown_keys_raise_naming_the_key_path(write: Writer, text: str, path: 
         ("[default.timeout]\nattempt = true\n", "default.timeout.attempt", True),
         ("[default.retry.budget]\nratio = 2\n", "default.retry.budget.ratio", 2),
         ("[default.retry]\nstatuses = [700]\n", "default.retry.statuses", [700]),
+        ('[default.retry]\nmethods = ["post"]\n', "default.retry.methods", ["post"]),
+        ('[default.retry]\nmethods = "POST"\n', "default.retry.methods", "POST"),
         ("[default]\nretry = 3\n", "default.retry", 3),
         ("[default.timeout]\nattempt = 50\n", "default.timeout.attempt", 50),
         ("[default.timeout]\ntotal = inf\n", "default.timeout.total", float("inf")),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import ssl
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal, assert_type
 
@@ -50,8 +51,10 @@ def every_policy() -> Policy:
         statuses={429, 503},
         max_retry_after=30,
         budget=budget,
+        methods={"POST"},
     )
     assert_type(retry.attempts, int)
+    assert_type(retry.methods, Collection[str])
     assert_type(retry.budget, RetryBudget | None)
     RetryPolicy(statuses=[503], budget=None)
     RetryPolicy(statuses=range(500, 505))
@@ -65,8 +68,9 @@ def every_policy() -> Policy:
         failure_statuses=(500, 503),
     )
     assert_type(breaker.half_open_calls, int)
-    rate_limit = RateLimitPolicy(rate=10, burst=5, max_wait=None)
+    rate_limit = RateLimitPolicy(rate=10, burst=5, max_wait=None, max_cooldown=30.0)
     assert_type(rate_limit.max_wait, float | None)
+    assert_type(rate_limit.max_cooldown, float)
     adaptive = AdaptiveLimit(
         mode="gradient", initial=5, min=2, backoff=0.8, drop_statuses={503}, smoothing=0.2, tolerance=1.5
     )

@@ -1,39 +1,48 @@
 """Rate limiter: never send a host more than it can take, and slow down when it says so.
 
 A token bucket per host, ``rate`` calls a second with room for ``burst`` at
-once, kept as a schedule rather than a queue (GCRA, "virtual scheduling"):
-a call reserves, on arrival, the first send time left free by the calls
-before it, then sleeps until then. Reservation order is arrival order, so
-calls go first come, first served and none can starve, and a call with a
-token free costs a few float operations. Over any one-second window the
-host receives at most ``rate + burst`` calls, retries included: the retry
-layer asks this limiter for a send time before every retry (a retry gate).
+once (GCRA, in ``_bucket``), over the sends actually made: a call is let
+through when the bucket holds a token at the moment it is sent, not at a
+moment planned earlier. Over any one-second window the host receives at most
+``rate + burst`` calls, retries included, however late the event loop wakes
+a sleeper: the calls held up behind a late one cannot then go in a bunch.
+
+Calls that find no token free queue first come, first served. Only the
+first in line sleeps, until its turn; each send wakes the next. A call
+cancelled or refused while it waits just leaves the line, and the calls
+behind it move up: after hundreds of waiting calls are cancelled, a lone call
+goes at once if the bucket holds a token.
 
 A call waits at most ``max_wait`` seconds, and never past its total
-deadline. One that could not be sent in time fails at once with
+deadline. One whose turn would come later fails at once with
 :class:`RateLimitedError`, whose ``retry_after`` says when it would have
-been its turn, instead of queueing for a turn it could not use. A call
-cancelled while it waits gives its turn back when nobody has reserved after
-it; otherwise the turn stays empty, as moving later calls forward could
-break the bound.
+been its turn, instead of queueing for a turn it could not use; a waiting
+call whose turn is pushed that far (by a cooldown, say) fails when that
+becomes known.
+
+Retries are calls too. The retry layer asks for a retry's send time when its
+backoff begins (a retry gate); the retry is booked the first time, after its
+backoff and behind the calls already queued, at which the host can take one
+more call, and that booking is kept. Calls that arrive meanwhile go at once
+while the bucket holds tokens that the booked retries do not need, and
+wait only when sending them would leave a booked retry without its token.
+(A retry cancelled during its backoff keeps its booking: the retry layer
+does not say. The token it would have used goes unused.)
 
 The server has the last word. A 429, or a 503 with ``Retry-After``, starts
 a cooldown: nothing is sent to the host before the time it named (one token
-interval for a 429 without it), whichever call received it. The schedule
-is paused, not emptied: waiting calls keep their order and spacing and move
-back by the length of the pause, the bucket does not refill meanwhile, and
-waiting calls that cannot wait that long fail at once. The IETF
+interval for a 429 without it), whichever call received it. The bucket does
+not refill during a cooldown, and waiting calls keep their order. The IETF
 ``RateLimit`` fields (and the older ``RateLimit-Remaining`` and
 ``RateLimit-Reset``) slow the host down before its quota runs out: with
-``r`` units left for ``t`` seconds, calls reserved from then on are spaced at
-least ``t/r`` apart until the reset, and ``r=0`` is a cooldown of ``t``.
-``Retry-After`` wins over them; malformed fields are ignored.
-
-A retry takes its turn when its backoff begins, as any call would on
-arrival: calls that arrive during the backoff queue behind it. A cooldown
-that begins while it waits still holds it back (the retry layer asks again
-when its wait is over), though not behind the calls that were paused: in
-that one race the host may see one call more than the bound per such retry.
+``r`` units left for ``t`` seconds, calls are spaced at least ``t/r`` apart
+until the reset, and ``r=0`` is a cooldown of ``t``. ``Retry-After`` wins
+over them; malformed fields are ignored. No single response holds the host
+back longer than ``max_cooldown``: longer cooldowns and wider spacings are
+cut to it. A cooldown that begins while a retry waits out its backoff holds
+the retry back too (the retry layer asks when its wait is over), though not
+behind the calls that were paused: in that one race the host may see one
+call more than the bound per such retry.
 
 Metrics: every call let through observes its wait (0 included) in
 ``rate_limit_wait_seconds``; ``cooldown_seconds`` adds up the time the host
@@ -46,6 +55,8 @@ A retry's wait for its turn is recorded by the retry layer, in ``CallInfo.waits`
 from __future__ import annotations
 
 import math
+from collections import deque
+from typing import NoReturn
 
 import anyio
 import httpx
@@ -54,35 +65,50 @@ from .._call import Call, Host, Next, Wait
 from .._clock import Clock
 from .._exceptions import RateLimitedError
 from .._headers import mentions, quota, retry_after
+from ._bucket import NEVER, Bucket, State
 
-_NEVER = -math.inf
+
+class _Waiter:
+    """A call in line. Its times are on the host's clock, except ``turn`` (virtual, as predicted)."""
+
+    __slots__ = ("deadline", "gone", "limit", "refused", "scope", "turn")
+
+    def __init__(self, limit: float, deadline: float) -> None:
+        self.limit = limit
+        self.deadline = deadline
+        self.turn = NEVER
+        self.refused: float | None = None  # set when it cannot go in time: how long it would have waited
+        self.gone = False
+        self.scope = anyio.CancelScope()  # the sleep in progress; cancelled to wake the call
+
+    def too_late(self, target: float) -> bool:
+        return target > self.limit or target >= self.deadline  # at the deadline there is no time left to send
 
 
 class RateLimiter:
     """The rate limiter of one host.
 
-    Times are on the host's clock. Reservations are kept in *virtual* time,
-    which stands still during a cooldown: a reservation ``v`` is sent at
+    Times are on the host's clock, or *virtual* (the bucket's): virtual time
+    stands still during a cooldown, so a virtual time ``v`` is the clock's
     ``v + shift``, ``shift`` being the length of every cooldown so far.
     """
 
     __slots__ = (
+        "_bucket",
         "_clock",
         "_cooldown",
         "_cooldown_until",
         "_hold_until",
-        "_interval",
         "_label",
-        "_last",
+        "_line",
+        "_max_cooldown",
         "_max_wait",
-        "_pace",
         "_pace_until",
+        "_plan",
         "_rate_limited",
         "_shift",
-        "_sleepers",
-        "_tat",
-        "_tolerance",
         "_wait_seconds",
+        "_waiting",
     )
 
     def __init__(self, host: Host) -> None:
@@ -90,17 +116,16 @@ class RateLimiter:
         assert policy is not None
         self._clock: Clock = host.clock
         self._label = host.label
-        self._interval = 1.0 / policy.rate
-        self._tolerance = (policy.burst - 1) * self._interval
+        self._bucket = Bucket(policy.rate, policy.burst)
         self._max_wait = policy.max_wait
-        self._tat = _NEVER  # theoretical arrival time: the bucket is full while it is in the past
-        self._last = _NEVER  # the latest reserved slot, from which pacing is measured
+        self._max_cooldown = policy.max_cooldown
+        self._line: deque[_Waiter] = deque()  # in arrival order; those gone are dropped when they reach the front
+        self._waiting = 0  # calls in line and not gone
+        self._plan: tuple[State, float] | None = None  # the bucket once the line has gone, and the last turn in it
         self._shift = 0.0
-        self._cooldown_until = _NEVER
-        self._pace = 0.0
-        self._pace_until = _NEVER
-        self._hold_until = _NEVER  # before this, the server has a say: no fast path
-        self._sleepers: set[anyio.CancelScope] = set()
+        self._cooldown_until = NEVER
+        self._pace_until = NEVER
+        self._hold_until = NEVER  # before this, the server has a say: no fast path
         metrics = host.metrics
         self._wait_seconds = metrics.rate_limit_wait
         self._rate_limited = metrics.rate_limited
@@ -112,102 +137,166 @@ class RateLimiter:
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         now = self._clock.now()
         virtual = now - self._shift
-        tat = self._tat
-        if now >= self._hold_until and tat - self._tolerance <= virtual:
-            self._tat = (tat if tat > virtual else virtual) + self._interval
-            self._last = virtual
+        bucket = self._bucket
+        tat = bucket.tat
+        if tat - bucket.tolerance <= virtual and now >= self._hold_until and not self._waiting and not bucket.bookings:
+            bucket.tat = (tat if tat > virtual else virtual) + bucket.interval
+            bucket.last = virtual
             self._wait_seconds.observe(0.0)
             return await call_next(call)
         await self._wait_turn(call, now)
         return await call_next(call)
 
-    def _reserve(self, earliest: float) -> float:
-        """Take the first free slot at or after ``earliest``; return it in virtual time."""
-        shift = self._shift
-        slot = max(earliest, self._cooldown_until) - shift
-        free = self._tat - self._tolerance
-        if free > slot:
-            slot = free
-        if slot + shift < self._pace_until:
-            paced = self._last + self._pace
-            if paced > slot:
-                slot = min(paced, self._pace_until - shift)
-        self._tat = max(self._tat, slot) + self._interval
-        self._last = slot
-        return slot
+    # The line
 
-    def _give_back(self, tat_after: float, tat_before: float, last_before: float) -> None:
-        """Undo a reservation if nobody has reserved after it (else leave a hole)."""
-        if self._tat == tat_after:
-            self._tat = tat_before
-            self._last = last_before
+    def _settle(self, virtual: float) -> None:
+        """Count the retries' bookings due by now as sends (the plan counts from the first left)."""
+        due = self._bucket.settle(virtual)
+        plan = self._plan
+        if due and plan is not None:
+            (tat, last, i), tail = plan
+            self._plan = None if i < due else ((tat, last, i - due), tail)
+
+    def _planned(self, now: float) -> tuple[State, float]:
+        """The bucket once every call in line has gone, and the virtual time the last of them goes."""
+        if not self._waiting:
+            return self._bucket.now, now - self._shift
+        if self._plan is None:
+            self._replan(now)
+            assert self._plan is not None
+        return self._plan
+
+    def _replan(self, now: float) -> None:
+        """Predict every waiting call's turn; those that cannot go in time are refused now."""
+        bucket, shift = self._bucket, self._shift
+        state, turn = bucket.now, now - shift
+        for waiter in self._line:
+            if waiter.gone or waiter.refused is not None:
+                continue
+            at, after = bucket.fit(state, turn)
+            if waiter.too_late(at + shift):
+                waiter.refused = at + shift - now
+                waiter.scope.cancel()
+                continue
+            waiter.turn = turn = at
+            state = after
+        self._plan = (state, turn)
+
+    def _head(self) -> _Waiter | None:
+        """The first call in line."""
+        line = self._line
+        while line and line[0].gone:
+            line.popleft()
+        return line[0] if line else None
+
+    def _wake_head(self) -> None:
+        head = self._head()
+        if head is not None:
+            head.scope.cancel()
 
     async def _wait_turn(self, call: Call, now: float) -> None:
-        clock = self._clock
         arrival = now
-        limit = math.inf if self._max_wait is None else arrival + self._max_wait
-        deadline = math.inf if call.deadline is None else call.deadline
-        tat_before, last_before = self._tat, self._last
-        slot = self._reserve(now)
-        tat_after, shift = self._tat, self._shift
-        refused = None
-        try:
-            while True:
-                if self._shift != shift and slot + self._shift < self._cooldown_until:
-                    # It was due when a cooldown began but had not gone yet: it
-                    # takes a new turn, behind the calls that were paused.
-                    self._give_back(tat_after, tat_before, last_before)
-                    tat_before, last_before = self._tat, self._last
-                    slot = self._reserve(now)
-                    tat_after, shift = self._tat, self._shift
-                target = max(slot + self._shift, self._cooldown_until)
-                if target <= now:
-                    break
-                if target > limit or target >= deadline:  # at the deadline there is no time left to send
-                    refused = target - now
-                    break
-                scope = anyio.CancelScope()
-                self._sleepers.add(scope)
-                try:
-                    with scope:  # cancelled when a cooldown moves the schedule
-                        await clock.sleep(target - now)
-                finally:
-                    self._sleepers.discard(scope)
-                now = clock.now()
-        except BaseException:
-            self._give_back(tat_after, tat_before, last_before)
-            raise
-        if refused is not None:
-            self._give_back(tat_after, tat_before, last_before)
-            self._rate_limited.inc()
-            raise RateLimitedError(
-                f"rate limit of {self._label}: no turn within the time this call may wait",
-                host=self._label,
-                retry_after=refused,
-                request=call.request,
-            )
+        waiter = _Waiter(
+            math.inf if self._max_wait is None else now + self._max_wait,
+            math.inf if call.deadline is None else call.deadline,
+        )
+        shift = self._shift
+        state, tail = self._planned(now)
+        turn, state = self._bucket.fit(state, max(now - shift, tail))
+        target = turn + shift
+        if target <= now and not self._waiting:  # a token is free after all
+            self._settle(now - shift)
+            self._bucket.send(now - shift)
+        else:
+            if waiter.too_late(target):
+                self._refuse(call, target - now)
+            waiter.turn = turn
+            self._line.append(waiter)
+            self._waiting += 1
+            self._plan = (state, turn)
+            now = await self._wait_in_line(call, waiter, now)
         waited = now - arrival
         self._wait_seconds.observe(waited)
         if waited > 0:
             call.waits.append(Wait("rate_limit", waited))
+
+    async def _wait_in_line(self, call: Call, waiter: _Waiter, now: float) -> float:
+        """Wait until ``waiter`` is first in line and the bucket holds a token; count its send; return the time."""
+        clock, bucket = self._clock, self._bucket
+        sent = False
+        try:
+            while waiter.refused is None:
+                if self._head() is waiter:
+                    virtual = now - self._shift
+                    self._settle(virtual)
+                    target = bucket.fit(bucket.now, virtual)[0] + self._shift
+                    if target <= now:
+                        bucket.send(virtual)
+                        sent = True
+                        return now
+                    if waiter.too_late(target):
+                        waiter.refused = target - now
+                        break
+                    waiter.scope = anyio.CancelScope()
+                    with waiter.scope:  # cancelled when the schedule changes
+                        await clock.sleep(target - now)
+                else:
+                    waiter.scope = anyio.CancelScope()
+                    with waiter.scope:  # cancelled when it is first in line, or refused
+                        await anyio.sleep_forever()
+                now = clock.now()
+        finally:
+            self._leave(waiter, sent)
+        self._refuse(call, waiter.refused)
+
+    def _leave(self, waiter: _Waiter, sent: bool) -> None:
+        """Take ``waiter`` out of the line; the calls behind it move up."""
+        first = self._head() is waiter
+        waiter.gone = True
+        self._waiting -= 1
+        if not sent:
+            self._plan = None  # the turn it would have taken is free
+        if not self._waiting:
+            self._line.clear()
+            self._plan = None
+        elif first:
+            self._wake_head()
+
+    def _refuse(self, call: Call, retry_after: float | None) -> NoReturn:
+        self._rate_limited.inc()
+        raise RateLimitedError(
+            f"rate limit of {self._label}: no turn within the time this call may wait",
+            host=self._label,
+            retry_after=retry_after,
+            request=call.request,
+        )
+
+    # Retries
 
     def _hold(self) -> float:
         """The end of the server's current cooldown (in the past when there is none)."""
         return self._cooldown_until
 
     def _gate(self, call: Call, earliest: float) -> float | None:
-        """A retry's turn: its send time at or after ``earliest``, or ``None`` when too late."""
+        """Book a retry's turn at or after ``earliest``: its send time, or ``None`` when too late."""
         if call.policy.rate_limit is None:  # this call turned the limiter off
             return earliest
-        tat_before, last_before = self._tat, self._last
-        send = max(self._reserve(earliest) + self._shift, self._cooldown_until, earliest)
+        now = self._clock.now()
+        shift = self._shift
+        self._settle(now - shift)
+        state, tail = self._planned(now)
+        turn = self._bucket.fit(state, max(earliest - shift, tail))[0]
+        send = max(turn + shift, earliest)
         max_wait = self._max_wait
         if (max_wait is not None and send - earliest > max_wait) or (
             call.deadline is not None and send >= call.deadline
         ):
-            self._tat, self._last = tat_before, last_before
             return None
+        self._bucket.book(turn)
+        self._plan = None
         return send
+
+    # What the server says
 
     def _observe(self, response: httpx.Response, now: float) -> None:
         """Read what the server says about its limits from every response."""
@@ -224,20 +313,30 @@ class RateLimiter:
         if found is not None:
             remaining, reset = found
             if remaining == 0:
-                self._cool(now, now + max(reset, self._interval if status == 429 else 0.0))
+                self._cool(now, now + max(reset, self._bucket.interval if status == 429 else 0.0))
                 return
-            spacing = reset / remaining
-            if spacing > self._interval:
-                self._pace = spacing
-                self._pace_until = now + reset
-            else:
-                self._pace_until = _NEVER
-            self._hold_until = max(self._cooldown_until, self._pace_until)
+            self._pace_for(now, reset / remaining, now + reset)
         if status == 429:
-            self._cool(now, now + self._interval)
+            self._cool(now, now + self._bucket.interval)
+
+    def _pace_for(self, now: float, spacing: float, until: float) -> None:
+        """Space calls ``spacing`` apart (at most ``max_cooldown``) until ``until``; wake the line if that is looser."""
+        bucket = self._bucket
+        pace, pace_until = bucket.pace, self._pace_until
+        if spacing > bucket.interval:
+            bucket.pace = min(spacing, self._max_cooldown)
+            self._pace_until = until
+        else:
+            self._pace_until = NEVER
+        bucket.pace_end = self._pace_until - self._shift
+        self._hold_until = max(self._cooldown_until, self._pace_until)
+        if self._pace_until < pace_until or (bucket.pace < pace and self._pace_until > now):
+            self._plan = None  # turns may come earlier (a later one is found on waking)
+            self._wake_head()
 
     def _cool(self, now: float, until: float) -> None:
-        """Send nothing before ``until``: pause the schedule, and wake waiting calls to re-check."""
+        """Send nothing before ``until`` (at most ``max_cooldown`` away): pause the schedule, and wake the line."""
+        until = min(until, now + self._max_cooldown)
         start = max(now, self._cooldown_until)
         if until <= start:
             return
@@ -245,6 +344,9 @@ class RateLimiter:
         self._cooldown.inc(until - start)  # the host's time in cooldown, however many calls wait it out
         self._cooldown_until = until
         self._hold_until = max(until, self._pace_until)
-        sleepers, self._sleepers = self._sleepers, set()
-        for scope in sleepers:
-            scope.cancel()
+        bucket = self._bucket
+        bucket.floor = until - self._shift
+        bucket.pace_end = self._pace_until - self._shift
+        if self._waiting:
+            self._replan(now)  # calls that cannot wait that long fail now
+            self._wake_head()

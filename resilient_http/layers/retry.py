@@ -1,16 +1,22 @@
 """Retry: try again when it is safe, responsible, and still worth it.
 
-Safe: only idempotent methods (RFC 9110 §9.2.2) and requests carrying an
-``Idempotency-Key`` are retried after they may have reached the server; a
-connection that could not be opened (``ConnectError``, ``ConnectTimeout``,
-``PoolTimeout``) is safe to retry for every method. A body is retried only
-if it can be sent again: bytes, and multipart forms whose files can be
-rewound (httpx rewinds them itself); a generator body never is.
+Safe: only idempotent methods (RFC 9110 §9.2.2), requests carrying an
+``Idempotency-Key`` and the methods a policy declares safe for its host
+(``RetryPolicy.methods``) are retried after they may have reached the
+server. Two answers are safe to retry for every method, because the
+server did not act: a connection that could not be opened
+(``ConnectError``, ``ConnectTimeout``, ``PoolTimeout``), and a 429 (the
+server refusing the request; the AWS, Azure, OpenAI and Anthropic SDKs
+retry it for every method too). A body is retried only if it can be sent
+again: bytes, and multipart forms whose files can be rewound (httpx rewinds
+them itself); a generator body never is.
 
 Responsible: exponential backoff with full jitter; a server's
-``Retry-After`` is the least wait (jitter only adds); a per-host retry budget
-caps the extra load retries may add, so a failing dependency sees at most
-``1 + ratio`` times its normal traffic instead of ``attempts`` times. A
+``Retry-After`` is the least wait (jitter only adds), and so is the reset
+time of a ``RateLimit`` quota the answer says is spent (``r=0``) when it
+has no Retry-After; a per-host retry budget caps the extra load retries
+may add, so a failing dependency sees at most ``1 + ratio`` times its
+normal traffic instead of ``attempts`` times. A
 retry takes its share of the budget when it is scheduled and gives it back
 if it is never sent (a rate limiter refused it, the call was cancelled
 during the backoff, the bulkhead shed it); ``retries_total`` counts a retry
@@ -35,7 +41,7 @@ from .._call import Call, Host, Next, Wait
 from .._clock import Clock
 from .._config import IDEMPOTENT_METHODS, RetryBudget, RetryPolicy
 from .._exceptions import DeadlineExceededError, RateLimitedError, ResilienceError
-from .._headers import retry_after
+from .._headers import quota, retry_after
 from .timeout import IN_MEMORY
 
 _NOTHING_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
@@ -140,6 +146,16 @@ def _error_reason(exc: Exception, retry_safe: bool) -> str | None:
     return None
 
 
+def _server_wait(headers: httpx.Headers, wall_now: float) -> float | None:
+    """The least wait the server asks for: its ``Retry-After``, else the reset of a spent ``RateLimit`` quota."""
+    hinted = retry_after(headers, wall_now)
+    if hinted is None:
+        found = quota(headers)
+        if found is not None and found[0] == 0:
+            return float(found[1])
+    return hinted
+
+
 async def discard(response: httpx.Response) -> None:
     """Close a response that will not be returned, freeing its connection."""
     if not isinstance(response.stream, IN_MEMORY):
@@ -195,7 +211,8 @@ class Retry:
         request = call.request
         clock = self._clock
         self._budget.deposit(clock.now())
-        retry_safe = request.method in IDEMPOTENT_METHODS or "idempotency-key" in request.headers
+        method = request.method
+        retry_safe = method in IDEMPOTENT_METHODS or method in policy.methods or "idempotency-key" in request.headers
         can_replay = replayable(request.stream)
         attempt = 1
         reason: str | None = None  # why the attempt about to be made is a retry (None: the first)
@@ -226,7 +243,7 @@ class Retry:
                 status = response.status_code
                 if status not in policy.statuses:
                     return response
-                if not retry_safe:
+                if not retry_safe and status != 429:  # a 429 is a refusal: nothing was done
                     call.retry_stop = "not_idempotent"
                     return response
                 stop = self._stop(call, policy, attempt, can_replay)
@@ -234,7 +251,7 @@ class Retry:
                     call.retry_stop = stop
                     return response
                 now = clock.now()
-                hinted = retry_after(response.headers, clock.wall())
+                hinted = _server_wait(response.headers, clock.wall())
                 if hinted is not None and hinted > policy.max_retry_after:
                     call.retry_stop = "retry_after_too_long"
                     return response
