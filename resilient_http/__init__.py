@@ -4,6 +4,7 @@ from ._call import CallInfo as CallInfo
 from ._call import Wait as Wait
 from ._config import BulkheadPolicy as BulkheadPolicy
 from ._config import CircuitBreakerPolicy as CircuitBreakerPolicy
+from ._config import CoalescePolicy as CoalescePolicy
 from ._config import Policy as Policy
 from ._config import RateLimitPolicy as RateLimitPolicy
 from ._config import RetryBudget as RetryBudget
@@ -28,6 +29,7 @@ __all__ = [
     "CallInfo",
     "CircuitBreakerPolicy",
     "CircuitOpenError",
+    "CoalescePolicy",
     "ConfigurationError",
     "DeadlineExceededError",
     "Policy",

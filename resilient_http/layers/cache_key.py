@@ -49,3 +49,8 @@ def request_key(call: Call, found: Mapping[bytes, str], identity: tuple[bytes, .
         url.raw_path,
         tuple([digest(found.get(name)) for name in identity]) if identity else (),
     )
+
+
+def vary_names(vary: str | None) -> list[str]:
+    """The header names of a ``Vary`` value, lower-case (``"*"`` among them when it says ``*``)."""
+    return [name.strip().lower() for name in vary.split(",") if name.strip()] if vary else []

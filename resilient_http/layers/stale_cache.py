@@ -57,7 +57,7 @@ import httpx
 from .._call import Call, Host, Next
 from .._headers import age_value, delta_seconds, pick
 from .._metrics import outcome_of_exception
-from .cache_key import Key, request_key
+from .cache_key import Key, request_key, vary_names
 from .stale_store import Entry, Store
 from .timeout import BufferedStream
 
@@ -198,9 +198,8 @@ class StaleCache:
             credentialed or (not identified and not found.keys().isdisjoint(_SET_COOKIE))
         ):
             return
-        vary = found.get(b"vary")
-        vary_names = [name.strip().lower() for name in vary.split(",") if name.strip()] if vary else []
-        if "*" in vary_names:
+        names = vary_names(found.get(b"vary"))
+        if "*" in names:
             return
         sie = _seconds(directives, "stale-if-error")
         limit = self._policy.max_stale if sie is None else (_seconds(directives, "max-age") or 0.0) + sie
@@ -219,7 +218,7 @@ class StaleCache:
             headers=kept,
             body=b"",
             http_version=response.extensions.get("http_version", b"HTTP/1.1"),
-            vary=tuple((name, call.request.headers.get(name)) for name in vary_names),
+            vary=tuple((name, call.request.headers.get(name)) for name in names),
             stored=self._clock.now(),
             initial_age=age_value(found.get(b"age")) or 0.0,
             limit=limit,
