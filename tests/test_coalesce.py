@@ -321,6 +321,7 @@ async def leader_cancelled(registry: CollectorRegistry) -> None:
             answers.append((await client.get("/")).content)
 
         async with anyio.create_task_group() as tg:
+            tg.cancel_scope.deadline = anyio.current_time() + 10  # a follower left waiting fails, not hangs
             tg.start_soon(lead)
             await anyio.wait_all_tasks_blocked()
             for _ in range(3):
@@ -423,6 +424,7 @@ async def test_a_follower_waits_no_longer_than_its_own_deadline(registry: Collec
                 await call("leader", 1000.0)
 
         async with anyio.create_task_group() as tg:
+            tg.cancel_scope.deadline = anyio.current_time() + 10  # a follower left waiting fails, not hangs
             tg.start_soon(lead)
             await anyio.wait_all_tasks_blocked()
             tg.start_soon(call, "late", 1005.0)  # deadline 1015: leads after the hand-off
