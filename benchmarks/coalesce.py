@@ -62,8 +62,9 @@ async def _herd(upstream: Upstream, policy: Policy, calls: int, tokens: int | No
         started = time.perf_counter()
         tasks = [asyncio.ensure_future(client.get("/catalog/1", headers=h)) for h in headers]
         expected = 1 if tokens is None else tokens
-        if policy.coalesce is None:
-            expected = calls
+        if policy.coalesce is None:  # every call goes out, as many at once as the bulkhead lets through
+            assert policy.bulkhead is not None
+            expected = min(calls, policy.bulkhead.max_concurrent)
         for _ in range(3000):  # at most 30 s: a client that never sends shows as fewer requests
             if upstream.received() - before >= expected:
                 break
