@@ -25,6 +25,7 @@ BulkheadPolicy = _impl.BulkheadPolicy
 CallInfo = _impl.CallInfo
 CircuitBreakerPolicy = _impl.CircuitBreakerPolicy
 CircuitOpenError = _impl.CircuitOpenError
+CoalescePolicy = _impl.CoalescePolicy
 ConfigurationError = _impl.ConfigurationError
 DeadlineExceededError = _impl.DeadlineExceededError
 Policy = _impl.Policy
@@ -46,6 +47,7 @@ __all__ = [
     "CallInfo",
     "CircuitBreakerPolicy",
     "CircuitOpenError",
+    "CoalescePolicy",
     "ConfigurationError",
     "DeadlineExceededError",
     "Policy",
