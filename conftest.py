@@ -26,7 +26,12 @@ if os.environ.get("RESILIENT_HTTP_FLAVOUR") == "httpx2":
     from resilient_http import _flavours
 
     clone = _flavours.load()
-    names = [info.name for info in pkgutil.walk_packages(resilient_http.__path__, "") if info.name != "__main__"]
+    prefix = _flavours.PACKAGE + "."
+    names = [
+        info.name[len(prefix) :]
+        for info in pkgutil.walk_packages(resilient_http.__path__, prefix)
+        if not info.name.endswith("__main__")
+    ]
     # Shared modules stay the originals, as the clone's own imports have them: a
     # second _flavours would name its package "resilient_http._httpx2" and break
     # ``import resilient_http.httpx2``.

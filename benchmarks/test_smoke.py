@@ -114,3 +114,18 @@ def test_adaptive_reports_every_client_phase_and_target(tmp_path: Path) -> None:
     if importlib.util.find_spec("matplotlib") is not None:
         adaptive.plot(data, str(tmp_path / "adaptive.png"))
         assert (tmp_path / "adaptive.png").stat().st_size > 0
+
+
+def test_coalesce_benchmark_counts_requests_at_the_server(tmp_path: Path) -> None:
+    """Smoke mode: one upstream request for the herd, one per credential, and a cost per call for each pattern."""
+    from benchmarks import coalesce
+
+    path = tmp_path / "coalesce.json"
+    assert coalesce.main(["--smoke", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    same, per_credential, off = data["herds"]
+    assert (same["upstream_requests_total"], same["answered_200"]) == (1, same["calls"])
+    assert per_credential["upstream_requests_total"] == per_credential["credentials"]
+    assert off["upstream_requests_total"] == off["calls"]
+    assert all(_number(row["us_per_call"]) and row["us_per_call"] > 0 for row in data["per_call"])
+    assert all(isinstance(t["met"], bool) for t in data["targets"])

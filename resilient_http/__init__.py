@@ -6,6 +6,7 @@ from ._client import ResilientClient as ResilientClient
 from ._config import AdaptiveLimit as AdaptiveLimit
 from ._config import BulkheadPolicy as BulkheadPolicy
 from ._config import CircuitBreakerPolicy as CircuitBreakerPolicy
+from ._config import CoalescePolicy as CoalescePolicy
 from ._config import Policy as Policy
 from ._config import RateLimitPolicy as RateLimitPolicy
 from ._config import RetryBudget as RetryBudget
@@ -35,6 +36,7 @@ __all__ = [
     "CallInfo",
     "CircuitBreakerPolicy",
     "CircuitOpenError",
+    "CoalescePolicy",
     "ConfigurationError",
     "ConnectDeadlineExceededError",
     "DeadlineExceededError",

@@ -42,7 +42,9 @@ class CallInfo(NamedTuple):
     ``retry_stop`` says why no further attempt was made when the last
     outcome was retryable: ``"attempts"``, ``"budget"``, ``"deadline"``,
     ``"retry_after_too_long"``, ``"not_idempotent"``, ``"body_not_replayable"``
-    or ``"rate_limit"``.
+    or ``"rate_limit"``. ``coalesced`` is true when the call sent nothing
+    and got a copy of the answer (or the error) of an identical call in
+    flight (see :mod:`resilient_http.layers.coalesce`).
 
     A named tuple: immutable, and cheap to make on every call.
     """
@@ -54,6 +56,7 @@ class CallInfo(NamedTuple):
     waits: tuple[Wait, ...] = ()
     circuit_state: str | None = None
     retry_stop: str | None = None
+    coalesced: bool = False
 
 
 class Host:
@@ -127,6 +130,7 @@ class Call:
         "age",
         "attempts",
         "circuit_state",
+        "coalesced",
         "deadline",
         "host",
         "policy",
@@ -157,6 +161,7 @@ class Call:
         self.age: float | None = None
         self.circuit_state: str | None = None
         self.retry_stop: str | None = None
+        self.coalesced = False
 
     def info(self) -> CallInfo:
         return CallInfo(
@@ -167,4 +172,5 @@ class Call:
             tuple(self.waits),
             self.circuit_state,
             self.retry_stop,
+            self.coalesced,
         )

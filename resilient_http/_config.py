@@ -327,6 +327,32 @@ class StaleCachePolicy:
         )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CoalescePolicy:
+    """Identical GETs and HEADs in flight at once share one upstream call.
+
+    Calls are identical when their requests have the stale cache's key
+    (method, scheme, address, ``Host``, path and query) with the same
+    ``Authorization`` and ``Cookie`` values and the same values of the
+    ``identity_headers`` named here (``X-Api-Key``, a tenant id), and
+    when they have the same policy and priority. Followers get a copy of
+    the first call's answer if its body is in memory and at most
+    ``max_body_bytes`` long (the attempt reads bodies up to 1 MiB with a
+    ``Content-Length``; others stream), sets no cookie, and if the headers
+    named by its ``Vary`` are equal in both requests; otherwise each sends
+    its own. A follower waits at most until its own total deadline.
+    """
+
+    max_body_bytes: int = 1 << 20
+    identity_headers: Collection[str] = ()
+
+    def __post_init__(self) -> None:
+        check_count(self, "max_body_bytes", 0, MAX_BYTES)
+        object.__setattr__(
+            self, "identity_headers", _header_names("CoalescePolicy", "identity_headers", self.identity_headers)
+        )
+
+
 LAYER_TYPES: dict[str, type] = {
     "timeout": TimeoutPolicy,
     "retry": RetryPolicy,
@@ -334,6 +360,7 @@ LAYER_TYPES: dict[str, type] = {
     "rate_limit": RateLimitPolicy,
     "bulkhead": BulkheadPolicy,
     "stale_cache": StaleCachePolicy,
+    "coalesce": CoalescePolicy,
 }
 
 
@@ -342,8 +369,9 @@ class Policy:
     """Which layers a host gets, and how each behaves; ``None`` turns a layer off.
 
     ``Policy()`` gives timeouts, retries, a circuit breaker and a bulkhead;
-    the rate limiter (it needs a rate) and the stale cache (it keeps
-    responses in memory) are opt-in.
+    the rate limiter (it needs a rate), the stale cache (it keeps
+    responses in memory) and coalescing (it answers one caller with
+    another's upstream call) are opt-in.
     """
 
     timeout: TimeoutPolicy | None = TimeoutPolicy()
@@ -352,6 +380,7 @@ class Policy:
     rate_limit: RateLimitPolicy | None = None
     bulkhead: BulkheadPolicy | None = BulkheadPolicy()
     stale_cache: StaleCachePolicy | None = None
+    coalesce: CoalescePolicy | None = None
 
     def __post_init__(self) -> None:
         for name, kind in LAYER_TYPES.items():

@@ -42,7 +42,8 @@ between two updates of one call, so these hold between calls, and for
   every call did. The calls that did not are those refused before their
   first try (``circuit_open``, ``rate_limited``, ``bulkhead_full``, a
   deadline already past, ``cancelled``), whether or not the stale cache then
-  answered in their place.
+  answered in their place, and the followers of a coalesced call, which
+  share its leader's tries (``coalesced_total``).
   ``retries_total{reason}`` never exceeds the tries that gave the reason:
   ``status_NNN`` retries ≤ tries with that status class; ``timeout``,
   ``connect_error`` and ``network_error`` retries ≤ tries whose outcome is

@@ -2,14 +2,21 @@
 
 Outermost first::
 
-    stale cache → rate limiter → total timeout → circuit breaker → retry
-                → bulkhead → per-attempt timeout → network
+    stale cache → coalescing → rate limiter → total timeout → circuit breaker
+                → retry → bulkhead → per-attempt timeout → network
 
 Why this order:
 
 - The **stale cache** is outermost so that it can answer when anything
   inside fails: an error, a final 5xx, an open circuit, a refused slot, the
   total deadline.
+- **Coalescing** comes next, before everything that costs: a follower
+  sends nothing, so it must take no rate-limit token, count no call in the
+  breaker, hold no bulkhead slot; the leader's one call pays for all. It
+  is inside the stale cache so that each follower still falls back on
+  its own: a shared 503, a shared error or a follower's own total
+  deadline running out while it waits is a failure that the stale cache
+  can answer.
 - The **rate limiter** comes before everything that costs: a call it
   refuses never counts against the breaker or the budget. Its wait is
   bounded by the total timeout, which starts when the call enters.
@@ -43,6 +50,7 @@ from ._call import Host, Layer, Next
 from ._config import Policy
 from .layers.bulkhead import Bulkhead
 from .layers.circuit_breaker import CircuitBreakerLayer
+from .layers.coalesce import Coalesce
 from .layers.rate_limit import RateLimiter
 from .layers.retry import Retry
 from .layers.stale_cache import StaleCache
@@ -52,6 +60,7 @@ from .layers.timeout import attempt
 # The per-attempt timeout and the network are the end of every chain: ``attempt``.
 ORDER: tuple[tuple[str, Callable[[Host], Any]], ...] = (
     ("stale_cache", StaleCache),
+    ("coalesce", Coalesce),
     ("rate_limit", RateLimiter),
     ("circuit_breaker", CircuitBreakerLayer),
     ("retry", Retry),

@@ -57,6 +57,7 @@ SPECS: tuple[tuple[str, str, str, str, str | None], ...] = (
     ("stale_served", "counter", "stale_served", "Stale answers served, by what failed.", "reason"),
     ("cache_entries", "gauge", "cache_entries", "Responses kept for stale fallback.", None),
     ("cache_bytes", "gauge", "cache_bytes", "Bytes of responses kept for stale fallback.", None),
+    ("coalesced", "counter", "coalesced", "Calls that waited for an identical call in flight, by result.", "result"),
 )
 KINDS = {attribute: kind for attribute, kind, *_ in SPECS}
 

@@ -26,6 +26,7 @@ BulkheadPolicy = _impl.BulkheadPolicy
 CallInfo = _impl.CallInfo
 CircuitBreakerPolicy = _impl.CircuitBreakerPolicy
 CircuitOpenError = _impl.CircuitOpenError
+CoalescePolicy = _impl.CoalescePolicy
 ConfigurationError = _impl.ConfigurationError
 ConnectDeadlineExceededError = _impl.ConnectDeadlineExceededError
 DeadlineExceededError = _impl.DeadlineExceededError
@@ -53,6 +54,7 @@ __all__ = [
     "CallInfo",
     "CircuitBreakerPolicy",
     "CircuitOpenError",
+    "CoalescePolicy",
     "ConfigurationError",
     "ConnectDeadlineExceededError",
     "DeadlineExceededError",

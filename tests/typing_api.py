@@ -19,6 +19,7 @@ from resilient_http import (
     CallInfo,
     CircuitBreakerPolicy,
     CircuitOpenError,
+    CoalescePolicy,
     ConfigurationError,
     DeadlineExceededError,
     Policy,
@@ -82,6 +83,8 @@ def every_policy() -> Policy:
         max_stale=60, max_entries=10, max_bytes=1000, max_body_bytes=100, identity_headers=("X-Api-Key",)
     )
     assert_type(stale_cache.max_bytes, int)
+    coalesce = CoalescePolicy(max_body_bytes=1 << 20, identity_headers=["X-Api-Key"])
+    assert_type(coalesce.max_body_bytes, int)
     Policy(timeout=None, retry=None, circuit_breaker=None, rate_limit=None, bulkhead=None, stale_cache=None)
     policy = Policy(
         timeout=timeout,
@@ -90,7 +93,9 @@ def every_policy() -> Policy:
         rate_limit=rate_limit,
         bulkhead=bulkhead,
         stale_cache=stale_cache,
+        coalesce=coalesce,
     )
+    assert_type(policy.coalesce, CoalescePolicy | None)
     assert_type(policy.retry, RetryPolicy | None)
     assert_type(policy.timeout, TimeoutPolicy | None)
     return policy
@@ -176,6 +181,7 @@ def the_story(info: CallInfo) -> None:
     assert_type(info.waits, tuple[Wait, ...])
     assert_type(info.circuit_state, str | None)
     assert_type(info.retry_stop, str | None)
+    assert_type(info.coalesced, bool)
     for wait in info.waits:
         assert_type(wait.reason, str)
         assert_type(wait.seconds, float)
@@ -188,6 +194,7 @@ def the_story(info: CallInfo) -> None:
         waits=(Wait("backoff", 0.1), Wait(reason="retry_after", seconds=2.0)),
         circuit_state="closed",
         retry_stop=None,
+        coalesced=False,
     )
 
 

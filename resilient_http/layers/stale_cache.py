@@ -13,12 +13,9 @@ The rules are a small hand-written check rather than hishel: we need only
 "may this be stored" and "may this be served on error" (RFC 5861), not
 validation or heuristics, and hishel does not serve stale on error.
 
-The key is the effective request target: method, scheme, the address called
-(host and port), the ``Host`` header (virtual hosts behind one address),
-path and query; then the request's values of the policy's
-``identity_headers`` (hashed), and of the headers the answer ``Vary``s on.
-An absent header is a value of its own, equal to no string, the empty one
-included.
+The key is :func:`.cache_key.request_key`'s (the effective request target,
+then the request's values of the policy's ``identity_headers``), and the
+request's values of the headers the answer ``Vary``s on.
 
 Never stored: ``no-store`` (request or response), ``no-cache``, ``private``
 (with or without field names), ``Vary: *``, bodies above ``max_body_bytes``.
@@ -52,7 +49,6 @@ memory is bounded is :mod:`.stale_store`'s story.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import AsyncIterator
 
@@ -61,7 +57,8 @@ import httpx
 from .._call import Call, Host, Next
 from .._headers import age_value, delta_seconds, pick
 from .._metrics import outcome_of_exception
-from .stale_store import Entry, Key, Store
+from .cache_key import Key, request_key, vary_names
+from .stale_store import Entry, Store
 from .timeout import BufferedStream
 
 STORABLE_STATUSES = frozenset({200, 203, 204})
@@ -95,11 +92,6 @@ def cache_control(value: str | None) -> dict[str, str]:
 def _seconds(directives: dict[str, str], name: str) -> float | None:
     value = directives.get(name)
     return None if value is None else delta_seconds(value)
-
-
-def _digest(value: str | None) -> bytes | None:
-    """An identity header's value, hashed so that no credential sits in the store in clear."""
-    return None if value is None else hashlib.sha256(value.encode("latin-1")).digest()
 
 
 class _TeeStream(httpx.AsyncByteStream):
@@ -160,18 +152,8 @@ class StaleCache:
         found = pick(request.headers, self._request_headers)
         if "no-store" in cache_control(found.get(b"cache-control")):
             return await call_next(call)
-        # The request's side of the key and of storability, once per call.
-        url = request.url
-        vhost = found.get(b"host")
-        identity = tuple([_digest(found.get(name)) for name in self._identity]) if self._identity else ()
-        key: Key = (
-            request.method,
-            call.host.label,
-            url.scheme,
-            None if vhost is None else vhost.lower(),
-            url.raw_path,
-            identity,
-        )
+        key = request_key(call, found, self._identity)
+        identity = key[5]
         try:
             response = await call_next(call)
         except Exception as exc:
@@ -216,9 +198,8 @@ class StaleCache:
             credentialed or (not identified and not found.keys().isdisjoint(_SET_COOKIE))
         ):
             return
-        vary = found.get(b"vary")
-        vary_names = [name.strip().lower() for name in vary.split(",") if name.strip()] if vary else []
-        if "*" in vary_names:
+        names = vary_names(found.get(b"vary"))
+        if "*" in names:
             return
         sie = _seconds(directives, "stale-if-error")
         limit = self._policy.max_stale if sie is None else (_seconds(directives, "max-age") or 0.0) + sie
@@ -237,7 +218,7 @@ class StaleCache:
             headers=kept,
             body=b"",
             http_version=response.extensions.get("http_version", b"HTTP/1.1"),
-            vary=tuple((name, call.request.headers.get(name)) for name in vary_names),
+            vary=tuple((name, call.request.headers.get(name)) for name in names),
             stored=self._clock.now(),
             initial_age=age_value(found.get(b"age")) or 0.0,
             limit=limit,

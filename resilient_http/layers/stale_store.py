@@ -24,10 +24,8 @@ import httpx
 
 from .._config import StaleCachePolicy
 from .._metrics import HostMetrics
+from .cache_key import Key
 
-#: method, address called (host:port), scheme, ``Host`` header, path and query,
-#: then one digest per identity header (``None``: the request did not carry it).
-Key = tuple[str, str, str, str | None, bytes, tuple[bytes | None, ...]]
 #: (header name, the request's value or ``None``) for each header the answer varies on.
 Vary = tuple[tuple[str, str | None], ...]
 Slot = tuple[Key, Vary]
