@@ -80,7 +80,7 @@ from typing import Any
 import httpx
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from ._exceptions import ConfigurationError
+from ._errors import ConfigurationError
 from ._series import (
     CIRCUIT_STATES,
     DURATION_BUCKETS,

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ._exceptions import ConfigurationError
+from ._errors import ConfigurationError
 
 if TYPE_CHECKING:
     from ._metrics import TransportMetrics
