@@ -107,9 +107,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from prometheus_client import CollectorRegistry, start_http_server
-
-    from ._demo import demo_policies, run_demo
+    from ._demo import DemoError, demo_policies, run_demo
     from ._demo_report import API, SEARCH
 
     policies = demo_policies() if args.policy is None else load_policy_file(args.policy)
@@ -118,25 +116,12 @@ def _demo(args: argparse.Namespace) -> int:
     for host in (API, SEARCH):
         print(f"[hosts.{_quoted(host)}]")
         print("\n".join(describe_policy(table.resolve(host, 80))))
-    registry = CollectorRegistry()
-    server = None
-    if args.metrics_port is not None:
-        try:
-            server, thread = start_http_server(args.metrics_port, addr="127.0.0.1", registry=registry)
-        except OSError as exc:
-            print(f"error: cannot serve metrics on 127.0.0.1:{args.metrics_port}: {exc.strerror}", file=sys.stderr)
-            return 2
-        print(f"metrics: http://127.0.0.1:{server.server_port}/metrics", flush=True)
+    sys.stdout.flush()
     try:
-        interrupted = asyncio.run(run_demo(args.duration, policies, registry=registry, out=sys.stdout))
-    except KeyboardInterrupt:  # a second Ctrl-C, during shutdown
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-            thread.join()
+        interrupted = asyncio.run(run_demo(args.duration, policies, metrics_port=args.metrics_port, out=sys.stdout))
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 130 if interrupted else 0
 
 
@@ -199,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into head, say: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the demo's own handler is in place, or after
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return status
 
 
