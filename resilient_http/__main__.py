@@ -41,8 +41,16 @@ resolves the policy each name gets from the file and gives it to the local port
 that plays that host; [default] serves any other host. `check FILE` prints what
 each pattern resolves to.
 
-Exit status: 0 when the run ends on its own, 130 when interrupted (Ctrl-C), after
-printing the table of the calls made so far; 2 for a bad --policy file.
+Each client runs in its own process, with at most 150 calls in flight (a call due
+beyond that is not started, and counted), so that both keep to the timeline at any
+--duration. "calls shed" counts the calls refused locally by the circuit breaker,
+the rate limiter or the bulkhead, those then answered stale included. When
+resilient_http gives fewer fresh answers than bare httpx in a phase, the lines under
+the table say why (a server's Retry-After holds the whole host back, say).
+
+Exit status: 0 when the run ends on its own, 130 when interrupted (Ctrl-C ends the
+run within a second, after printing the table of the calls made so far); 2 for a bad
+--policy file or a --metrics-port that cannot be served.
 """
 
 
@@ -107,8 +115,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ._demo import DemoError, demo_policies, run_demo
+    from ._demo import DemoError, run_demo
     from ._demo_report import API, SEARCH
+    from ._demo_scenario import demo_policies
 
     policies = demo_policies() if args.policy is None else load_policy_file(args.policy)
     table = PolicyTable(*policies)

@@ -31,110 +31,28 @@ at once, with the table of the calls made so far.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import dataclasses
 import json
 import math
 import os
-import pickle
 import signal
 import sys
 import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ._config import (
-    BulkheadPolicy,
-    CircuitBreakerPolicy,
-    Policy,
-    RateLimitPolicy,
-    RetryPolicy,
-    StaleCachePolicy,
-    TimeoutPolicy,
-)
-from ._demo_report import API, SEARCH, Record, Summary, final_table, recovery, why_fewer_fresh
-from ._upstream import Mode
+from ._config import Policy
+from ._demo_report import Record, Summary, final_table, recovery, why_fewer_fresh
+from ._demo_scenario import DRAIN, MAX_IN_FLIGHT, Timeline, demo_policies, policies_to_wire
 
-RATES = {API: 40.0, SEARCH: 10.0}  # calls a second, per client
-QUOTA = 50  # requests a second api serves in the quota phase
-SURGE = 2.0  # api traffic is multiplied by this in the quota phase
-MAX_IN_FLIGHT = 200  # calls in flight per client, beyond which a due call is not started
-DRAIN = 6.0  # seconds the calls in flight when the timeline ends may take to finish
 LEAD = 0.2  # seconds between telling the sides when the timeline starts and its start
 GRACE = 0.3  # seconds a second's line waits for a side's report before calling it late
 ENDED_WITHIN = 0.4  # seconds a side has to report once told to stop, and again to exit
 SIDE = "resilient_http._demo_side"  # run with the package's own directory first on the path
 _ROOT = str(Path(__file__).resolve().parents[1])
-
-
-@dataclass(frozen=True, slots=True)
-class Phase:
-    name: str
-    share: float  # of the run's duration
-    api: Mode
-    search: Mode
-    what: str
-    surge: bool = False
-
-
-PHASES = (
-    Phase("healthy", 0.15, "healthy", "healthy", "both hosts answer at once"),
-    Phase("errors", 0.15, "errors", "errors", "half the requests get 503 with Retry-After: 1"),
-    Phase("quota", 0.15, "quota", "healthy", f"api traffic doubles; api serves {QUOTA}/s, 429 beyond", surge=True),
-    Phase("hang", 0.20, "hang", "healthy", "api stops answering; search is healthy"),
-    Phase("outage", 0.15, "outage", "outage", "both hosts: 503 without Retry-After, or a reset"),
-    Phase("recovery", 0.20, "healthy", "healthy", "both hosts answer again"),
-)
-
-
-def demo_policies() -> tuple[dict[str, Policy], Policy]:
-    """The resilient client's policies, named as a policy file would name them."""
-    breaker = CircuitBreakerPolicy(failure_ratio=0.5, window=5.0, break_duration=1.0, max_break_duration=2.0)
-    timeout = TimeoutPolicy(attempt=0.5, total=2.5)
-    retry = RetryPolicy(attempts=3, backoff=0.05, max_backoff=0.5, max_retry_after=2.0)
-    api = Policy(
-        timeout=timeout,
-        retry=retry,
-        circuit_breaker=dataclasses.replace(breaker, minimum_calls=20),
-        rate_limit=RateLimitPolicy(rate=QUOTA, burst=5, max_wait=0.2),
-        bulkhead=BulkheadPolicy(max_concurrent=25, max_queue=25, queue_timeout=0.2),
-        stale_cache=StaleCachePolicy(max_stale=60.0),
-    )
-    search = Policy(
-        timeout=timeout,
-        retry=retry,
-        circuit_breaker=dataclasses.replace(breaker, minimum_calls=10),
-        bulkhead=BulkheadPolicy(max_concurrent=10, max_queue=10, queue_timeout=0.2),
-    )
-    return {API: api, SEARCH: search}, Policy()
-
-
-class Timeline:
-    """The phases laid on the clock, from ``start`` over ``duration`` seconds."""
-
-    def __init__(self, start: float, duration: float) -> None:
-        self.start = start
-        self.bounds: list[tuple[float, float, Phase]] = []
-        at = start
-        for phase in PHASES:
-            end = at + phase.share * duration
-            self.bounds.append((at, end, phase))
-            at = end
-        self.end = at
-
-    def at(self, moment: float) -> Phase | None:
-        for begin, end, phase in self.bounds:
-            if begin <= moment < end:
-                return phase
-        return None
-
-    def ends(self, name: str) -> float:
-        return next(end for _, end, phase in self.bounds if phase.name == name)
 
 
 class DemoError(Exception):
@@ -329,7 +247,7 @@ async def run_demo(
     sides = [SideProcess("bare httpx", progress), SideProcess("resilient_http", progress)]
     timeline = None
     try:
-        chosen = base64.b64encode(pickle.dumps((dict(named), default))).decode()
+        chosen = policies_to_wire(named, default)
         await sides[0].start({"duration": duration, "seed": 0, "policies": None, "metrics_port": None})
         await sides[1].start({"duration": duration, "seed": 1, "policies": chosen, "metrics_port": metrics_port})
         await _until(progress, lambda: all(s.ready or s.error or s.gone for s in sides), math.inf, stop)

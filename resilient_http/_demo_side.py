@@ -3,8 +3,9 @@
 ``python -m resilient_http demo`` starts this module twice, once for bare
 httpx and once for resilient_http, so that neither client's work can slow
 the other or the timeline: on one event loop, bare httpx's own pool queue
-(whose upkeep grows with the square of its length) took the loop from both
-clients and from the timeline as soon as a hung host let calls pile up.
+(each request that joins or leaves it makes httpcore match every queued
+request against every connection) took the loop from both clients and from
+the timeline as soon as a hung host let calls pile up, and Ctrl-C with it.
 
 Each side also starts at most :data:`MAX_IN_FLIGHT` calls at once. A call
 due when that many are in flight is not started, and counted as such: it
@@ -24,12 +25,10 @@ input closes, it writes ``{"end": ...}`` and closes everything it opened.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import math
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -43,8 +42,8 @@ import httpx
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ._call import CallInfo
-from ._demo import DRAIN, MAX_IN_FLIGHT, QUOTA, RATES, SURGE, Timeline
 from ._demo_report import API, Record, shed_by
+from ._demo_scenario import DRAIN, MAX_IN_FLIGHT, QUOTA, RATES, SURGE, Timeline, policies_from_wire
 from ._hosts import PolicyTable
 from ._metrics import outcome_of_exception
 from ._transport import ResilientTransport
@@ -224,7 +223,7 @@ async def _run(settings: dict[str, Any], lines: asyncio.Queue[str | None]) -> No
         if settings["policies"] is None:
             client = httpx.AsyncClient(timeout=5)
         else:
-            named, default = pickle.loads(base64.b64decode(settings["policies"]))
+            named, default = policies_from_wire(settings["policies"])
             table = PolicyTable(named, default)
             transport = ResilientTransport(
                 {f"127.0.0.1:{up.port}": table.resolve(host, 80) for host, up in upstreams.items()},

@@ -7,6 +7,7 @@ run in-process, with ``httpx.MockTransport`` and the fake clock.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 
 import httpx
@@ -16,12 +17,14 @@ from conftest import Harness, only
 from resilient_http import (
     BulkheadPolicy,
     CircuitBreakerPolicy,
+    Policy,
     RateLimitPolicy,
+    RetryPolicy,
     StaleCachePolicy,
     call_info,
 )
-from resilient_http._demo import MAX_IN_FLIGHT
 from resilient_http._demo_report import API, SEARCH, SHED, Record, Summary, shed_by, why_fewer_fresh
+from resilient_http._demo_scenario import MAX_IN_FLIGHT, demo_policies, policies_from_wire, policies_to_wire
 from resilient_http._demo_side import Side, record
 from resilient_http._upstream import Upstream
 
@@ -136,7 +139,11 @@ async def test_a_side_never_has_more_than_its_cap_in_flight() -> None:
         await asyncio.gather(*side.tasks)
     assert len(side.records) == MAX_IN_FLIGHT
     report = side.report()
-    assert (report["due"], report["started"], len(report["records"])) == (MAX_IN_FLIGHT + 50, MAX_IN_FLIGHT, 200)
+    assert (report["due"], report["started"], len(report["records"])) == (
+        MAX_IN_FLIGHT + 50,
+        MAX_IN_FLIGHT,
+        MAX_IN_FLIGHT,
+    )
     assert side.report()["records"] == []  # each record is written out once
 
 
@@ -180,3 +187,15 @@ def test_the_table_counts_shed_calls_answered_stale_and_calls_not_started() -> N
     assert (rows["calls"], rows["  not started (demo's cap)"], rows["  unfinished at the end"]) == ("10", "4", "2")
     assert (rows["calls shed"], rows["stale answers"]) == ("2", "2")
     assert Summary("bare httpx", 10, 10, records, 3, Counter(), None, "n/a").rows()["calls shed"] == "-"
+
+
+def test_policies_reach_the_side_as_they_were() -> None:
+    """The resilient side rebuilds exactly the policies the demo was given, sets, budgets and layers off included."""
+    named, default = demo_policies()
+    named["*.other"] = Policy(
+        retry=RetryPolicy(statuses=frozenset({503}), budget=None),
+        circuit_breaker=None,
+        stale_cache=StaleCachePolicy(identity_headers=("X-Api-Key",)),
+    )
+    wire = json.loads(json.dumps(policies_to_wire(named, default)))
+    assert policies_from_wire(wire) == (named, default)
