@@ -50,6 +50,7 @@ from ._demo_scenario import DRAIN, MAX_IN_FLIGHT, Timeline, demo_policies, polic
 
 LEAD = 0.2  # seconds between telling the sides when the timeline starts and its start
 GRACE = 0.3  # seconds a second's line waits for a side's report before calling it late
+STARTED_WITHIN = 30.0  # seconds a side may take to start its upstreams and its client
 ENDED_WITHIN = 0.4  # seconds a side has to report once told to stop, and again to exit
 SIDE = "resilient_http._demo_side"  # run with the package's own directory first on the path
 _ROOT = str(Path(__file__).resolve().parents[1])
@@ -250,7 +251,11 @@ async def run_demo(
         chosen = policies_to_wire(named, default)
         await sides[0].start({"duration": duration, "seed": 0, "policies": None, "metrics_port": None})
         await sides[1].start({"duration": duration, "seed": 1, "policies": chosen, "metrics_port": metrics_port})
-        await _until(progress, lambda: all(s.ready or s.error or s.gone for s in sides), math.inf, stop)
+        started = lambda: all(s.ready or s.error or s.gone for s in sides)  # noqa: E731
+        await _until(progress, started, time.monotonic() + STARTED_WITHIN, stop)
+        for side in sides:
+            if not (side.ready or side.error or side.gone or stop.is_set()):
+                side.error = f"the {side.name} side did not start within {STARTED_WITHIN:.0f} s"
         if not stop.is_set() and all(side.ready for side in sides):
             for side in sides:
                 assert side.ready is not None
@@ -263,14 +268,14 @@ async def run_demo(
                 side.tell(json.dumps({"start": timeline.start}))
             await _lines(timeline, sides, progress, stop, out)
             await _until(progress, lambda: all(s.ended or s.gone for s in sides), timeline.end + DRAIN + 1.0, stop)
-        if stop.is_set():
+        ended = time.monotonic()
+        if stop.is_set() and timeline is not None:
             for side in sides:
                 side.tell("stop")
             waited = asyncio.Event()  # a second Ctrl-C does not cut this short: the wait is bounded
             await _until(
                 progress, lambda: all(s.ended or s.gone for s in sides), time.monotonic() + ENDED_WITHIN, waited
             )
-        ended = time.monotonic()
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGINT)
@@ -278,7 +283,7 @@ async def run_demo(
     failed = [side.error for side in sides if side.error]
     if failed:
         raise DemoError("; ".join(failed))
-    if timeline is None:
+    if timeline is None or ended <= timeline.start:
         _print(out, "\ninterrupted before the run began")
         return True
     _print_end(out, timeline, sides, ended, stop.is_set())
