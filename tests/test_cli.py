@@ -266,9 +266,10 @@ def test_demo_interrupted_prints_the_table_so_far_and_exits_130(moment: str) -> 
         out, err = process.communicate(timeout=DEMO_TIMEOUT)
         assert time.monotonic() - interrupted < STOPPED_WITHIN
         assert process.returncode == 130
-        assert "interrupted after" in out
-        bare_calls, resilient_calls = map(int, table_row(out, "calls"))
-        assert abs(bare_calls - resilient_calls) <= 5  # each side stops on its own loop, within a moment
+        if "interrupted before the run began" not in out:  # the timeline starts a moment after the sides are ready
+            assert "interrupted after" in out
+            bare_calls, resilient_calls = map(int, table_row(out, "calls"))
+            assert abs(bare_calls - resilient_calls) <= 5  # each side stops on its own loop, within a moment
         for noise in ("Traceback", "Task was destroyed", "ResourceWarning", "never retrieved"):
             assert noise not in err
         assert not [pid for pid in sides if alive(pid)]
