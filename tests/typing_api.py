@@ -182,6 +182,7 @@ def the_story(info: CallInfo) -> None:
     assert_type(info.circuit_state, str | None)
     assert_type(info.retry_stop, str | None)
     assert_type(info.coalesced, bool)
+    assert_type(info.stale_reason, str | None)
     for wait in info.waits:
         assert_type(wait.reason, str)
         assert_type(wait.seconds, float)
