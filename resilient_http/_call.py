@@ -42,7 +42,9 @@ class CallInfo(NamedTuple):
     ``retry_stop`` says why no further attempt was made when the last
     outcome was retryable: ``"attempts"``, ``"budget"``, ``"deadline"``,
     ``"retry_after_too_long"``, ``"not_idempotent"``, ``"body_not_replayable"``
-    or ``"rate_limit"``.
+    or ``"rate_limit"``. ``dry_run`` names the layers in dry-run mode that
+    would have blocked the call (and let it through). ``fallback`` is true
+    when the transport's fallback function gave the response.
 
     A named tuple: immutable, and cheap to make on every call.
     """
@@ -54,6 +56,8 @@ class CallInfo(NamedTuple):
     waits: tuple[Wait, ...] = ()
     circuit_state: str | None = None
     retry_stop: str | None = None
+    dry_run: tuple[str, ...] = ()
+    fallback: bool = False
 
 
 class Host:
@@ -128,6 +132,8 @@ class Call:
         "attempts",
         "circuit_state",
         "deadline",
+        "dry_run",
+        "fallback",
         "host",
         "policy",
         "priority",
@@ -157,6 +163,14 @@ class Call:
         self.age: float | None = None
         self.circuit_state: str | None = None
         self.retry_stop: str | None = None
+        self.dry_run: tuple[str, ...] = ()
+        self.fallback = False
+
+    def blocked_in_dry_run(self, layer: str) -> None:
+        """``layer``, in dry-run mode, would have blocked this call: say so, and count it once per call."""
+        if layer not in self.dry_run:
+            self.dry_run += (layer,)
+            self.host.metrics.labelled("dry_run_blocked", layer).inc()
 
     def info(self) -> CallInfo:
         return CallInfo(
@@ -167,4 +181,6 @@ class Call:
             tuple(self.waits),
             self.circuit_state,
             self.retry_stop,
+            self.dry_run,
+            self.fallback,
         )

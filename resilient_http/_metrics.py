@@ -61,6 +61,8 @@ SPECS: tuple[tuple[str, str, str, str, str | None], ...] = (
     ("stale_served", "counter", "stale_served", "Stale answers served, by what failed.", "reason"),
     ("cache_entries", "gauge", "cache_entries", "Responses kept for stale fallback.", None),
     ("cache_bytes", "gauge", "cache_bytes", "Bytes of responses kept for stale fallback.", None),
+    ("dry_run_blocked", "counter", "dry_run_blocked", "Calls a dry-run layer would have blocked.", "layer"),
+    ("fallbacks", "counter", "fallbacks", "Calls the fallback function answered, by what failed.", "reason"),
 )
 _KINDS = {attribute: kind for attribute, kind, *_ in SPECS}
 

@@ -41,6 +41,12 @@ spent in server-imposed cooldown (its rate is the share of time the host
 was paused, however many calls waited); every refusal counts in
 ``rate_limited``.
 A retry's wait for its turn is recorded by the retry layer, in ``CallInfo.waits``.
+
+A new policy (:meth:`RateLimiter.reconfigure`) keeps the schedule, the
+cooldown and the pacing: turns already taken stay, later ones are spaced by
+the new rate. In dry-run mode nothing waits: a call (or a retry) whose turn
+has not come is sent at once without taking a turn, as a policer counts
+traffic over its rate, and is reported as blocked.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ import httpx
 
 from .._call import Call, Host, Next, Wait
 from .._clock import Clock
+from .._config import RateLimitPolicy
 from .._exceptions import RateLimitedError
 from .._headers import mentions, quota, retry_after
 
@@ -70,6 +77,7 @@ class RateLimiter:
         "_clock",
         "_cooldown",
         "_cooldown_until",
+        "_dry_run",
         "_hold_until",
         "_interval",
         "_label",
@@ -93,6 +101,7 @@ class RateLimiter:
         self._interval = 1.0 / policy.rate
         self._tolerance = (policy.burst - 1) * self._interval
         self._max_wait = policy.max_wait
+        self._dry_run = policy.dry_run
         self._tat = _NEVER  # theoretical arrival time: the bucket is full while it is in the past
         self._last = _NEVER  # the latest reserved slot, from which pacing is measured
         self._shift = 0.0
@@ -109,6 +118,19 @@ class RateLimiter:
         host.retry_gates.append(self._gate)
         host.holds.append(self._hold)
 
+    def reconfigure(self, policy: RateLimitPolicy) -> None:
+        """Space turns not yet taken by ``policy``'s rate, keeping the schedule (see the module docstring)."""
+        self._interval = 1.0 / policy.rate
+        self._tolerance = (policy.burst - 1) * self._interval
+        self._max_wait = policy.max_wait
+        self._dry_run = policy.dry_run
+
+    def detach(self, host: Host) -> None:
+        """The host's policy dropped the limiter: it no longer reads answers nor holds retries back."""
+        host.observers.remove(self._observe)
+        host.retry_gates.remove(self._gate)
+        host.holds.remove(self._hold)
+
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         now = self._clock.now()
         virtual = now - self._shift
@@ -118,8 +140,19 @@ class RateLimiter:
             self._last = virtual
             self._wait_seconds.observe(0.0)
             return await call_next(call)
+        if self._dry_run:
+            self._police(call, now)
+            self._wait_seconds.observe(0.0)
+            return await call_next(call)
         await self._wait_turn(call, now)
         return await call_next(call)
+
+    def _police(self, call: Call, earliest: float) -> None:
+        """Dry run: take the turn at ``earliest`` if it is free; if not, take none and report the call blocked."""
+        tat_before, last_before = self._tat, self._last
+        if max(self._reserve(earliest) + self._shift, self._cooldown_until) > earliest:
+            self._tat, self._last = tat_before, last_before
+            call.blocked_in_dry_run("rate_limit")
 
     def _reserve(self, earliest: float) -> float:
         """Take the first free slot at or after ``earliest``; return it in virtual time."""
@@ -192,12 +225,15 @@ class RateLimiter:
             call.waits.append(Wait("rate_limit", waited))
 
     def _hold(self) -> float:
-        """The end of the server's current cooldown (in the past when there is none)."""
-        return self._cooldown_until
+        """The end of the server's current cooldown (in the past when there is none, or in a dry run)."""
+        return _NEVER if self._dry_run else self._cooldown_until
 
     def _gate(self, call: Call, earliest: float) -> float | None:
         """A retry's turn: its send time at or after ``earliest``, or ``None`` when too late."""
         if call.policy.rate_limit is None:  # this call turned the limiter off
+            return earliest
+        if self._dry_run:
+            self._police(call, earliest)
             return earliest
         tat_before, last_before = self._tat, self._last
         send = max(self._reserve(earliest) + self._shift, self._cooldown_until, earliest)
