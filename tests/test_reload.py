@@ -208,6 +208,33 @@ async def test_an_unchanged_adaptive_limit_keeps_what_it_learnt(harness: Harness
         assert harness.value("resilient_http_bulkhead_limit") == 10  # a new ceiling: learning starts again
 
 
+@pytest.mark.parametrize(
+    ("new", "limit"),
+    [(BulkheadPolicy(max_concurrent=5), 5), (BulkheadPolicy(max_concurrent=5, adaptive=AdaptiveLimit(initial=4)), 4)],
+    ids=["removed", "replaced"],
+)
+async def test_an_attempt_sent_under_a_replaced_adaptive_limit_moves_nothing(
+    harness: Harness, new: BulkheadPolicy, limit: int
+) -> None:
+    """A drop of an attempt sent before the adaptive limit was replaced or removed leaves the new limit alone."""
+    held = Held()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await held(request)
+        return httpx.Response(503)
+
+    old = BulkheadPolicy(max_concurrent=20, adaptive=AdaptiveLimit(initial=10))
+    t = transport(harness, handler, only(bulkhead=old))
+    with anyio.fail_after(5):
+        async with client(t) as http, anyio.create_task_group() as tg:
+            tg.start_soon(http.get, "/")
+            await settle(lambda: held.in_flight == 1)
+            t.update_policies(default=only(bulkhead=new))
+            held.free()
+    assert harness.value("resilient_http_bulkhead_limit") == limit
+    assert harness.value("resilient_http_bulkhead_in_flight") == 0
+
+
 # The retry budget and the stale cache
 
 
