@@ -113,6 +113,17 @@ async def test_the_fallback_answers_a_final_server_error_and_closes_it(harness: 
     assert fallbacks(harness, "server_error") == 1
 
 
+async def test_the_answer_knows_its_request_without_a_client(harness: Harness) -> None:
+    """Called as a bare transport, the fallback's answer still has the call's request set."""
+    transport = ResilientTransport(
+        default=only(), inner=httpx.MockTransport(Script(500)), registry=harness.registry, fallback=Recorder()
+    )
+    request = httpx.Request("GET", f"{BASE_URL}/bare")
+    async with transport:
+        response = await transport.handle_async_request(request)
+    assert response.request is request
+
+
 async def test_an_async_fallback_is_awaited(harness: Harness) -> None:
     """The fallback may be a coroutine function."""
 

@@ -277,9 +277,9 @@ async def test_an_evicted_host_s_stale_answers_go_when_its_new_policy_has_none(h
         await http.get("https://a.example/")
         await http.get("https://b.example/")  # a.example is evicted; its answer stays in the store
         assert harness.value("resilient_http_cache_entries", "b.example:443") == 1
-        t.update_policies({"a.example": only(stale_cache=StaleCachePolicy())}, default=only())
+        t.update_policies({"b.example": only(stale_cache=StaleCachePolicy())}, default=only())
         store = t._shared["stale_cache"]
-        assert set(store.shelves) == {"a.example:443"}
+        assert set(store.shelves) == {"b.example:443"}
 
 
 # Layers removed, added, and calls in flight
