@@ -17,6 +17,7 @@ from resilient_http import (
     CircuitBreakerPolicy,
     CircuitOpenError,
     ConfigurationError,
+    ResilientClient,
     ResilientTransport,
     RetryPolicy,
     StaleCachePolicy,
@@ -259,3 +260,13 @@ def test_a_fallback_must_be_callable(registry: CollectorRegistry, clock: FakeClo
     """A fallback that is not a function is refused at construction."""
     with pytest.raises(ConfigurationError, match=r"fallback: must be a function .* \(got 'default'\)"):
         ResilientTransport(registry=registry, clock=clock, fallback="default")  # type: ignore[arg-type]
+
+
+async def test_a_resilient_client_takes_a_fallback(registry: CollectorRegistry, clock: FakeClock) -> None:
+    """ResilientClient(fallback=...) gives it to its transport."""
+    mock = httpx.MockTransport(Script(httpx.ConnectError))
+    async with ResilientClient(
+        default=only(), registry=registry, clock=clock, mounts={"all://": mock}, fallback=Recorder(answer=299)
+    ) as http:
+        response = await http.get(f"{BASE_URL}/")
+    assert response.status_code == 299 and info(response).fallback
