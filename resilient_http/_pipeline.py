@@ -34,10 +34,10 @@ and per set of active layers, by a reverse fold like Starlette's
 
 When a host's policy changes while the service runs (:func:`update`), a
 layer that stays gets the new policy through its ``reconfigure`` and keeps
-its state; a layer the policy turns off is dropped with its state (its
-``detach``, if it has one, undoes what it left on the host); a layer the
-policy turns on is made fresh on first use. Calls in flight finish on the
-chain they started with.
+its state (a layer without ``reconfigure`` is made afresh); a layer the
+policy turns off is dropped with its state (its ``detach``, if it has one,
+undoes what it left on the host); a layer the policy turns on is made fresh.
+Calls in flight finish on the chain they started with.
 """
 
 from __future__ import annotations
@@ -97,14 +97,16 @@ def update(host: Host, policy: Policy) -> None:
         if layer is None:
             continue
         new = getattr(policy, name)
-        if new is None:
-            if getattr(old, name) is not None:  # a layer made for a single call's override has no host policy to lose
-                del host.layers[name]
-                detach = getattr(layer, "detach", None)
-                if detach is not None:
-                    detach(host)
-        elif new != getattr(old, name):
-            layer.reconfigure(new)
+        if new == getattr(old, name):
+            continue
+        reconfigure = getattr(layer, "reconfigure", None)
+        if new is not None and reconfigure is not None:
+            reconfigure(new)
+        elif new is not None or getattr(old, name) is not None:  # one made for a call's override has nothing to lose
+            del host.layers[name]
+            detach = getattr(layer, "detach", None)
+            if detach is not None:
+                detach(host)
     host.policy = policy
     host.chains.clear()
     host.chain = chain_for(host, policy)
