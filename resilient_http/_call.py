@@ -44,7 +44,10 @@ class CallInfo(NamedTuple):
     ``"retry_after_too_long"``, ``"not_idempotent"``, ``"body_not_replayable"``
     or ``"rate_limit"``. ``coalesced`` is true when the call sent nothing
     and got a copy of the answer (or the error) of an identical call in
-    flight (see :mod:`resilient_http.layers.coalesce`).
+    flight (see :mod:`resilient_http.layers.coalesce`). ``dry_run`` names
+    the layers in dry-run mode that would have blocked the call (and let it
+    through). ``fallback`` is true when the transport's fallback function
+    gave the response.
 
     A named tuple: immutable, and cheap to make on every call.
     """
@@ -57,6 +60,8 @@ class CallInfo(NamedTuple):
     circuit_state: str | None = None
     retry_stop: str | None = None
     coalesced: bool = False
+    dry_run: tuple[str, ...] = ()
+    fallback: bool = False
 
 
 class Host:
@@ -132,6 +137,8 @@ class Call:
         "circuit_state",
         "coalesced",
         "deadline",
+        "dry_run",
+        "fallback",
         "host",
         "policy",
         "priority",
@@ -162,6 +169,14 @@ class Call:
         self.circuit_state: str | None = None
         self.retry_stop: str | None = None
         self.coalesced = False
+        self.dry_run: tuple[str, ...] = ()
+        self.fallback = False
+
+    def blocked_in_dry_run(self, layer: str) -> None:
+        """``layer``, in dry-run mode, would have blocked this call: say so, and count it once per call."""
+        if layer not in self.dry_run:
+            self.dry_run += (layer,)
+            self.host.metrics.labelled("dry_run_blocked", layer).inc()
 
     def info(self) -> CallInfo:
         return CallInfo(
@@ -173,4 +188,6 @@ class Call:
             self.circuit_state,
             self.retry_stop,
             self.coalesced,
+            self.dry_run,
+            self.fallback,
         )
