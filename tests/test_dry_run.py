@@ -119,6 +119,30 @@ async def test_a_dry_run_rate_limiter_neither_delays_retries_nor_holds_them_back
     assert [wait.reason for wait in info(response).waits] == ["backoff"]
 
 
+async def test_a_dry_run_retry_whose_turn_is_free_takes_it(harness: Harness) -> None:
+    """A retry policed as free is booked: the call after it is over the rate, as a real limiter would have it."""
+    script = Script((502, {"Retry-After": "2"}), 200)
+    retry = RetryPolicy(attempts=2, backoff=0.01, budget=None)
+    client = harness.client(script, only(rate_limit=RateLimitPolicy(rate=1, dry_run=True), retry=retry))
+    assert info(await client.get("/")).dry_run == ()  # the retry, 2 s on, found the token free
+    assert info(await client.get("/")).dry_run == ("rate_limit",)  # it would have waited for the retry's
+    harness.clock.advance(1)
+    assert info(await client.get("/")).dry_run == ()
+
+
+async def test_switching_a_rate_limiter_s_dry_run_off_enforces_the_bucket_it_kept(harness: Harness) -> None:
+    """The turns a dry-run limiter took stay: once enforced, the next call waits for its turn."""
+    transport = harness.transport(Script(200), only(rate_limit=RateLimitPolicy(rate=1, dry_run=True)))
+    async with httpx.AsyncClient(transport=transport, base_url="https://api.example.com") as client:
+        await client.get("/")
+        await client.get("/")  # over the rate: took no turn
+        transport.update_policies(default=only(rate_limit=RateLimitPolicy(rate=1)))
+        response = await client.get("/")
+    assert [wait.reason for wait in info(response).waits] == ["rate_limit"]
+    assert info(response).waits[0].seconds == pytest.approx(1.0)
+    assert info(response).dry_run == ()
+
+
 # The bulkhead
 
 

@@ -20,6 +20,7 @@ from resilient_http import (
     CallInfo,
     CircuitBreakerPolicy,
     CircuitOpenError,
+    CoalescePolicy,
     ConfigurationError,
     Policy,
     RateLimitPolicy,
@@ -143,6 +144,30 @@ async def test_a_removed_rate_limiter_no_longer_holds_retries_back(harness: Harn
         harness.clock.sleeps.clear()
         assert (await http.get("/")).status_code == 200  # 503, then 200 after the backoff alone
         assert len(harness.clock.sleeps) == 1 and harness.clock.sleeps[0] <= 1
+
+
+async def test_a_new_max_cooldown_bounds_what_the_server_says_next(harness: Harness) -> None:
+    """The cooldown in force runs its course; a Retry-After received after the change is cut to the new max_cooldown."""
+    script = Script((429, {"Retry-After": "50"}), (429, {"Retry-After": "50"}), 200)
+    t = transport(harness, script, only(rate_limit=RateLimitPolicy(rate=100, burst=100, max_cooldown=10)))
+    async with client(t) as http:
+        await http.get("/")  # 50 s asked, 10 s kept
+        t.update_policies(default=only(rate_limit=RateLimitPolicy(rate=100, burst=100, max_cooldown=2)))
+        assert info(await http.get("/")).waits == (Wait("rate_limit", 10.0),)
+        assert info(await http.get("/")).waits == (Wait("rate_limit", 2.0),)
+
+
+async def test_a_limiter_dropped_and_added_again_reads_each_answer_once(harness: Harness) -> None:
+    """A dropped limiter leaves no hook on the host: the fresh one alone counts the next cooldown."""
+    script = Script((429, {"Retry-After": "5"}), 200)
+    policy = only(rate_limit=RateLimitPolicy(rate=100, burst=100))
+    t = transport(harness, script, policy)
+    async with client(t) as http:
+        t.update_policies(default=only())
+        t.update_policies(default=policy)
+        await http.get("/")
+        assert harness.value("resilient_http_cooldown_seconds_total") == 5
+        assert info(await http.get("/")).waits == (Wait("rate_limit", 5.0),)
 
 
 # The bulkhead
@@ -280,6 +305,54 @@ async def test_an_evicted_host_s_stale_answers_go_when_its_new_policy_has_none(h
         t.update_policies({"b.example": only(stale_cache=StaleCachePolicy())}, default=only())
         store = t._shared["stale_cache"]
         assert set(store.shelves) == {"b.example:443"}
+
+
+# Coalescing (no reconfigure: made afresh)
+
+
+class Gate:
+    """A handler that holds every request until :meth:`open`, counting them."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self._open = anyio.Event()
+
+    def open(self) -> None:
+        self._open.set()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests += 1
+        await self._open.wait()
+        return httpx.Response(200, content=b"shared")
+
+
+@pytest.mark.parametrize(("new", "requests"), [(CoalescePolicy(max_body_bytes=100), 2), (None, 3)])
+async def test_a_flight_in_progress_lands_for_its_followers_across_a_new_coalesce_policy(
+    harness: Harness, new: CoalescePolicy | None, requests: int
+) -> None:
+    """Calls that joined a flight before the change get its answer; later calls share a new layer's flights, if any."""
+    gate = Gate()
+    t = transport(harness, gate, only(coalesce=CoalescePolicy()))
+    results: list[httpx.Response] = []
+    with anyio.fail_after(5):
+        async with client(t) as http, anyio.create_task_group() as tg:
+
+            async def get() -> None:
+                results.append(await http.get("/"))
+
+            for _ in range(3):
+                tg.start_soon(get)
+            await anyio.wait_all_tasks_blocked()
+            before = t._hosts.values()[0].layers["coalesce"]
+            t.update_policies(default=only(coalesce=new))
+            for _ in range(2):
+                tg.start_soon(get)
+            await anyio.wait_all_tasks_blocked()
+            assert t._hosts.values()[0].layers.get("coalesce") is not before
+            gate.open()
+    assert gate.requests == requests
+    assert [r.content for r in results] == [b"shared"] * 5
+    assert sorted(info(r).coalesced for r in results) == [False] * requests + [True] * (5 - requests)
 
 
 # Layers removed, added, and calls in flight
