@@ -37,17 +37,21 @@ class CallInfo(NamedTuple):
     ``attempts`` counts the tries that reached, or tried to reach, the
     network (0 for a stale answer given without trying). ``stale`` is true
     when the response came from the stale cache, ``age`` then saying how old
-    it is. ``waits`` lists every pause in order. ``circuit_state`` is the
-    breaker's state when the call ended (``None`` without a breaker).
-    ``retry_stop`` says why no further attempt was made when the last
-    outcome was retryable: ``"attempts"``, ``"budget"``, ``"deadline"``,
-    ``"retry_after_too_long"``, ``"not_idempotent"``, ``"body_not_replayable"``
-    or ``"rate_limit"``. ``coalesced`` is true when the call sent nothing
-    and got a copy of the answer (or the error) of an identical call in
-    flight (see :mod:`resilient_http.layers.coalesce`). ``dry_run`` names
-    the layers in dry-run mode that would have blocked the call (and let it
-    through). ``fallback`` is true when the transport's fallback function
-    gave the response.
+    it is and ``stale_reason`` what failed in its place: the ``reason`` label
+    of ``resilient_http_stale_served_total`` (``"server_error"``,
+    ``"timeout"``, ``"error"``, or a local refusal: ``"circuit_open"``,
+    ``"rate_limited"``, ``"bulkhead_full"``). ``waits`` lists every pause in
+    order. ``circuit_state`` is the breaker's state when the call ended
+    (``None`` without a breaker). ``retry_stop`` says why no further attempt
+    was made when the last outcome was retryable: ``"attempts"``,
+    ``"budget"``, ``"deadline"``, ``"retry_after_too_long"``,
+    ``"not_idempotent"``, ``"body_not_replayable"`` or ``"rate_limit"``.
+    ``coalesced`` is true when the call sent nothing and got a copy of the
+    answer (or the error) of an identical call in flight (see
+    :mod:`resilient_http.layers.coalesce`).
+    ``dry_run`` names the layers in dry-run mode that would have blocked the
+    call (and let it through). ``fallback`` is true when the transport's
+    fallback function gave the response.
 
     A named tuple: immutable, and cheap to make on every call.
     """
@@ -60,6 +64,7 @@ class CallInfo(NamedTuple):
     circuit_state: str | None = None
     retry_stop: str | None = None
     coalesced: bool = False
+    stale_reason: str | None = None
     dry_run: tuple[str, ...] = ()
     fallback: bool = False
 
@@ -145,6 +150,7 @@ class Call:
         "request",
         "retry_stop",
         "stale",
+        "stale_reason",
         "started",
         "waits",
     )
@@ -166,6 +172,7 @@ class Call:
         self.waits: list[Wait] = []
         self.stale = False
         self.age: float | None = None
+        self.stale_reason: str | None = None
         self.circuit_state: str | None = None
         self.retry_stop: str | None = None
         self.coalesced = False
@@ -188,6 +195,7 @@ class Call:
             self.circuit_state,
             self.retry_stop,
             self.coalesced,
+            self.stale_reason,
             self.dry_run,
             self.fallback,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import weakref
 from collections.abc import Iterable, Mapping
 from os import PathLike
 from types import TracebackType
@@ -18,9 +19,10 @@ from ._config import Policy, RetryPolicy, TimeoutPolicy
 from ._exceptions import ConfigurationError
 from ._fallback import Fallback, check_fallback, failed, fall_back
 from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable, canonical_host, host_of
-from ._metrics import HostMetrics, metrics_for, outcome_of_exception, outcome_of_status
+from ._metrics import DEFAULT_NAME, TransportMetrics, outcome_of_exception, outcome_of_status
 from ._network import CertTypes, ProxyTypes, SocketOption, VerifyTypes, default_inner, refuse_beside_inner
 from ._pipeline import chain_for, update
+from ._series import abandon
 from .layers.timeout import IN_MEMORY, guard_body
 
 #: What a single call may change through ``request.extensions["resilient_http"]``.
@@ -90,8 +92,12 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     :class:`ConfigurationError`, as they would be lost. Like any custom
     transport, this one makes ``httpx.AsyncClient`` ignore proxies from the
     environment: :class:`~resilient_http.ResilientClient` keeps them. Metrics go
-    to ``registry`` (the global registry when omitted); transports sharing a registry share
-    its series. State is kept for at most ``max_hosts`` hosts, least
+    to ``registry`` (the global registry when omitted), every series
+    labelled ``transport=name``: two open transports on one registry need
+    different names (the second is refused with :class:`ConfigurationError`),
+    and a transport's series leave the registry when it is closed
+    (``aclose``, the end of ``async with``, or garbage collection). State is
+    kept for at most ``max_hosts`` hosts, least
     recently used evicted first, and never for a host while it has calls in
     flight (the table may hold more hosts while more are busy at once).
     ``clock`` and ``random`` exist for tests.
@@ -131,6 +137,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         max_hosts: int = DEFAULT_MAX_HOSTS,
         clock: Clock | None = None,
         random: random.Random | None = None,
+        name: str = DEFAULT_NAME,
         verify: VerifyTypes = True,
         cert: CertTypes | None = None,
         trust_env: bool = True,
@@ -163,11 +170,14 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._fallback = check_fallback(fallback)
         self._source: str | PathLike[str] | None = None  # the policy file, for reload()
         self._inner = default_inner(**network) if inner is None else inner
-        self._metrics = metrics_for(registry)
         self._clock: Clock = SystemClock() if clock is None else clock
         self._random = default_random() if random is None else random
         self._hosts: HostTable[Host] = HostTable(self._make_host, self._evict_host, max_hosts)
         self._shared: dict[str, Any] = {}  # state layers keep across hosts (the stale cache's store)
+        # Last, once nothing else can refuse the arguments: the name is taken until closed.
+        self._metrics = TransportMetrics(registry, name)
+        self._abandoned = weakref.finalize(self, abandon, self._metrics)  # dropped unclosed: released later
+        self._abandoned.atexit = False
 
     @classmethod
     def from_file(cls, path: str | PathLike[str], **kwargs: Any) -> ResilientTransport:
@@ -222,7 +232,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             policy=self._table.resolve(host, port),
             clock=self._clock,
             rng=self._random,
-            metrics=HostMetrics(self._metrics, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"),
+            metrics=self._metrics.host(f"[{host}]:{port}" if ":" in host else f"{host}:{port}"),
             inner=self._inner,
             shared=self._shared,
         )
@@ -283,7 +293,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             hosts.leave(host)
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        try:
+            await self._inner.aclose()
+        finally:
+            self._close_metrics()
 
     async def __aenter__(self) -> ResilientTransport:
         await self._inner.__aenter__()
@@ -295,7 +308,15 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         exc_value: BaseException | None = None,
         traceback: TracebackType | None = None,
     ) -> None:
-        await self._inner.__aexit__(exc_type, exc_value, traceback)
+        try:
+            await self._inner.__aexit__(exc_type, exc_value, traceback)
+        finally:
+            self._close_metrics()
+
+    def _close_metrics(self) -> None:
+        """Take this transport's series off the registry and free its name."""
+        self._abandoned.detach()
+        self._metrics.close()
 
 
 def _address(label: str) -> tuple[str, int]:

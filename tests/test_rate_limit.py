@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from conftest import LeftOpen
 from prometheus_client import CollectorRegistry
 
 from resilient_http import (
@@ -174,7 +175,7 @@ def client(
         clock=server.clock,
         random=random.Random(0),
     )
-    return httpx.AsyncClient(transport=transport, base_url="https://api.example.com")
+    return httpx.AsyncClient(transport=LeftOpen(transport), base_url="https://api.example.com")
 
 
 def most_in_one_second(times: Sequence[float]) -> int:
@@ -195,7 +196,7 @@ def within_bucket(times: Sequence[float], rate: float, burst: int) -> bool:
 
 
 def value(registry: CollectorRegistry, name: str) -> float:
-    found = registry.get_sample_value(name, {"host": HOST})
+    found = registry.get_sample_value(name, {"transport": "default", "host": HOST})
     return 0.0 if found is None else found
 
 
@@ -1143,7 +1144,7 @@ async def test_metrics_count_waits_refusals_and_cooldown(registry: CollectorRegi
     wait = "resilient_http_rate_limit_wait_seconds"
     assert value(registry, f"{wait}_count") == 4
     assert value(registry, f"{wait}_sum") == pytest.approx(3.5)
-    assert registry.get_sample_value(f"{wait}_bucket", {"host": HOST, "le": "0.005"}) == 1
+    assert registry.get_sample_value(f"{wait}_bucket", {"transport": "default", "host": HOST, "le": "0.005"}) == 1
     assert value(registry, "resilient_http_rate_limited_total") == 1
     assert value(registry, "resilient_http_cooldown_seconds_total") == pytest.approx(2.0 + 10.0)
 

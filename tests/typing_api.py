@@ -113,6 +113,7 @@ async def the_transport(policy: Policy) -> None:
         max_hosts=100,
         clock=FakeClock(),
         random=random.Random(1),
+        name="payments",
     )
     ResilientTransport()
     ResilientTransport(None, default=None, inner=None, registry=None, clock=None, random=None)
@@ -184,6 +185,7 @@ def the_story(info: CallInfo) -> None:
     assert_type(info.circuit_state, str | None)
     assert_type(info.retry_stop, str | None)
     assert_type(info.coalesced, bool)
+    assert_type(info.stale_reason, str | None)
     assert_type(info.dry_run, tuple[str, ...])
     assert_type(info.fallback, bool)
     for wait in info.waits:

@@ -308,6 +308,7 @@ class Retry:
             return
         if call.deadline is not None and until >= call.deadline:
             call.retry_stop = "rate_limit"
+            self._metrics.rate_limited.inc()  # refused for the rate limit, as the limiter's own refusals
             raise RateLimitedError(
                 f"rate limit of {self._label}: the server's cooldown outlasts this call",
                 host=self._label,

@@ -42,7 +42,7 @@ How long: until ``max_stale`` seconds old or, when the answer says
 ``s-maxage`` forbid serving the answer once stale (RFC 9111 §4.2.4): such an
 answer is served only while fresh, younger than its ``s-maxage`` (or else
 its ``max-age``); ``Expires`` is not read. Served answers carry an ``Age``
-header and ``CallInfo.stale`` / ``CallInfo.age``. An answer that arrives
+header and ``CallInfo.stale`` / ``CallInfo.age`` / ``CallInfo.stale_reason``. An answer that arrives
 already too old is not stored, and an entry found too old is dropped. How
 memory is bounded is :mod:`.stale_store`'s story.
 """
@@ -266,6 +266,7 @@ class StaleCache:
         headers = [*entry.headers, (b"Age", str(int(age)).encode())]
         call.stale = True
         call.age = age
+        call.stale_reason = reason
         self._metrics.labelled("stale_served", reason).inc()
         return httpx.Response(
             entry.status,
