@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from conftest import BASE_URL, Harness, Script, only
+from conftest import BASE_URL, Harness, LeftOpen, Script, only
 from prometheus_client import CollectorRegistry
 
 from resilient_http import (
@@ -56,7 +56,8 @@ def client(
         random=random.Random(0),
         fallback=fallback,
     )
-    return httpx.AsyncClient(transport=transport, base_url=BASE_URL)
+    # Left open: the tests read the transport's counters after the client has closed.
+    return httpx.AsyncClient(transport=LeftOpen(transport), base_url=BASE_URL)
 
 
 def info(outcome: httpx.Response | BaseException) -> CallInfo:
