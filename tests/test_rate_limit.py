@@ -1024,7 +1024,9 @@ async def test_cancelled_calls_never_let_the_host_exceed_its_bound(registry: Col
 
 def limit_to(http: httpx.AsyncClient, **limit: Any) -> None:
     """Give the client's transport a new rate limit, all else unchanged."""
-    transport = http._transport
+    left_open = http._transport
+    assert isinstance(left_open, LeftOpen)
+    transport = left_open.transport
     assert isinstance(transport, ResilientTransport)
     policy = transport.policy_for("api.example.com")
     transport.update_policies(default=dataclasses.replace(policy, rate_limit=RateLimitPolicy(**limit)))
@@ -1122,7 +1124,12 @@ async def test_dry_run_turned_on_sends_the_waiting_calls_at_once(registry: Colle
     assert server.sent == [(START, "/0"), (START + 0.5, "/1"), (START + 0.5, "/2")]
     assert [info(responses[path]).dry_run for path in ("/0", "/1", "/2")] == [(), ("rate_limit",), ("rate_limit",)]
     assert info(responses["/2"]).waits == (Wait("rate_limit", 0.5),)
-    assert registry.get_sample_value("resilient_http_dry_run_blocked_total", {"host": HOST, "layer": "rate_limit"}) == 2
+    assert (
+        registry.get_sample_value(
+            "resilient_http_dry_run_blocked_total", {"transport": "default", "host": HOST, "layer": "rate_limit"}
+        )
+        == 2
+    )
 
 
 # Metrics and wiring
