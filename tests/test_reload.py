@@ -183,17 +183,18 @@ async def test_a_lower_bulkhead_max_cancels_nothing_and_applies_to_new_calls(har
         responses.append(await http.get("/"))
 
     with anyio.fail_after(5):
-        async with client(t) as http, anyio.create_task_group() as tg:
-            for _ in range(3):
-                tg.start_soon(get)
-            await settle(lambda: held.in_flight == 3)
-            t.update_policies(default=only(bulkhead=BulkheadPolicy(max_concurrent=1, max_queue=0)))
-            with pytest.raises(BulkheadFullError):
-                await http.get("/")
-            assert harness.value("resilient_http_bulkhead_limit") == 1
-            held.free()
-        assert [r.status_code for r in responses] == [200] * 3
-        assert harness.value("resilient_http_bulkhead_in_flight") == 0
+        async with client(t) as http:
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(get)
+                await settle(lambda: held.in_flight == 3)
+                t.update_policies(default=only(bulkhead=BulkheadPolicy(max_concurrent=1, max_queue=0)))
+                with pytest.raises(BulkheadFullError):
+                    await http.get("/")
+                assert harness.value("resilient_http_bulkhead_limit") == 1
+                held.free()
+            assert [r.status_code for r in responses] == [200] * 3
+            assert harness.value("resilient_http_bulkhead_in_flight") == 0
         held2 = Held()
         t2 = transport(harness, held2, only(bulkhead=BulkheadPolicy(max_concurrent=2, max_queue=0)))
         async with client(t2) as http, anyio.create_task_group() as tg:
@@ -251,13 +252,14 @@ async def test_an_attempt_sent_under_a_replaced_adaptive_limit_moves_nothing(
     old = BulkheadPolicy(max_concurrent=20, adaptive=AdaptiveLimit(initial=10))
     t = transport(harness, handler, only(bulkhead=old))
     with anyio.fail_after(5):
-        async with client(t) as http, anyio.create_task_group() as tg:
-            tg.start_soon(http.get, "/")
-            await settle(lambda: held.in_flight == 1)
-            t.update_policies(default=only(bulkhead=new))
-            held.free()
-    assert harness.value("resilient_http_bulkhead_limit") == limit
-    assert harness.value("resilient_http_bulkhead_in_flight") == 0
+        async with client(t) as http:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(http.get, "/")
+                await settle(lambda: held.in_flight == 1)
+                t.update_policies(default=only(bulkhead=new))
+                held.free()
+            assert harness.value("resilient_http_bulkhead_limit") == limit
+            assert harness.value("resilient_http_bulkhead_in_flight") == 0
 
 
 # The retry budget and the stale cache
@@ -518,4 +520,4 @@ async def test_the_metric_host_stays_one_series(harness: Harness) -> None:
         await http.get("/")
         t.update_policies(default=only(retry=RetryPolicy()))
         await http.get("/")
-    assert harness.value("resilient_http_requests_total", HOST, outcome="2xx") == 2
+        assert harness.value("resilient_http_requests_total", HOST, outcome="2xx") == 2
