@@ -39,6 +39,7 @@ import httpx
 from .._call import Call, Host, Next
 from .._clock import Clock
 from .._config import CircuitBreakerPolicy
+from .._events import DEBUG, INFO, BreakerStateChanged, CallRejected, HostEvents
 from .._exceptions import CircuitOpenError, DeadlineExceededError, ResilienceError
 from .._headers import retry_after
 from .._metrics import HostMetrics
@@ -54,6 +55,7 @@ class CircuitBreaker:
     __slots__ = (
         "_break",
         "_epochs",
+        "_events",
         "_failures",
         "_metrics",
         "_opened_until",
@@ -68,8 +70,11 @@ class CircuitBreaker:
         "state",
     )
 
-    def __init__(self, policy: CircuitBreakerPolicy, rng: random.Random, metrics: HostMetrics) -> None:
+    def __init__(
+        self, policy: CircuitBreakerPolicy, rng: random.Random, metrics: HostMetrics, events: HostEvents | None = None
+    ) -> None:
         self.policy = policy
+        self._events = events
         self._random = rng
         self._metrics = metrics
         self._width = policy.window / _BUCKETS
@@ -84,10 +89,18 @@ class CircuitBreaker:
         self.state = CLOSED
         metrics.circuit(CLOSED)
 
-    def _set(self, state: str) -> None:
+    def _set(self, state: str, break_seconds: float | None = None) -> None:
+        old = self.state
         self.state = state
         self._period += 1
         self._metrics.circuit(state)
+        events = self._events
+        if events is not None and events.wants(INFO, "circuit_breaker"):
+            events.emit(
+                BreakerStateChanged(
+                    transport=events.transport, host=events.host, old=old, new=state, break_seconds=break_seconds
+                )
+            )
 
     def acquire(self, now: float) -> int:
         """Let a call through, returning the number of the period it starts in; raise if refused."""
@@ -157,7 +170,7 @@ class CircuitBreaker:
             duration = max(duration, min(hinted, self.policy.max_break_duration))
         self._opened_until = now + duration
         self._trials_out = self._trial_successes = 0
-        self._set(OPEN)
+        self._set(OPEN, duration)
         self._metrics.circuit_opened.inc()
 
     def _close(self) -> None:
@@ -182,19 +195,34 @@ def _is_host_failure(exc: Exception, call: Call) -> bool:
 class CircuitBreakerLayer:
     """The breaker layer of one host."""
 
-    __slots__ = ("_clock", "breaker")
+    __slots__ = ("_clock", "_events", "breaker")
 
     def __init__(self, host: Host) -> None:
         policy = host.policy.circuit_breaker
         assert policy is not None
         self._clock: Clock = host.clock
-        self.breaker = CircuitBreaker(policy, host.random, host.metrics)
+        self._events = host.events
+        self.breaker = CircuitBreaker(policy, host.random, host.metrics, host.events)
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         breaker = self.breaker
         clock = self._clock
         try:
             period = breaker.acquire(clock.now())
+        except CircuitOpenError as exc:
+            events = self._events
+            if events.wants(DEBUG, "circuit_breaker", call):
+                events.emit(
+                    CallRejected(
+                        transport=events.transport,
+                        host=events.host,
+                        layer="circuit_breaker",
+                        retry_after=exc.retry_after,
+                        reason=breaker.state,
+                    ),
+                    call,
+                )
+            raise
         finally:
             call.circuit_state = breaker.state
         try:

@@ -55,6 +55,7 @@ from collections.abc import AsyncIterator
 import httpx
 
 from .._call import Call, Host, Next
+from .._events import DEBUG, StaleServed
 from .._headers import age_value, delta_seconds, pick
 from .._metrics import outcome_of_exception
 from .cache_key import Key, request_key, vary_names
@@ -125,7 +126,7 @@ class _TeeStream(httpx.AsyncByteStream):
 class StaleCache:
     """The stale-cache layer of one host."""
 
-    __slots__ = ("_clock", "_credentials", "_identity", "_metrics", "_policy", "_request_headers", "_store")
+    __slots__ = ("_clock", "_credentials", "_events", "_identity", "_metrics", "_policy", "_request_headers", "_store")
 
     def __init__(self, host: Host) -> None:
         policy = host.policy.stale_cache
@@ -133,6 +134,7 @@ class StaleCache:
         self._policy = policy
         self._clock = host.clock
         self._metrics = host.metrics
+        self._events = host.events
         store = host.shared.get("stale_cache")
         if store is None:
             store = host.shared["stale_cache"] = Store()
@@ -247,6 +249,9 @@ class StaleCache:
         call.age = age
         call.stale_reason = reason
         self._metrics.labelled("stale_served", reason).inc()
+        events = self._events
+        if events.wants(DEBUG, "stale_cache", call):
+            events.emit(StaleServed(transport=events.transport, host=events.host, reason=reason, age=age), call)
         return httpx.Response(
             entry.status,
             headers=headers,
