@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from ._call import Call
@@ -275,19 +275,25 @@ class StoreFallback(Event):
 
 
 Hook = Callable[[Event], object]
-#: Called with the call's span (or ``None`` when the event is about no call in particular) and the event.
-SpanSink = Callable[["Call | None", Event], None]
+
+
+class Spans(Protocol):
+    """Where events become span events: the call's span, or the current one for an event about no call."""
+
+    def recording(self, call: Call | None) -> bool: ...
+
+    def add(self, call: Call | None, event: Event) -> None: ...
 
 
 class Events:
-    """The transport's listeners: its ``on_event`` hook, the logger, and the span sink when tracing."""
+    """The transport's listeners: its ``on_event`` hook, the logger, and its spans when tracing."""
 
-    __slots__ = ("hook", "span_sink", "transport")
+    __slots__ = ("hook", "spans", "transport")
 
-    def __init__(self, transport: str, hook: Hook | None, span_sink: SpanSink | None) -> None:
+    def __init__(self, transport: str, hook: Hook | None, spans: Spans | None) -> None:
         self.transport = transport
         self.hook = hook
-        self.span_sink = span_sink
+        self.spans = spans
 
     def host(self, label: str) -> HostEvents:
         return HostEvents(self, label)
@@ -296,12 +302,11 @@ class Events:
 class HostEvents:
     """What the layers of one host emit through: ``wants`` before building an event, ``emit`` to send it."""
 
-    __slots__ = ("_events", "_hook", "_traced", "host", "transport")
+    __slots__ = ("_hook", "_spans", "host", "transport")
 
     def __init__(self, events: Events, host: str) -> None:
-        self._events = events
         self._hook = events.hook
-        self._traced = events.span_sink is not None
+        self._spans = events.spans
         self.transport = events.transport
         self.host = host
 
@@ -309,9 +314,8 @@ class HostEvents:
         """Whether anyone would read an event of ``level`` from ``source`` (about ``call``, if any)."""
         if self._hook is not None or _logger(source).isEnabledFor(level):
             return True
-        if not self._traced:
-            return False
-        return call is None or call.span is not None
+        spans = self._spans
+        return spans is not None and spans.recording(call)
 
     def emit(self, event: Event, call: Call | None = None) -> None:
         """Hand ``event`` to every listener; none of them can make the call fail."""
@@ -325,9 +329,9 @@ class HostEvents:
         log = _logger(event.origin())
         if log.isEnabledFor(level):
             log.log(level, event.describe(), extra=_extra(event))
-        sink = self._events.span_sink
-        if sink is not None:
-            sink(call, event)
+        spans = self._spans
+        if spans is not None and spans.recording(call):
+            spans.add(call, event)
 
 
 _LOGGERS: dict[str, logging.Logger] = {}

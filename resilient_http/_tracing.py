@@ -50,6 +50,7 @@ call's answer: the call span ends ``OK`` with ``resilient_http.stale``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,13 @@ except ImportError:  # the otel extra is not installed: tracing is off, and cost
 
 #: Whether OpenTelemetry's API can be imported.
 AVAILABLE = _trace is not None
+
+# Whether no global provider is set is read from the API's module global: the
+# public get_tracer_provider() reads os.environ on every call (2 us, a call's
+# budget for all its tracing). A provider named by OTEL_PYTHON_TRACER_PROVIDER
+# is loaded by get_tracer_provider(), so with that variable the public call is kept.
+_UNKNOWN = object()
+_UNSET = AVAILABLE and "OTEL_PYTHON_TRACER_PROVIDER" not in os.environ
 
 _METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY"})
 _SCOPE = "resilient_http"
@@ -156,6 +164,8 @@ class Tracing:
         """The tracer to use now; ``None`` while no provider is given or set globally."""
         if self._provider is not None:
             return self._tracer
+        if _UNSET and getattr(_trace, "_TRACER_PROVIDER", _UNKNOWN) is None:
+            return None
         provider = _trace.get_tracer_provider()
         if provider is not self._seen:
             self._seen = provider
@@ -237,16 +247,15 @@ class Tracing:
         return request
 
     @staticmethod
-    def sink(call: Call | None, event: Event) -> None:
+    def recording(call: Call | None) -> bool:
+        """Whether an event about ``call`` (or, about no call in particular, now) has a recording span to go to."""
+        span = _trace.get_current_span() if call is None else call.span
+        return span is not None and bool(span.is_recording())
+
+    @staticmethod
+    def add(call: Call | None, event: Event) -> None:
         """Add ``event`` to the call's span (or, about no call in particular, to the current span)."""
-        if call is not None:
-            span = call.span
-            if span is None:
-                return
-        else:
-            span = _trace.get_current_span()
-        if not span.is_recording():
-            return
+        span = _trace.get_current_span() if call is None else call.span
         attributes = {
             name: value
             for name, value in event.fields().items()

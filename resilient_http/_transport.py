@@ -165,7 +165,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if not callable(getattr(tracer_provider, "get_tracer", None)):
                 raise ConfigurationError("tracer_provider", tracer_provider, "must be an OpenTelemetry TracerProvider")
         self._tracing = Tracing(tracer_provider, name) if TRACING_AVAILABLE else None
-        self._events = Events(name, on_event, None if self._tracing is None else Tracing.sink)
+        self._events = Events(name, on_event, self._tracing)
         self._table = PolicyTable(policies, default)
         self._inner = default_inner(**network) if inner is None else inner
         self._clock: Clock = SystemClock() if clock is None else clock
