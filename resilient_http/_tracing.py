@@ -203,10 +203,9 @@ class Tracing:
 
     async def attempt(self, call: Call, send: Send) -> httpx.Response:
         """Run one attempt inside its span (see the module docstring for its kind), current meanwhile."""
-        span = call.span
         tracer = self.tracer()
-        if tracer is None or span is None:
-            return await send(call, False)
+        if tracer is None:  # cannot happen once a call has a span; never ask ``send`` to start another
+            return await send(call, True)
         request = call.request
         attributes: dict[str, Any] = {
             "server.address": call.host.host,
