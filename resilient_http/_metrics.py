@@ -57,7 +57,12 @@ between two updates of one call, so these hold between calls, and for
   stale_served_total{reason="rate_limited"} == rate_limited_total``. The
   same sum for ``bulkhead_full`` is at most ``sum(bulkhead_rejected_total)``:
   a waiter shed for a higher priority is counted when it is shed, and may be
-  cancelled before it learns it.
+  cancelled before it learns it. With a ``fallback`` function, a failure it
+  answered ends as ``outcome="fallback"`` and is counted in
+  ``fallbacks_total{reason}`` by what failed (``reason="server_error"`` for a
+  final 5xx, otherwise the outcome it replaced): add
+  ``fallbacks_total{reason="rate_limited"}`` (or ``"bulkhead_full"``) to the
+  left side of these sums.
 - ``timeouts_total{kind="attempt"} <= attempts_total{outcome="timeout"}``
   (the rest are the network's own timeouts); calls that end in a timeout,
   answered or stale, number at most ``timeouts_total{kind="total"} +
