@@ -21,7 +21,6 @@ resilient row is also shown as instructions over bare at the same level.
 from __future__ import annotations
 
 import asyncio
-import gc
 import sys
 import time
 from dataclasses import replace
@@ -86,12 +85,11 @@ async def _in_flight(subject: str, level: int, warmup: int, calls: int) -> float
 
         for _ in range(warmup // level):
             await one_round()
-        gc.collect()
-        gc.freeze()
-        cpu = time.process_time()
-        for _ in range(calls // level):
-            await one_round()
-        return time.process_time() - cpu
+        with _cachegrind.frozen_heap():
+            cpu = time.process_time()
+            for _ in range(calls // level):
+                await one_round()
+            return time.process_time() - cpu
 
 
 async def _hosts(subject: str, level: int, warmup: int, calls: int, max_hosts: int) -> float:
@@ -100,12 +98,11 @@ async def _hosts(subject: str, level: int, warmup: int, calls: int, max_hosts: i
         for i in range(warmup):
             response = await client.get(urls[i % level])
             assert response.status_code == 200, response
-        gc.collect()
-        gc.freeze()
-        cpu = time.process_time()
-        for i in range(calls):
-            await client.get(urls[i % level])
-        return time.process_time() - cpu
+        with _cachegrind.frozen_heap():
+            cpu = time.process_time()
+            for i in range(calls):
+                await client.get(urls[i % level])
+            return time.process_time() - cpu
 
 
 def _sizes(kind: str, level: int) -> tuple[int, int]:

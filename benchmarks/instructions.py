@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import sys
 from dataclasses import dataclass, replace
 from typing import Any
@@ -139,10 +138,9 @@ async def _work(name: str, warmup: int, calls: int) -> None:
         for _ in range(warmup):
             response = await subject.call()
             assert response.status_code == 200, response
-        gc.collect()
-        gc.freeze()
-        for _ in range(calls):
-            await subject.call()
+        with _cachegrind.frozen_heap():
+            for _ in range(calls):
+                await subject.call()
 
 
 def worker(argv: list[str]) -> int:
