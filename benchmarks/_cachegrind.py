@@ -24,14 +24,18 @@ import subprocess
 import sys
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from ._common import HERE
 
 VALGRIND = shutil.which("valgrind")
+T = TypeVar("T")
+R = TypeVar("R")
 ROOT = HERE.parent
 
 
@@ -145,3 +149,9 @@ def per_call(worker_args: list[str], calls: int, *, functions: bool = False) -> 
         for name in set(base.functions) | set(full.functions)
     }
     return PerCall((full.total - base.total) / calls, calls, base.total, full.total, by_function)
+
+
+def parallel(measure: Callable[[T], R], items: Iterable[T], jobs: int) -> list[R]:
+    """``measure`` of every item, ``jobs`` at a time: counts do not depend on what else runs, only time does."""
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(measure, items))

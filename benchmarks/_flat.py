@@ -125,20 +125,21 @@ def points(levels: tuple[int, ...]) -> list[tuple[str, str, int, int]]:
     return found
 
 
-def flatness(levels: tuple[int, ...], *, counted: bool = True) -> dict[str, Any]:
+def flatness(levels: tuple[int, ...], *, counted: bool = True, jobs: int = 1) -> dict[str, Any]:
     """Both sweeps: instructions per call (``counted``) or, without valgrind, CPU µs per call in this process."""
-    rows: list[dict[str, Any]] = []
-    for kind, subject, level, max_hosts in points(levels):
+
+    def measure(point: tuple[str, str, int, int]) -> dict[str, Any]:
+        kind, subject, level, max_hosts = point
         warmup, calls = _sizes(kind, level)
         if counted:
             args = ["--flat", kind, "--subject", subject, "--level", str(level), "--max-hosts", str(max_hosts)]
             cost = _cachegrind.per_call([*args, "--warmup", str(warmup)], calls).instructions
         else:
             cost = asyncio.run(work(kind, subject, level, warmup, calls, max_hosts)) / calls * 1e6
-        rows.append(
-            {"kind": kind, "subject": subject, "level": level, "max_hosts": max_hosts, "calls": calls, "cost": cost}
-        )
         print(f"  {kind} {level} {subject} (max_hosts {max_hosts}): {cost:,.1f} per call", file=sys.stderr)
+        return {"kind": kind, "subject": subject, "level": level, "max_hosts": max_hosts, "calls": calls, "cost": cost}
+
+    rows = _cachegrind.parallel(measure, points(levels), jobs if counted else 1)
     for row in rows:
         first = next(r for r in rows if r["kind"] == row["kind"] and r["subject"] == row["subject"])
         bare = next(

@@ -139,16 +139,16 @@ def profile(settings: Settings, counted: dict[str, _cachegrind.PerCall], ablate:
             "instructions_by_c_file": _grouped(c_level, lambda f: f.split(":", 1)[0]),
             "instructions_by_c_function": _top(c_level),
         }
-    layers = []
-    for field in LAYER_MODULES:
-        row: dict[str, Any] = {"layer": field}
-        alone = ALONE.get(field)
+    layers: list[dict[str, Any]] = [{"layer": field} for field in LAYER_MODULES]
+    for row in layers:
+        alone = ALONE.get(row["layer"])
         if alone in counted and OFF in counted:
             row["alone"] = counted[alone].instructions - counted[OFF].instructions
-        if ablate and ALL_SIX in counted:
-            without = count_subject(f"all six without {field}", settings)
-            row["in_all_six"] = counted[ALL_SIX].instructions - without.instructions
-        layers.append(row)
+    if ablate and ALL_SIX in counted:
+        names = [f"all six without {field}" for field in LAYER_MODULES]
+        without = _cachegrind.parallel(lambda name: count_subject(name, settings), names, settings.jobs)
+        for row, counts in zip(layers, without, strict=True):
+            row["in_all_six"] = counted[ALL_SIX].instructions - counts.instructions
     result["layers"] = layers
     return result
 

@@ -176,6 +176,7 @@ class Settings:
     socket_repeats: int = 10
     flat_levels: tuple[int, ...] = (1, 100, 10_000)
     profile_calls: int = 300
+    jobs: int = 1
     smoke: bool = False
 
 
@@ -204,8 +205,16 @@ def instructions(settings: Settings, repeat: bool) -> tuple[dict[str, Any], dict
     """Instructions per call of every subject, counted once (twice with ``repeat``), and the counts themselves."""
     rows: dict[str, dict[str, Any]] = {}
     kept: dict[str, _cachegrind.PerCall] = {}
-    for name in settings.subjects:
-        counted = [count_subject(name, settings, functions=True) for _ in range(2 if repeat else 1)]
+    times = 2 if repeat else 1
+
+    def measure(name: str) -> _cachegrind.PerCall:
+        found = count_subject(name, settings, functions=True)
+        print(f"  {name}: {found.instructions:,.1f} instructions per call", file=sys.stderr)
+        return found
+
+    found = _cachegrind.parallel(measure, [n for n in settings.subjects for _ in range(times)], settings.jobs)
+    for i, name in enumerate(settings.subjects):
+        counted = found[i * times : (i + 1) * times]
         kept[name] = counted[0]
         rows[name] = {
             "name": name,
@@ -215,7 +224,6 @@ def instructions(settings: Settings, repeat: bool) -> tuple[dict[str, Any], dict
         }
         if repeat:
             rows[name]["second_count"] = counted[1].instructions
-        print(f"  {name}: {counted[0].instructions:,.1f} instructions per call", file=sys.stderr)
     bare = rows[BARE]["instructions"]
     for name, row in rows.items():
         row["ratio"] = row["instructions"] / bare
@@ -314,7 +322,7 @@ def run(settings: Settings, *, repeat: bool, profile: bool, flat: bool, with_soc
     if flat:
         from ._flat import flatness
 
-        result["flat"] = flatness(settings.flat_levels, counted=not settings.smoke)
+        result["flat"] = flatness(settings.flat_levels, counted=not settings.smoke, jobs=settings.jobs)
     if with_socket:
         result["socket"] = asyncio.run(socket(settings))
     return result
@@ -399,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", action="store_true", help="throughput over a socket at 1, 16 and 256 callers")
     parser.add_argument("--subjects", nargs="+", choices=SUBJECTS, help="only these (bare httpx always)")
     parser.add_argument("--calls", type=int, help="calls counted per subject")
+    parser.add_argument("--jobs", type=int, default=1, help="cachegrind runs at once (counts do not change)")
     parser.add_argument("--json", metavar="PATH", help="write the results there")
     args = parser.parse_args(argv)
     why = _cachegrind.missing()
@@ -410,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, subjects=(BARE, *(s for s in args.subjects if s != BARE)))
     if args.calls:
         settings = replace(settings, calls=args.calls)
+    settings = replace(settings, jobs=args.jobs)
     result = run(settings, repeat=args.repeat, profile=args.profile, flat=args.flat, with_socket=args.socket)
     result["machine"] = machine() | {"valgrind": _cachegrind.VALGRIND}
     result["command"] = "python -m benchmarks.instructions " + " ".join(argv)
