@@ -176,16 +176,15 @@ def report(pr: dict[str, Any]) -> str:
             f"\n#### {name}: +{sp['extra_instructions']:,.0f} instructions, +{sp['extra_bytecodes']:,.0f} bytecodes "
             "per call over bare\n"
         )
+        by_layer = [(k, f"{v:+,.1f}") for k, v in sp["bytecodes_by_layer"].items() if abs(v) >= 0.5]
         out.append("Extra bytecodes per call, by layer or package:\n")
-        out.append(
-            table(("where", "+bytecodes/call"), ((k, f"{v:+,.1f}") for k, v in sp["bytecodes_by_layer"].items()))
-        )
+        out.append(table(("where", "+bytecodes/call"), by_layer))
         out.append("\nExtra bytecodes per call, by Python function (largest first):\n")
         out.append(table(("function", "+bytecodes/call"), ((k, f"{v:+,.1f}") for k, v in sp["bytecodes_by_function"])))
+        by_file = list(sp["instructions_by_c_file"].items())[:12]
+        out.append("\nExtra instructions per call, by C source file (inlined code counts where it is written):\n")
+        out.append(table(("C source", "+instructions/call"), ((k, f"{v:+,.0f}") for k, v in by_file)))
+        by_c = sp["instructions_by_c_function"]
         out.append("\nExtra instructions per call, by C function of the interpreter (largest first):\n")
-        out.append(
-            table(
-                ("C function", "+instructions/call"), ((k, f"{v:+,.0f}") for k, v in sp["instructions_by_c_function"])
-            )
-        )
+        out.append(table(("C function", "+instructions/call"), ((k, f"{v:+,.0f}") for k, v in by_c)))
     return "\n".join(out)

@@ -310,12 +310,15 @@ async def socket(settings: Settings) -> dict[str, Any]:
     return {"seconds": settings.socket_seconds, "repeats": settings.socket_repeats, "levels": results}
 
 
-def run(settings: Settings, *, repeat: bool, profile: bool, flat: bool, with_socket: bool) -> dict[str, Any]:
-    """Every measurement asked for; the result is what ``--json`` writes."""
+def run(
+    settings: Settings, *, repeat: bool, profile: bool, flat: bool, with_socket: bool, table_too: bool = True
+) -> dict[str, Any]:
+    """Every measurement asked for (the profile needs the table); the result is what ``--json`` writes."""
     result: dict[str, Any] = {"benchmark": "instructions", "settings": vars(settings) | {"repeat": repeat}}
-    result["instructions"], counted = instructions(settings, repeat)
-    result["wall_clock"] = asyncio.run(wall_clock(settings))
-    if profile:
+    if table_too:
+        result["instructions"], counted = instructions(settings, repeat)
+        result["wall_clock"] = asyncio.run(wall_clock(settings))
+    if profile and table_too:
         from ._profile import profile as where
 
         result["profile"] = where(settings, counted, ablate=not settings.smoke)
@@ -332,6 +335,22 @@ def run(settings: Settings, *, repeat: bool, profile: bool, flat: bool, with_soc
 
 
 def report(result: dict[str, Any]) -> str:
+    """The result as Markdown tables."""
+    out = _table(result) if "instructions" in result else []
+    if "profile" in result:
+        from ._profile import report as profile_report
+
+        out.append(profile_report(result["profile"]))
+    if "flat" in result:
+        from ._flat import report as flat_report
+
+        out.append(flat_report(result["flat"]))
+    if "socket" in result:
+        out.append(_socket_report(result["socket"]))
+    return "\n".join(out)
+
+
+def _table(result: dict[str, Any]) -> list[str]:
     ins = result["instructions"]
     wall = result["wall_clock"]["rows"]
     repeat = result["settings"]["repeat"]
@@ -361,38 +380,28 @@ def report(result: dict[str, Any]) -> str:
         line += [" → ".join(row["chain"]) if "chain" in row else row["what"]]
         rows.append(line)
     out.append(table(headers, rows))
-    if "profile" in result:
-        from ._profile import report as profile_report
+    return out
 
-        out.append(profile_report(result["profile"]))
-    if "flat" in result:
-        from ._flat import report as flat_report
 
-        out.append(flat_report(result["flat"]))
-    if "socket" in result:
-        sk = result["socket"]
-        out.append(
-            f"\n### Throughput over a socket (server in its own process; {sk['seconds']} s x {sk['repeats']} "
-            "interleaved rounds; bulkhead 100 slots with a queue of 1000, as httpx's pool has 100 connections)\n"
-        )
-        out.append(
-            table(
-                ("callers", "client", "calls/s", "x bare", "client CPU µs/call", "x bare (calls per CPU-second)"),
-                (
-                    (
-                        level["workers"],
-                        r["name"],
-                        r["calls_per_second"],
-                        f"{r['ratio']:.3f}",
-                        r["client_cpu_us_per_call"],
-                        f"{r['cpu_ratio']:.3f}",
-                    )
-                    for level in sk["levels"]
-                    for r in level["rows"]
-                ),
-            )
-        )
-    return "\n".join(out)
+def _socket_report(sk: dict[str, Any]) -> str:
+    header = (
+        f"\n### Throughput over a socket (server in its own process; {sk['seconds']} s x {sk['repeats']} "
+        "interleaved rounds; bulkhead 100 slots with a queue of 1000, as httpx's pool has 100 connections)\n"
+    )
+    rows = (
+        [
+            level["workers"],
+            r["name"],
+            r["calls_per_second"],
+            f"{r['ratio']:.3f}",
+            r["client_cpu_us_per_call"],
+            f"{r['cpu_ratio']:.3f}",
+        ]
+        for level in sk["levels"]
+        for r in level["rows"]
+    )
+    headers = ("callers", "client", "calls/s", "x bare", "client CPU µs/call", "x bare (calls per CPU-second)")
+    return header + "\n" + table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="where the instructions of Policy() and all six go")
     parser.add_argument("--flat", action="store_true", help="cost per call from 1 to 10,000 calls in flight and hosts")
     parser.add_argument("--socket", action="store_true", help="throughput over a socket at 1, 16 and 256 callers")
+    parser.add_argument("--no-table", action="store_true", help="only --flat and --socket, no count of each subject")
     parser.add_argument("--subjects", nargs="+", choices=SUBJECTS, help="only these (bare httpx always)")
     parser.add_argument("--calls", type=int, help="calls counted per subject")
     parser.add_argument("--jobs", type=int, default=1, help="cachegrind runs at once (counts do not change)")
@@ -420,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.calls:
         settings = replace(settings, calls=args.calls)
     settings = replace(settings, jobs=args.jobs)
-    result = run(settings, repeat=args.repeat, profile=args.profile, flat=args.flat, with_socket=args.socket)
+    modes = {"repeat": args.repeat, "profile": args.profile, "flat": args.flat, "with_socket": args.socket}
+    result = run(settings, **modes, table_too=not args.no_table)
     result["machine"] = machine() | {"valgrind": _cachegrind.VALGRIND}
     result["command"] = "python -m benchmarks.instructions " + " ".join(argv)
     print(report(result))
