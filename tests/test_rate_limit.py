@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from conftest import LeftOpen
+from conftest import LeftOpen, where
 from prometheus_client import CollectorRegistry
 
 from resilient_http import (
@@ -195,7 +195,7 @@ def within_bucket(times: Sequence[float], rate: float, burst: int) -> bool:
 
 
 def value(registry: CollectorRegistry, name: str) -> float:
-    found = registry.get_sample_value(name, {"transport": "default", "host": HOST})
+    found = registry.get_sample_value(name, {"transport": "default", **where(HOST)})
     return 0.0 if found is None else found
 
 
@@ -1037,7 +1037,7 @@ async def test_metrics_count_waits_refusals_and_cooldown(registry: CollectorRegi
     wait = "resilient_http_rate_limit_wait_seconds"
     assert value(registry, f"{wait}_count") == 4
     assert value(registry, f"{wait}_sum") == pytest.approx(3.5)
-    assert registry.get_sample_value(f"{wait}_bucket", {"transport": "default", "host": HOST, "le": "0.005"}) == 1
+    assert registry.get_sample_value(f"{wait}_bucket", {"transport": "default", **where(HOST), "le": "0.005"}) == 1
     assert value(registry, "resilient_http_rate_limited_total") == 1
     assert value(registry, "resilient_http_cooldown_seconds_total") == pytest.approx(2.0 + 10.0)
 

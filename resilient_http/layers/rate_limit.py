@@ -130,6 +130,8 @@ class RateLimiter:
         self._wait_seconds = metrics.rate_limit_wait
         self._rate_limited = metrics.rate_limited
         self._cooldown = metrics.cooldown
+        metrics.rate_limit_per_second.set(policy.rate)
+        metrics.rate_limit_burst.set(policy.burst)
         host.observers.append(self._observe)
         host.retry_gates.append(self._gate)
         host.holds.append(self._hold)
