@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import math
 import random
 import subprocess
@@ -369,7 +370,8 @@ def test_an_abandoned_transport_frees_its_name_when_collected() -> None:
 
 def test_no_state_outlives_the_transports_of_a_registry() -> None:
     """The table of registries in use is empty again once their transports are closed or gone."""
-    from resilient_http import _series
+    # By its full name: the httpx2 test run swaps the package, never the shared modules.
+    _series = importlib.import_module("resilient_http._series")
 
     before = set(_series._exporters)
     registry = CollectorRegistry()
