@@ -49,6 +49,9 @@ class CallInfo(NamedTuple):
     ``coalesced`` is true when the call sent nothing and got a copy of the
     answer (or the error) of an identical call in flight (see
     :mod:`resilient_http.layers.coalesce`).
+    ``dry_run`` names the layers in dry-run mode that would have blocked the
+    call (and let it through). ``fallback`` is true when the transport's
+    fallback function gave the response.
 
     A named tuple: immutable, and cheap to make on every call.
     """
@@ -62,6 +65,8 @@ class CallInfo(NamedTuple):
     retry_stop: str | None = None
     coalesced: bool = False
     stale_reason: str | None = None
+    dry_run: tuple[str, ...] = ()
+    fallback: bool = False
 
 
 class Host:
@@ -137,6 +142,8 @@ class Call:
         "circuit_state",
         "coalesced",
         "deadline",
+        "dry_run",
+        "fallback",
         "host",
         "policy",
         "priority",
@@ -169,6 +176,14 @@ class Call:
         self.circuit_state: str | None = None
         self.retry_stop: str | None = None
         self.coalesced = False
+        self.dry_run: tuple[str, ...] = ()
+        self.fallback = False
+
+    def blocked_in_dry_run(self, layer: str) -> None:
+        """``layer``, in dry-run mode, would have blocked this call: say so, and count it once per call."""
+        if layer not in self.dry_run:
+            self.dry_run += (layer,)
+            self.host.metrics.labelled("dry_run_blocked", layer).inc()
 
     def info(self) -> CallInfo:
         return CallInfo(
@@ -181,4 +196,6 @@ class Call:
             self.retry_stop,
             self.coalesced,
             self.stale_reason,
+            self.dry_run,
+            self.fallback,
         )

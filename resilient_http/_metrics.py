@@ -33,9 +33,9 @@ A call is **shed** when resilient_http refused it locally, before or
 instead of the network: the circuit breaker (``CircuitOpenError``), the
 rate limiter (``RateLimitedError``, a server's cooldown that outlasts the
 call included) or the bulkhead (``BulkheadFullError``), whatever became of
-it next: a shed call the stale cache then answered counts as shed *and* as
-stale. A call that reached the network and failed there, or timed out, was
-not shed, even when answered stale. ``shed_total{reason}`` counts each shed
+it next: a shed call the stale cache (or the ``fallback``) then answered
+counts as shed *and* as stale (or fallback). A call that reached the network
+and failed there, or timed out, was not shed, even when answered stale. ``shed_total{reason}`` counts each shed
 call once, when it ends, by the refusal (:data:`SHED`); that is what the
 dashboard, the alerts and the demo's table call shed::
 
@@ -82,7 +82,12 @@ between two updates of one call, so these hold between calls, and for
   stale_served_total{reason="rate_limited"} == rate_limited_total``. The
   same sum for ``bulkhead_full`` is at most ``sum(bulkhead_rejected_total)``:
   a waiter shed for a higher priority is counted when it is shed, and may be
-  cancelled before it learns it.
+  cancelled before it learns it. With a ``fallback`` function, a failure it
+  answered ends as ``outcome="fallback"`` and is counted in
+  ``fallbacks_total{reason}`` by what failed (``reason="server_error"`` for a
+  final 5xx, otherwise the outcome it replaced): add
+  ``fallbacks_total{reason="rate_limited"}`` (or ``"bulkhead_full"``) to the
+  left side of these sums.
 - ``timeouts_total{kind="attempt"} <= attempts_total{outcome="timeout"}``
   (the rest are the network's own timeouts); calls that end in a timeout,
   answered or stale, number at most ``timeouts_total{kind="total"} +
@@ -274,7 +279,10 @@ class HostMetrics:
         """Make, at zero, every series ``policy`` can write, so ``rate()`` and ``increase()`` see their first event.
 
         Only the layers ``policy`` turns on get series; those of a layer
-        that is off never appear. Made series stay until the host goes.
+        that is off never appear. Made series stay until the host goes (a
+        layer a live update turns off keeps its totals). The gauges of
+        configured limits that no layer moves are set here too: the rate
+        limit's rate and burst.
         """
         for name, values in series_of(policy).items():
             if name in self.UNLABELLED:
@@ -282,6 +290,9 @@ class HostMetrics:
             else:
                 for value in values:
                     self._child(name, value)
+        if policy.rate_limit is not None:  # the configured limit, here as a policy is made or updated
+            self.rate_limit_per_second.set(policy.rate_limit.rate)
+            self.rate_limit_burst.set(policy.rate_limit.burst)
 
     def _child(self, name: str, value: str) -> Any:
         series = self._labelled[name]
@@ -304,14 +315,14 @@ class HostMetrics:
         """The series of metric ``name`` for this host and the second label ``value``."""
         return self._child(name, value)
 
-    def request(self, outcome: str, seconds: float, stale_reason: str | None = None) -> None:
-        """A call ended: its outcome label, its duration, and for a stale answer what failed in its place."""
+    def request(self, outcome: str, seconds: float, replaced: str | None = None) -> None:
+        """A call ended: its outcome label, its duration, and what failed in place of a stale or fallback answer."""
         child = self._requests.get(outcome)
         if child is None:
             child = self._child("requests", outcome)
         child.inc()
         self.request_duration.observe(seconds)
-        shed = outcome if outcome in SHED else stale_reason if stale_reason in SHED else None
+        shed = outcome if outcome in SHED else replaced if replaced in SHED else None
         if shed is not None:
             child = self._shed.get(shed)
             if child is None:
@@ -360,21 +371,19 @@ _ANSWERS = ("2xx", "3xx", "4xx", "5xx", "timeout", "error", "cancelled")
 def series_of(policy: Policy) -> dict[str, tuple[str, ...]]:
     """Every metric ``policy`` can write, with the values of its second label (``()`` for none)."""
     # Which local refusal each layer makes: the outcome, stale reason and shed reason it writes.
-    refusals = tuple(
-        outcome
-        for layer, outcome in (
-            ("circuit_breaker", "circuit_open"),
-            ("rate_limit", "rate_limited"),
-            ("bulkhead", "bulkhead_full"),
-        )
-        if getattr(policy, layer) is not None
-    )
+    # A layer in dry run refuses nothing: it counts what it would have blocked instead.
+    refusing = {"circuit_breaker": "circuit_open", "rate_limit": "rate_limited", "bulkhead": "bulkhead_full"}
+    layers = {layer: getattr(policy, layer) for layer in refusing}
+    refusals = tuple(refusing[layer] for layer, on in layers.items() if on is not None and not on.dry_run)
+    dry = tuple(layer for layer, on in layers.items() if on is not None and on.dry_run)
     found: dict[str, tuple[str, ...]] = {
         "requests": (*_ANSWERS, *refusals, *(("stale",) if policy.stale_cache is not None else ())),
         "attempts": _ANSWERS,
         **{name: () for name in ALWAYS},
         "shed": refusals,
     }
+    if dry:
+        found["dry_run_blocked"] = dry
     if policy.timeout is not None:
         kinds = ("attempt", "total", "idle")
         found["timeouts"] = tuple(kind for kind in kinds if getattr(policy.timeout, kind) is not None)
@@ -386,14 +395,17 @@ def series_of(policy: Policy) -> dict[str, tuple[str, ...]]:
         found["circuit_state"] = CIRCUIT_STATES
         found["circuit_opened"] = ()
     if policy.rate_limit is not None:
-        for name in ("rate_limit_wait", "rate_limited", "cooldown", "rate_limit_per_second", "rate_limit_burst"):
+        for name in ("rate_limit_wait", "cooldown", "rate_limit_per_second", "rate_limit_burst"):
             found[name] = ()
+        if not policy.rate_limit.dry_run:
+            found["rate_limited"] = ()
     if policy.bulkhead is not None:
         for name in ("bulkhead_in_flight", "bulkhead_queued", "bulkhead_limit"):
             found[name] = ()
-        from ._call import PRIORITIES
+        if not policy.bulkhead.dry_run:
+            from ._call import PRIORITIES
 
-        found["bulkhead_rejected"] = PRIORITIES
+            found["bulkhead_rejected"] = PRIORITIES
     if policy.stale_cache is not None:
         found["stale_served"] = ("server_error", "timeout", "error", *refusals)
         found["cache_entries"] = found["cache_bytes"] = ()

@@ -17,10 +17,11 @@ from ._call import PRIORITIES, Call, CallInfo, Host
 from ._clock import Clock, SystemClock, default_random
 from ._config import Policy, RetryPolicy, TimeoutPolicy
 from ._exceptions import ConfigurationError
+from ._fallback import Fallback, check_fallback, failed, fall_back
 from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable, canonical_host, host_of
 from ._metrics import DEFAULT_NAME, TransportMetrics, outcome_of_exception, outcome_of_status
 from ._network import CertTypes, ProxyTypes, SocketOption, VerifyTypes, default_inner, refuse_beside_inner
-from ._pipeline import chain_for
+from ._pipeline import chain_for, update
 from ._series import abandon
 from .layers.timeout import IN_MEMORY, guard_body
 
@@ -108,6 +109,25 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     any layer off, and set its bulkhead priority (``critical``, ``high``,
     ``normal``, ``low``) through request extensions, e.g.
     ``extensions={"resilient_http": {"retry": None, "priority": "critical"}}``.
+
+    ``fallback``, a function ``(request, failure, info)``, plain or async,
+    may answer when a call fails after every layer, the stale cache
+    included; see :mod:`resilient_http._fallback` for what it is asked
+    about and how its answer is marked.
+
+    Policies may change while calls are in flight: :meth:`update_policies`
+    takes new ones, :meth:`reload` re-reads the file of a transport made by
+    :meth:`from_file`. Either validates everything first and changes
+    nothing when anything is wrong, then swaps in one step. Each host keeps
+    the state of the layers that stay in its new policy: a breaker its
+    state and open time (its counts too, unless its ``window`` changed), a
+    rate limiter its schedule and the server's cooldown, a bulkhead its
+    slots and queue, a retry budget its history (unless its ``window``
+    changed), the stale cache its answers; each takes the new settings for
+    what comes next. A layer the new policy turns off is dropped with its
+    state (a host's stale answers too); a layer it turns on starts fresh.
+    Calls in flight are never cancelled: each finishes with the policy it
+    started with, the new limits applying to new calls and attempts.
     """
 
     def __init__(
@@ -133,6 +153,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         local_address: str | None = None,
         retries: int = 0,
         socket_options: Iterable[SocketOption] | None = None,
+        fallback: Fallback | None = None,
     ) -> None:
         network: dict[str, Any] = {
             "verify": verify,
@@ -150,6 +171,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         if inner is not None:
             refuse_beside_inner(network)
         self._table = PolicyTable(policies, default)
+        self._fallback = check_fallback(fallback)
+        self._source: str | PathLike[str] | None = None  # the policy file, for reload()
         self._inner = default_inner(**network) if inner is None else inner
         self._clock: Clock = SystemClock() if clock is None else clock
         self._random = default_random() if random is None else random
@@ -166,7 +189,45 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         from ._toml import load_policies
 
         policies, default = load_policies(path)
-        return cls(policies, default=default, **kwargs)
+        transport = cls(policies, default=default, **kwargs)
+        transport._source = path
+        return transport
+
+    def update_policies(self, policies: Mapping[str, Policy] | None = None, *, default: Policy | None = None) -> None:
+        """Replace every policy, as if the transport had been built with these; see the class docstring.
+
+        Raises :class:`ConfigurationError`, changing nothing, when they are
+        invalid. Call it from the event loop's thread.
+        """
+        table = PolicyTable(policies, default)
+        resolved = [(host, table.resolve(host.host, host.port)) for host in self._hosts.values()]
+        # From here on nothing can fail, and nothing awaits: no call sees half of the change.
+        self._table = table
+        for host, policy in resolved:
+            update(host, policy)
+        store = self._shared.get("stale_cache")
+        if store is not None:  # answers of hosts no longer in the table, whose new policy keeps none
+            live = {host.label for host, _ in resolved}
+            for label in list(store.shelves):
+                if label not in live and table.resolve(*_address(label)).stale_cache is None:
+                    store.forget(label)
+
+    def reload(self) -> None:
+        """Read the policy file again and take its policies (see :meth:`update_policies`).
+
+        A file that cannot be read or is invalid raises
+        :class:`ConfigurationError` naming the file and line, and changes
+        nothing. The file is read synchronously (it is small), so that
+        ``loop.add_signal_handler(signal.SIGHUP, transport.reload)`` works.
+        """
+        if self._source is None:
+            raise ConfigurationError(
+                "reload", None, "this transport was not made from a policy file (use update_policies)"
+            )
+        from ._toml import load_policies
+
+        policies, default = load_policies(self._source)
+        self.update_policies(policies, default=default)
 
     def _make_host(self, host: str, port: int) -> Host:
         state = Host(
@@ -206,15 +267,30 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             clock = self._clock
             started = clock.now()
             call = Call(request, host, policy, started, priority)
+            fallback = self._fallback
+            replaced = None  # the outcome a fallback answer replaced: a shed call stays shed
             try:
-                response = await chain(call)
+                try:
+                    response = await chain(call)
+                except httpx.HTTPError as exc:
+                    if fallback is None:
+                        raise
+                    exc.resilient_http = call.info()  # type: ignore[attr-defined]
+                    replaced = outcome_of_exception(exc)
+                    response = await fall_back(fallback, call, exc)
+                else:
+                    if fallback is not None and failed(response):
+                        response = await fall_back(fallback, call, response)
             except BaseException as exc:
                 host.metrics.request(outcome_of_exception(exc), clock.now() - started, call.stale_reason)
                 if isinstance(exc, Exception):
                     exc.resilient_http = call.info()  # type: ignore[attr-defined]
                 raise
-            outcome = "stale" if call.stale else outcome_of_status(response.status_code)
-            host.metrics.request(outcome, clock.now() - started, call.stale_reason)
+            if call.fallback:
+                outcome = "fallback"
+            else:
+                outcome = "stale" if call.stale else outcome_of_status(response.status_code)
+            host.metrics.request(outcome, clock.now() - started, call.stale_reason or replaced)
             if not isinstance(response.stream, IN_MEMORY):
                 guard_body(call, response)
             response.extensions["resilient_http"] = call.info()
@@ -247,6 +323,12 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         """Take this transport's series off the registry and free its name."""
         self._abandoned.detach()
         self._metrics.close()
+
+
+def _address(label: str) -> tuple[str, int]:
+    """``(host, port)`` of a host's label: ``api.example.com:443``, ``[::1]:8080``."""
+    host, _, port = label.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def call_info(outcome: httpx.Response | BaseException) -> CallInfo | None:

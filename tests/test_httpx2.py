@@ -121,3 +121,59 @@ async def test_both_flavours_share_one_registry() -> None:
         for name in ("plain", "second"):
             labels = {"transport": name, **where("api.example.com:443"), "outcome": "2xx"}
             assert registry.get_sample_value("resilient_http_requests_total", labels) == 1.0
+
+
+_BLOCK = """
+import sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, Block())
+"""
+
+_CALL = """
+import asyncio
+import {package} as http
+from {library} import Policy, ResilientTransport, call_info
+
+async def main():
+    answers = iter([503, 200])
+    transport = ResilientTransport(
+        default=Policy(),
+        inner=http.MockTransport(lambda request: http.Response(next(answers), headers={{"Retry-After": "0"}})),
+    )
+    async with http.AsyncClient(transport=transport) as client:
+        response = await client.get("https://api.example.com/")
+    print(response.status_code, call_info(response).attempts)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("blocked", "package", "library"),
+    [(("httpx", "httpcore"), "httpx2", "resilient_http.httpx2"), (("httpx2", "httpcore2"), "httpx", "resilient_http")],
+)
+def test_either_package_works_installed_alone(blocked: tuple[str, ...], package: str, library: str) -> None:
+    """With the other HTTP package missing from the process, each flavour still imports and retries."""
+    import subprocess
+
+    code = _BLOCK.format(blocked=set(blocked)) + _CALL.format(package=package, library=library)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["200", "2"]
+
+
+def test_a_missing_http_package_is_named_with_its_extra() -> None:
+    """``resilient_http.ResilientTransport`` without httpx says which extra to install."""
+    import subprocess
+
+    code = _BLOCK.format(blocked={"httpx", "httpcore"}) + "import resilient_http\nresilient_http.ResilientTransport\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0
+    assert "pip install 'resilient-http-transport[httpx]'" in done.stderr
+    assert "resilient_http.httpx2" in done.stderr

@@ -7,7 +7,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from conftest import HOST, Harness, Script, only, where
+from conftest import HOST, Harness, LeftOpen, Script, only, where
 from prometheus_client import CollectorRegistry
 
 from resilient_http import (
@@ -309,3 +309,48 @@ def test_transports_on_one_registry_must_share_their_buckets() -> None:
     same = _transport(registry, "second", buckets=(1.0, 2.0))
     elsewhere = _transport(CollectorRegistry(), "second", buckets=[1, 3])
     assert first is not None and same is not None and elsewhere is not None
+
+
+async def test_a_shed_call_the_fallback_answered_is_still_shed(registry: CollectorRegistry) -> None:
+    """Shed counts the refusal, whatever answered next: an open breaker's call given a fallback answer is shed."""
+    breaker = only(circuit_breaker=CircuitBreakerPolicy(minimum_calls=1, failure_ratio=1.0))
+    transport = ResilientTransport(
+        default=breaker,
+        inner=httpx.MockTransport(lambda r: httpx.Response(503)),
+        registry=registry,
+        fallback=lambda request, failure, info: httpx.Response(299),
+    )
+    async with httpx.AsyncClient(transport=transport, base_url="https://api.example.com") as client:
+        assert (await client.get("/")).status_code == 299  # a 503 the fallback replaced: not shed
+        assert (await client.get("/")).status_code == 299  # refused by the open breaker: shed
+        labels = {"transport": "default", **where(HOST)}
+        assert registry.get_sample_value("resilient_http_requests_total", {**labels, "outcome": "fallback"}) == 2
+        assert registry.get_sample_value("resilient_http_shed_total", {**labels, "reason": "circuit_open"}) == 1
+
+
+async def test_a_layer_in_dry_run_exports_what_it_would_block_and_no_refusals(harness: Harness) -> None:
+    """A dry-run layer refuses nothing: no shed or refusal series for it, its would-be blocks at 0."""
+    policy = only(
+        circuit_breaker=CircuitBreakerPolicy(dry_run=True),
+        rate_limit=RateLimitPolicy(rate=10, dry_run=True),
+        bulkhead=BulkheadPolicy(dry_run=True),
+    )
+    await harness.client(Script(200), policy).get("/")
+    exported = samples(harness.registry)
+    assert "resilient_http_shed_total" not in exported
+    assert "resilient_http_bulkhead_rejected_total" not in exported
+    for layer in ("circuit_breaker", "rate_limit", "bulkhead"):
+        assert harness.value("resilient_http_dry_run_blocked_total", layer=layer) == 0, layer
+    for outcome in SHED:
+        assert harness.value("resilient_http_requests_total", outcome=outcome) is None, outcome
+
+
+async def test_the_rate_limit_gauges_follow_a_live_policy_update(harness: Harness) -> None:
+    """`update_policies` with a new rate and burst shows them at once."""
+    transport = harness.transport(Script(200), only(rate_limit=RateLimitPolicy(rate=2, burst=1)))
+    async with httpx.AsyncClient(transport=LeftOpen(transport), base_url="https://api.example.com") as client:
+        await client.get("/")
+        transport.update_policies(default=only(rate_limit=RateLimitPolicy(rate=8, burst=3)))
+        await client.get("/")
+    assert harness.value("resilient_http_rate_limit_per_second") == 8
+    assert harness.value("resilient_http_rate_limit_burst") == 3

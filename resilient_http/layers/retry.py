@@ -162,6 +162,11 @@ async def discard(response: httpx.Response) -> None:
         await response.aclose()
 
 
+def _window(policy: RetryPolicy | None) -> float:
+    budget = None if policy is None else policy.budget
+    return RetryBudget().window if budget is None else budget.window
+
+
 class Retry:
     """The retry layer of one host."""
 
@@ -174,9 +179,12 @@ class Retry:
         self._label = host.label
         self._gates = host.retry_gates
         self._holds = host.holds
-        policy = host.policy.retry
-        budget = None if policy is None else policy.budget
-        self._budget = Budget(RetryBudget().window if budget is None else budget.window)
+        self._budget = Budget(_window(host.policy.retry))
+
+    def reconfigure(self, policy: RetryPolicy) -> None:
+        """Keep the budget's history, unless its window changed (the counts are per slice of the old window)."""
+        if _window(policy) != self._budget.window:
+            self._budget = Budget(_window(policy))
 
     def _backoff(self, policy: RetryPolicy, attempt: int) -> float:
         # 2.0**1023 is the largest power of two a float holds; the product may be inf, which min() caps.
