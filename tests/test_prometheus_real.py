@@ -39,6 +39,8 @@ DURATION = 20  # seconds of demo: every phase lasts 3 s or more, the last (recov
 #: Metrics the demo deliberately never exports, and why: their queries must return nothing.
 NO_EVENT = {
     "resilient_http_coalesced_total": "the demo's policies do not coalesce, and a layer that is off exports no series",
+    "resilient_http_dry_run_blocked_total": "no layer of the demo's policies is in dry run",
+    "resilient_http_fallbacks_total": "the demo's transport has no fallback function",
 }
 
 
