@@ -104,7 +104,8 @@ async def _sample(client: Client, server: FaultServer, host: str, every: float, 
     """Every ``every`` seconds: (time, limit, in flight, queued, upstream busy) into ``into``."""
     start = time.monotonic()
     while True:
-        labels = {"transport": "default", "host": host}
+        address, _, port = host.rpartition(":")
+        labels = {"transport": "default", "server_address": address, "server_port": port}
         into.append(
             [
                 time.monotonic() - start,

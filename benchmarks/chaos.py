@@ -361,7 +361,6 @@ async def outage(settings: Settings, clients: Sequence[str]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     async with FaultServer(reset_share=0.3) as server:
         stream = Stream("upstream", server.url + "/items", rate)
-        host = f"127.0.0.1:{server.port}"
         for name in clients:
 
             async def body(client: Client) -> dict[str, Any]:
@@ -372,7 +371,10 @@ async def outage(settings: Settings, clients: Sequence[str]) -> dict[str, Any]:
 
                 def come_back() -> None:
                     opens_at_heal.append(
-                        client.metric("resilient_http_circuit_opened_total", {"transport": "default", "host": host})
+                        client.metric(
+                            "resilient_http_circuit_opened_total",
+                            {"transport": "default", "server_address": "127.0.0.1", "server_port": str(server.port)},
+                        )
                     )
                     server.set_mode("healthy")
 

@@ -118,7 +118,7 @@ async def main() -> None:
 
         # Read before the client closes: a closed transport's series leave the registry.
         print("\nmetrics:")
-        labels = {"transport": "default", "host": f"127.0.0.1:{port}"}
+        labels = {"transport": "default", "server_address": "127.0.0.1", "server_port": str(port)}
         for outcome in ("2xx", "5xx", "stale", "error"):
             value = registry.get_sample_value("resilient_http_requests_total", {**labels, "outcome": outcome})
             print(f'  resilient_http_requests_total{{outcome="{outcome}"}} {value or 0:.0f}')

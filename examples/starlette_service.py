@@ -177,7 +177,7 @@ async def smoke(base_url: str, upstream: Starlette) -> None:
     )
     print(f"\nmetrics ({source}):")
     for line in metrics.text.splitlines():
-        if line.startswith(("resilient_http_requests_total", "resilient_http_retries_total")):
+        if line.startswith(("resilient_http_requests_total", "resilient_http_retries_total")) and line[-4:] != " 0.0":
             print(f"  {line}")
 
 

@@ -1,9 +1,15 @@
 """Every Prometheus metric of resilient_http, owned by the transport that writes it.
 
 Every series carries the labels in :data:`LABELS`: ``transport`` (the
-transport's ``name``, ``"default"`` unless given) and ``host``
-(``host:port``), and at most one more from a small closed set; paths and
-query strings never become labels. A transport's series live as long as it
+transport's ``name``, ``"default"`` unless given), ``server_address`` and
+``server_port`` (the host called, as OpenTelemetry names it; why not
+``host``: :mod:`resilient_http._series`), and at most one more from a small
+closed set; paths and query strings never become labels. When a host is
+first seen, every label set its policy can produce is made at zero, so that
+``rate()`` and ``increase()`` see the first event; a layer that is off has
+no series at all (:meth:`HostMetrics.prepare`). Histograms count seconds in
+the transport's ``buckets`` (OpenTelemetry's HTTP client buckets unless
+given: :data:`DURATION_BUCKETS`). A transport's series live as long as it
 does: :class:`TransportMetrics` is made with the transport, and its
 ``close()`` (``aclose``, the end of ``async with``, or garbage collection)
 takes them off the registry. A host evicted from the transport's table
@@ -23,7 +29,24 @@ layers do not know the difference. Gauges aggregate with ``livesum`` (the
 circuit state with ``livemax``). Files cannot forget a series: a host or
 transport that leaves keeps its counters there and sets its gauges to 0.
 
-What the counters promise each other, per ``transport`` and ``host``, for
+A call is **shed** when resilient_http refused it locally, before or
+instead of the network: the circuit breaker (``CircuitOpenError``), the
+rate limiter (``RateLimitedError``, a server's cooldown that outlasts the
+call included) or the bulkhead (``BulkheadFullError``), whatever became of
+it next: a shed call the stale cache (or the ``fallback``) then answered
+counts as shed *and* as stale (or fallback). A call that reached the network
+and failed there, or timed out, was not shed, even when answered stale. ``shed_total{reason}`` counts each shed
+call once, when it ends, by the refusal (:data:`SHED`); that is what the
+dashboard, the alerts and the demo's table call shed::
+
+    sum(rate(resilient_http_shed_total[5m]))
+
+(the same as ``requests_total{outcome=~"circuit_open|rate_limited|bulkhead_full"}
++ stale_served_total{reason=~"circuit_open|rate_limited|bulkhead_full"}``, but
+one series that exists as soon as a refusing layer does: a sum of two is
+empty while either is).
+
+What the counters promise each other, per ``transport`` and host, for
 the calls that ended while the host was in the table (a scrape may fall
 between two updates of one call, so these hold between calls, and for
 ``increase()`` over a window up to the calls that straddle its edges):
@@ -50,6 +73,8 @@ between two updates of one call, so these hold between calls, and for
   ``timeout`` or ``error``.
 - ``requests_total{outcome="stale"} == sum(stale_served_total)``: a stale
   answer is always the call's answer.
+- ``shed_total{reason=R} == requests_total{outcome=R} +
+  stale_served_total{reason=R}`` for each ``R`` in :data:`SHED`.
 - Refusals are counted where they are made, once: every
   ``RateLimitedError`` a call gets adds to ``rate_limited_total`` (a turn the
   limiter could not give in time, or a server's cooldown that outlasts a
@@ -79,8 +104,8 @@ through every layer and checks each of these.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -97,15 +122,20 @@ from ._series import (
     SharedGauge,
     Value,
     attach,
+    checked_buckets,
     detach,
     plain,
 )
+
+if TYPE_CHECKING:
+    from ._config import Policy
 
 __all__ = [
     "CIRCUIT_STATES",
     "DURATION_BUCKETS",
     "LABELS",
     "PREFIX",
+    "SHED",
     "SPECS",
     "Buckets",
     "HostMetrics",
@@ -113,10 +143,13 @@ __all__ = [
     "Value",
     "outcome_of_exception",
     "outcome_of_status",
+    "series_of",
 ]
 
 #: The transport label of a transport made without ``name=``.
 DEFAULT_NAME = "default"
+#: The outcomes of a shed call, one per refusing layer: the ``reason`` label of ``shed_total``.
+SHED = ("circuit_open", "rate_limited", "bulkhead_full")
 
 
 def _multiprocess() -> bool:
@@ -132,22 +165,24 @@ class TransportMetrics:
     numbers nobody exports.
     """
 
-    def __init__(self, registry: CollectorRegistry | None, name: str) -> None:
+    def __init__(self, registry: CollectorRegistry | None, name: str, buckets: Iterable[float] | None = None) -> None:
         if not isinstance(name, str) or not name or not name.isprintable() or len(name) > 100:
             raise ConfigurationError("name", name, "must be a non-empty printable string of at most 100 characters")
         self.name = name
+        self.buckets = checked_buckets(buckets)
         self.hosts: set[HostMetrics] = set()
         self.closed = False
         self._multiprocess = _multiprocess()
-        self._exporter = attach(REGISTRY if registry is None else registry, name, self, self._multiprocess)
+        registry = REGISTRY if registry is None else registry
+        self._exporter = attach(registry, name, self, self._multiprocess, self.buckets)
 
-    def host(self, host: str) -> HostMetrics:
-        """The series of ``host`` (``host:port``), exported until the host or the transport goes."""
-        return HostMetrics(self, host)
+    def host(self, host: str, port: int) -> HostMetrics:
+        """The series of ``host`` (canonical, an IPv6 address without brackets) and ``port``, until either goes."""
+        return HostMetrics(self, host, port)
 
     def series(self, attribute: str, labels: tuple[str, ...]) -> Any:
         if self.closed:
-            return plain(attribute)
+            return plain(attribute, self.buckets)
         return self._exporter.series(attribute, labels)
 
     def close(self) -> None:
@@ -161,13 +196,22 @@ class TransportMetrics:
 
 
 class HostMetrics:
-    """One host's counters, gauges and histograms, made once and kept for the hot path."""
+    """One host's counters, gauges and histograms, made once and kept for the hot path.
+
+    A series exists on the registry from the moment it is made: by
+    :meth:`prepare`, at zero, for every label set the host's policy can
+    produce, or on first use for the rare ones (a ``1xx`` outcome, a status
+    a single call's own retry policy retries). Reading an attribute of a
+    metric labelled by :data:`LABELS` alone makes its series.
+    """
 
     __slots__ = (
         "_attempts",
         "_labelled",
         "_owner",
+        "_plain",
         "_requests",
+        "_shed",
         "attempt_duration",
         "budget_exhausted",
         "bulkhead_in_flight",
@@ -179,6 +223,8 @@ class HostMetrics:
         "cooldown",
         "host",
         "labels",
+        "rate_limit_burst",
+        "rate_limit_per_second",
         "rate_limit_wait",
         "rate_limited",
         "request_duration",
@@ -193,6 +239,8 @@ class HostMetrics:
     cache_entries: Value
     circuit_opened: Value
     cooldown: Value
+    rate_limit_burst: Value
+    rate_limit_per_second: Value
     rate_limit_wait: Buckets
     rate_limited: Value
     request_duration: Buckets
@@ -200,19 +248,51 @@ class HostMetrics:
     #: The metrics labelled by :data:`LABELS` alone; each has an attribute of the same name.
     UNLABELLED = tuple(attribute for attribute, _, _, _, label in SPECS if label is None)
 
-    def __init__(self, owner: TransportMetrics, host: str) -> None:
+    def __init__(self, owner: TransportMetrics, host: str, port: int) -> None:
         self._owner = owner
-        self.host = host
+        #: ``host:port`` (``[v6]:port``), as errors and ``CallInfo.host`` name the host.
+        self.host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         #: The values of :data:`LABELS` for this host's series.
-        self.labels = (owner.name, host)
+        self.labels = (owner.name, host, str(port))
         # metric name -> second label value -> series
         self._labelled: dict[str, dict[str, Any]] = {name: {} for name in KINDS if name not in self.UNLABELLED}
+        self._plain: dict[str, Any] = {}  # the series made so far of the metrics in UNLABELLED
         self._requests = self._labelled["requests"]
         self._attempts = self._labelled["attempts"]
-        for name in self.UNLABELLED:
-            setattr(self, name, owner.series(name, self.labels))
+        self._shed = self._labelled["shed"]
+        for name in ALWAYS:
+            getattr(self, name)
         if not owner.closed:
             owner.hosts.add(self)
+
+    if not TYPE_CHECKING:  # mypy keeps checking attribute names
+
+        def __getattr__(self, name: str) -> Any:
+            """Make the series of an unlabelled metric on first use (only called while its slot is empty)."""
+            if name not in self.UNLABELLED:
+                raise AttributeError(name)
+            series = self._plain[name] = self._owner.series(name, self.labels)
+            setattr(self, name, series)
+            return series
+
+    def prepare(self, policy: Policy) -> None:
+        """Make, at zero, every series ``policy`` can write, so ``rate()`` and ``increase()`` see their first event.
+
+        Only the layers ``policy`` turns on get series; those of a layer
+        that is off never appear. Made series stay until the host goes (a
+        layer a live update turns off keeps its totals). The gauges of
+        configured limits that no layer moves are set here too: the rate
+        limit's rate and burst.
+        """
+        for name, values in series_of(policy).items():
+            if name in self.UNLABELLED:
+                getattr(self, name)
+            else:
+                for value in values:
+                    self._child(name, value)
+        if policy.rate_limit is not None:  # the configured limit, here as a policy is made or updated
+            self.rate_limit_per_second.set(policy.rate_limit.rate)
+            self.rate_limit_burst.set(policy.rate_limit.burst)
 
     def _child(self, name: str, value: str) -> Any:
         series = self._labelled[name]
@@ -224,7 +304,9 @@ class HostMetrics:
     def values(self, name: str) -> Iterator[tuple[tuple[str, ...], Any]]:
         """``(label values, value)`` of every series of metric ``name`` for this host."""
         if name in self.UNLABELLED:
-            yield self.labels, getattr(self, name)
+            found = self._plain.get(name)
+            if found is not None:
+                yield self.labels, found
             return
         for value, child in list(self._labelled[name].items()):
             yield (*self.labels, value), child
@@ -233,12 +315,19 @@ class HostMetrics:
         """The series of metric ``name`` for this host and the second label ``value``."""
         return self._child(name, value)
 
-    def request(self, outcome: str, seconds: float) -> None:
+    def request(self, outcome: str, seconds: float, replaced: str | None = None) -> None:
+        """A call ended: its outcome label, its duration, and what failed in place of a stale or fallback answer."""
         child = self._requests.get(outcome)
         if child is None:
             child = self._child("requests", outcome)
         child.inc()
         self.request_duration.observe(seconds)
+        shed = outcome if outcome in SHED else replaced if replaced in SHED else None
+        if shed is not None:
+            child = self._shed.get(shed)
+            if child is None:
+                child = self._child("shed", shed)
+            child.inc()
 
     def attempt(self, outcome: str, seconds: float) -> None:
         child = self._attempts.get(outcome)
@@ -264,14 +353,65 @@ class HostMetrics:
         # keeps them in the files): the counters stay, and the gauges read 0 and stop
         # following this host, so that it never reads "open" or "in flight" for ever,
         # nor below zero when a call in flight ends after it left.
-        for name in self.UNLABELLED:
-            value = getattr(self, name)
+        for value in list(self._plain.values()):
             if isinstance(value, SharedGauge):
                 value.detach()
         for series in self._labelled.values():
             for child in series.values():
                 if isinstance(child, SharedGauge):
                     child.detach()
+
+
+#: The series every host has, whatever its policy: each call's outcome and duration.
+ALWAYS = ("request_duration", "attempt_duration")
+#: Outcomes of calls and of tries that any host may see (``1xx`` and ``other`` are made when seen).
+_ANSWERS = ("2xx", "3xx", "4xx", "5xx", "timeout", "error", "cancelled")
+
+
+def series_of(policy: Policy) -> dict[str, tuple[str, ...]]:
+    """Every metric ``policy`` can write, with the values of its second label (``()`` for none)."""
+    # Which local refusal each layer makes: the outcome, stale reason and shed reason it writes.
+    # A layer in dry run refuses nothing: it counts what it would have blocked instead.
+    refusing = {"circuit_breaker": "circuit_open", "rate_limit": "rate_limited", "bulkhead": "bulkhead_full"}
+    layers = {layer: getattr(policy, layer) for layer in refusing}
+    refusals = tuple(refusing[layer] for layer, on in layers.items() if on is not None and not on.dry_run)
+    dry = tuple(layer for layer, on in layers.items() if on is not None and on.dry_run)
+    found: dict[str, tuple[str, ...]] = {
+        "requests": (*_ANSWERS, *refusals, *(("stale",) if policy.stale_cache is not None else ())),
+        "attempts": _ANSWERS,
+        **{name: () for name in ALWAYS},
+        "shed": refusals,
+    }
+    if dry:
+        found["dry_run_blocked"] = dry
+    if policy.timeout is not None:
+        kinds = ("attempt", "total", "idle")
+        found["timeouts"] = tuple(kind for kind in kinds if getattr(policy.timeout, kind) is not None)
+    if policy.retry is not None:
+        statuses = tuple(f"status_{status}" for status in sorted(policy.retry.statuses))
+        found["retries"] = (*statuses, "timeout", "connect_error", "network_error")
+        found["budget_exhausted"] = ()  # a single call's own retry policy may bring a budget
+    if policy.circuit_breaker is not None:
+        found["circuit_state"] = CIRCUIT_STATES
+        found["circuit_opened"] = ()
+    if policy.rate_limit is not None:
+        for name in ("rate_limit_wait", "cooldown", "rate_limit_per_second", "rate_limit_burst"):
+            found[name] = ()
+        if not policy.rate_limit.dry_run:
+            found["rate_limited"] = ()
+    if policy.bulkhead is not None:
+        for name in ("bulkhead_in_flight", "bulkhead_queued", "bulkhead_limit"):
+            found[name] = ()
+        if not policy.bulkhead.dry_run:
+            from ._call import PRIORITIES
+
+            found["bulkhead_rejected"] = PRIORITIES
+    if policy.stale_cache is not None:
+        found["stale_served"] = ("server_error", "timeout", "error", *refusals)
+        found["cache_entries"] = found["cache_bytes"] = ()
+    if policy.coalesce is not None:
+        found["coalesced"] = ("response", "error", "unshared")
+    return found
 
 
 def outcome_of_exception(exc: BaseException) -> str:

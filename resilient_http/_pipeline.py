@@ -84,6 +84,7 @@ def chain_for(host: Host, policy: Policy) -> Next:
     key = _active(policy)
     chain = host.chains.get(key)
     if chain is None:
+        host.metrics.prepare(policy)  # before the layers, which set their gauges when made
         chain = attempt
         for (name, make), on in reversed(list(zip(ORDER, key, strict=True))):
             if on:

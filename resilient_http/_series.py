@@ -10,7 +10,21 @@ the transports (the table of exporters is empty when no transport is open).
 
 A transport attaches under its ``name``, which becomes the ``transport``
 label of its series: two live transports with the same name on one registry
-would write the same series, so the second is refused.
+would write the same series, so the second is refused. So is a transport
+whose histogram ``buckets`` differ from those of the transports already
+there: one metric's series must share their bounds, or summing them by
+``le`` (every quantile across transports) would mix different bounds.
+
+The dependency a series is about is named by two labels, OpenTelemetry's
+``server.address`` and ``server.port`` as Prometheus spells them
+(``server_address``, ``server_port``, which is also what Prometheus makes of
+OpenTelemetry's attributes). A label called ``host`` (the library's first
+choice) collides with the target label that many scrape configurations
+set (the machine scraped): Prometheus then renames ours ``exported_host``,
+and every ``by (host)`` groups by machine instead of by dependency. No
+common target label (``job``, ``instance``, ``host``, ``hostname``,
+``node``, ``pod``, ``namespace``, ``service``, ``cluster``, ``env``) is
+called ``server_address`` or ``server_port``.
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ import gc
 import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -30,11 +45,14 @@ from ._errors import ConfigurationError
 if TYPE_CHECKING:
     from ._metrics import TransportMetrics
 
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Upper bounds, in seconds, of the histograms' buckets unless a transport is given ``buckets=``:
+#: OpenTelemetry's for ``http.client.request.duration``.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+MAX_BUCKETS = 100
 CIRCUIT_STATES = ("closed", "open", "half_open")
 PREFIX = "resilient_http_"
-#: The labels every series carries, in this order: the transport's ``name`` and ``host:port``.
-LABELS = ("transport", "host")
+#: The labels every series carries, in this order: the transport's ``name``, and the host and port called.
+LABELS = ("transport", "server_address", "server_port")
 
 # (attribute, kind, name without prefix or _total, help, second label or None), in exposition order.
 SPECS: tuple[tuple[str, str, str, str, str | None], ...] = (
@@ -49,11 +67,14 @@ SPECS: tuple[tuple[str, str, str, str, str | None], ...] = (
     ("timeouts", "counter", "timeouts", "Timeouts, per attempt or of the whole call.", "kind"),
     ("rate_limit_wait", "histogram", "rate_limit_wait_seconds", "Time calls waited for a rate-limit token.", None),
     ("rate_limited", "counter", "rate_limited", "Calls refused by the rate limiter.", None),
+    ("rate_limit_per_second", "gauge", "rate_limit_per_second", "The rate limit: calls a second, as configured.", None),
+    ("rate_limit_burst", "gauge", "rate_limit_burst", "The rate limit: calls allowed at once, as configured.", None),
     ("cooldown", "counter", "cooldown_seconds", "Time spent in cooldown imposed by the server.", None),
     ("bulkhead_in_flight", "gauge", "bulkhead_in_flight", "Attempts holding a bulkhead slot.", None),
     ("bulkhead_queued", "gauge", "bulkhead_queued", "Calls waiting for a bulkhead slot.", None),
     ("bulkhead_limit", "gauge", "bulkhead_limit", "Bulkhead slots: max_concurrent, or the adaptive limit now.", None),
     ("bulkhead_rejected", "counter", "bulkhead_rejected", "Calls shed by the bulkhead.", "priority"),
+    ("shed", "counter", "shed", "Calls refused locally (breaker, limiter, bulkhead), stale or not.", "reason"),
     ("stale_served", "counter", "stale_served", "Stale answers served, by what failed.", "reason"),
     ("cache_entries", "gauge", "cache_entries", "Responses kept for stale fallback.", None),
     ("cache_bytes", "gauge", "cache_bytes", "Bytes of responses kept for stale fallback.", None),
@@ -90,15 +111,40 @@ class Value:
 class Buckets:
     """A histogram's value: a count per bucket (not cumulative) and a sum."""
 
-    __slots__ = ("counts", "sum")
+    __slots__ = ("bounds", "counts", "sum")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(DURATION_BUCKETS) + 1)
+    def __init__(self, bounds: tuple[float, ...] = DURATION_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
     def observe(self, amount: float) -> None:
-        self.counts[bisect_left(DURATION_BUCKETS, amount)] += 1
+        self.counts[bisect_left(self.bounds, amount)] += 1
         self.sum += amount
+
+
+def checked_buckets(buckets: Iterable[float] | None) -> tuple[float, ...]:
+    """``buckets`` as a tuple of upper bounds in seconds; :class:`ConfigurationError` unless valid.
+
+    At least one bound and at most :data:`MAX_BUCKETS`, each finite and
+    positive, strictly increasing; ``+Inf`` is always added. ``None`` is
+    :data:`DURATION_BUCKETS`.
+    """
+    if buckets is None:
+        return DURATION_BUCKETS
+    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Iterable):
+        raise ConfigurationError("buckets", buckets, "must be a sequence of upper bounds in seconds")
+    bounds = tuple(buckets)
+    if not 0 < len(bounds) <= MAX_BUCKETS:
+        raise ConfigurationError("buckets", buckets, f"must hold 1 to {MAX_BUCKETS} upper bounds")
+    for bound in bounds:
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound < float("inf"):
+            raise ConfigurationError(
+                "buckets", buckets, "must be finite positive numbers of seconds (+Inf is always added)"
+            )
+    if any(later <= earlier for earlier, later in pairwise(bounds)):
+        raise ConfigurationError("buckets", buckets, "must be strictly increasing")
+    return tuple(float(bound) for bound in bounds)
 
 
 class _Child(Protocol):
@@ -140,17 +186,18 @@ class SharedGauge:
             self.child = None
 
 
-def plain(attribute: str) -> Value | Buckets:
-    """A fresh in-memory series for metric ``attribute``."""
-    return Buckets() if KINDS[attribute] == "histogram" else Value()
+def plain(attribute: str, bounds: tuple[float, ...]) -> Value | Buckets:
+    """A fresh in-memory series for metric ``attribute`` (``bounds``: a histogram's buckets)."""
+    return Buckets(bounds) if KINDS[attribute] == "histogram" else Value()
 
 
 class Exporter:
     """The library's metrics on one registry, and the live transports that write them, by name."""
 
-    def __init__(self, registry: CollectorRegistry, multiprocess: bool) -> None:
+    def __init__(self, registry: CollectorRegistry, multiprocess: bool, buckets: tuple[float, ...]) -> None:
         self.registry = registry
         self.multiprocess = multiprocess
+        self.buckets = buckets
         self.transports: dict[str, TransportMetrics] = {}
         self._registered: list[Collector] = []
         #: multiprocess mode: prometheus-client's metric of each attribute.
@@ -172,7 +219,7 @@ class Exporter:
                         multiprocess_mode="livemax" if attribute == "circuit_state" else "livesum",
                     )
                 else:
-                    made = Histogram(PREFIX + name, doc, labels, registry=None, buckets=DURATION_BUCKETS)
+                    made = Histogram(PREFIX + name, doc, labels, registry=None, buckets=buckets)
                 self._metrics[attribute] = made
                 self._registered.append(made)
         for collector in self._registered:
@@ -181,7 +228,7 @@ class Exporter:
     def series(self, attribute: str, labels: tuple[str, ...]) -> Any:
         """The series an attached host writes for metric ``attribute`` and label values ``labels``."""
         if not self.multiprocess:
-            return plain(attribute)
+            return plain(attribute, self.buckets)
         child = self._metrics[attribute].labels(*labels)
         return SharedGauge(child) if KINDS[attribute] == "gauge" else child
 
@@ -213,15 +260,15 @@ class _Collector(Collector):
             for host in hosts:
                 for labels, value in host.values(attribute):
                     if isinstance(family, HistogramMetricFamily):
-                        family.add_metric(list(labels), _cumulative(value.counts), value.sum)
+                        family.add_metric(list(labels), _cumulative(value.bounds, value.counts), value.sum)
                     else:
                         family.add_metric(list(labels), value.value)
             yield family
 
 
-def _cumulative(counts: Iterable[int]) -> list[tuple[str, float]]:
+def _cumulative(bounds: tuple[float, ...], counts: Iterable[int]) -> list[tuple[str, float]]:
     found, running = [], 0
-    for bound, count in zip((*DURATION_BUCKETS, float("inf")), counts, strict=True):
+    for bound, count in zip((*bounds, float("inf")), counts, strict=True):
         running += count
         found.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(running)))
     return found
@@ -262,18 +309,33 @@ def release_abandoned() -> None:
         owner.close()
 
 
-def _claim(registry: CollectorRegistry, name: str, owner: TransportMetrics, multiprocess: bool) -> Exporter | None:
+def _claim(
+    registry: CollectorRegistry, name: str, owner: TransportMetrics, multiprocess: bool, buckets: tuple[float, ...]
+) -> Exporter | None:
     with _lock:
         exporter = _exporters.get(registry)
         if exporter is None:
-            exporter = _exporters[registry] = Exporter(registry, multiprocess)
+            exporter = _exporters[registry] = Exporter(registry, multiprocess, buckets)
         if name in exporter.transports:
             return None
+        if exporter.buckets != buckets:
+            raise ConfigurationError(
+                "buckets",
+                buckets,
+                f"differs from the buckets {exporter.buckets} of the transports already on this registry "
+                f"(one metric's series share their bounds, or they cannot be summed)",
+            )
         exporter.transports[name] = owner
         return exporter
 
 
-def attach(registry: CollectorRegistry, name: str, owner: TransportMetrics, multiprocess: bool) -> Exporter:
+def attach(
+    registry: CollectorRegistry,
+    name: str,
+    owner: TransportMetrics,
+    multiprocess: bool,
+    buckets: tuple[float, ...] = DURATION_BUCKETS,
+) -> Exporter:
     """Register ``owner`` as the live transport called ``name`` on ``registry``.
 
     A transport dropped without being closed releases its name when it is
@@ -282,11 +344,11 @@ def attach(registry: CollectorRegistry, name: str, owner: TransportMetrics, mult
     that is still alive keeps its name.
     """
     release_abandoned()
-    exporter = _claim(registry, name, owner, multiprocess)
+    exporter = _claim(registry, name, owner, multiprocess, buckets)
     if exporter is None:
         gc.collect()
         release_abandoned()
-        exporter = _claim(registry, name, owner, multiprocess)
+        exporter = _claim(registry, name, owner, multiprocess, buckets)
     if exporter is None:
         raise ConfigurationError(
             "name",

@@ -99,7 +99,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     labelled ``transport=name``: two open transports on one registry need
     different names (the second is refused with :class:`ConfigurationError`),
     and a transport's series leave the registry when it is closed
-    (``aclose``, the end of ``async with``, or garbage collection). State is
+    (``aclose``, the end of ``async with``, or garbage collection). Durations
+    are counted in histograms whose ``buckets`` (upper bounds in seconds) are
+    OpenTelemetry's HTTP client buckets unless given; transports on one
+    registry must use the same. State is
     kept for at most ``max_hosts`` hosts, least
     recently used evicted first, and never for a host while it has calls in
     flight (the table may hold more hosts while more are busy at once).
@@ -148,6 +151,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         clock: Clock | None = None,
         random: random.Random | None = None,
         name: str = DEFAULT_NAME,
+        buckets: Iterable[float] | None = None,
         on_event: Callable[[Event], object] | None = None,
         tracer_provider: Any = None,
         verify: VerifyTypes = True,
@@ -196,7 +200,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._hosts: HostTable[Host] = HostTable(self._make_host, self._evict_host, max_hosts)
         self._shared: dict[str, Any] = {}  # state layers keep across hosts (the stale cache's store)
         # Last, once nothing else can refuse the arguments: the name is taken until closed.
-        self._metrics = TransportMetrics(registry, name)
+        self._metrics = TransportMetrics(registry, name, buckets)
         self._abandoned = weakref.finalize(self, abandon, self._metrics)  # dropped unclosed: released later
         self._abandoned.atexit = False
 
@@ -253,7 +257,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             policy=self._table.resolve(host, port),
             clock=self._clock,
             rng=self._random,
-            metrics=self._metrics.host(f"[{host}]:{port}" if ":" in host else f"{host}:{port}"),
+            metrics=self._metrics.host(host, port),
             inner=self._inner,
             shared=self._shared,
             events=self._events,
@@ -288,6 +292,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             call = Call(request, host, policy, started, priority)
             tracing = self._tracing
             fallback = self._fallback
+            replaced = None  # the outcome a fallback answer replaced: a shed call stays shed
             try:
                 try:
                     if tracing is None or (tracer := tracing.tracer()) is None:
@@ -298,12 +303,13 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                     if fallback is None:
                         raise
                     exc.resilient_http = call.info()  # type: ignore[attr-defined]
+                    replaced = outcome_of_exception(exc)
                     response = await fall_back(fallback, call, exc)
                 else:
                     if fallback is not None and failed(response):
                         response = await fall_back(fallback, call, response)
             except BaseException as exc:
-                host.metrics.request(outcome_of_exception(exc), clock.now() - started)
+                host.metrics.request(outcome_of_exception(exc), clock.now() - started, call.stale_reason)
                 if isinstance(exc, Exception):
                     exc.resilient_http = call.info()  # type: ignore[attr-defined]
                 raise
@@ -311,7 +317,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 outcome = "fallback"
             else:
                 outcome = "stale" if call.stale else outcome_of_status(response.status_code)
-            host.metrics.request(outcome, clock.now() - started)
+            host.metrics.request(outcome, clock.now() - started, call.stale_reason or replaced)
             if not isinstance(response.stream, IN_MEMORY):
                 guard_body(call, response)
             response.extensions["resilient_http"] = call.info()

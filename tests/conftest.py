@@ -19,11 +19,17 @@ from prometheus_client import CollectorRegistry
 from resilient_http import Policy, ResilientTransport
 from resilient_http.testing import FakeClock, Handler, Script, Step
 
-__all__ = ["BASE_URL", "HOST", "Handler", "Harness", "LeftOpen", "Script", "Step", "only"]
+__all__ = ["BASE_URL", "HOST", "Handler", "Harness", "LeftOpen", "Script", "Step", "only", "where"]
 
-#: The host every client talks to unless a test says otherwise, and its metric label.
+#: The host every client talks to unless a test says otherwise, as ``host:port``.
 BASE_URL = "https://api.example.com"
 HOST = "api.example.com:443"
+
+
+def where(host: str = HOST) -> dict[str, str]:
+    """The ``server_address`` and ``server_port`` labels of ``host``, written ``host:port`` or ``[v6]:port``."""
+    address, _, port = host.rpartition(":")
+    return {"server_address": address.removeprefix("[").removesuffix("]"), "server_port": port}
 
 
 def only(**layers: Any) -> Policy:
@@ -98,7 +104,7 @@ class Harness:
 
         ``None`` when the series does not exist.
         """
-        return self.registry.get_sample_value(name, {"transport": "default", "host": host, **labels})
+        return self.registry.get_sample_value(name, {"transport": "default", **where(host), **labels})
 
     async def aclose(self) -> None:
         for client in self._clients:

@@ -18,7 +18,7 @@ import anyio
 import httpx
 import pytest
 from anyio.lowlevel import checkpoint
-from conftest import LeftOpen
+from conftest import LeftOpen, where
 from prometheus_client import CollectorRegistry
 
 from resilient_http import (
@@ -104,13 +104,13 @@ def client(
 
 
 def gauge(registry: CollectorRegistry, name: str, host: str = HOST) -> float:
-    value = registry.get_sample_value(f"resilient_http_bulkhead_{name}", {"transport": "default", "host": host})
+    value = registry.get_sample_value(f"resilient_http_bulkhead_{name}", {"transport": "default", **where(host)})
     assert value is not None
     return value
 
 
 def counted(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    return registry.get_sample_value(name, {"transport": "default", "host": HOST, **labels}) or 0.0
+    return registry.get_sample_value(name, {"transport": "default", **where(HOST), **labels}) or 0.0
 
 
 def rejected(registry: CollectorRegistry, priority: str) -> float:

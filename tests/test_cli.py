@@ -207,7 +207,10 @@ def test_demo_serves_metrics_while_it_runs() -> None:
             time.sleep(0.2)
             with urllib.request.urlopen(url, timeout=5) as response:
                 body = response.read().decode()
-        sample = r'^resilient_http_requests_total\{host="127\.0\.0\.1:\d+",outcome="2xx",transport="default"\} \d'
+        sample = (
+            r'^resilient_http_requests_total\{outcome="2xx",server_address="127\.0\.0\.1",server_port="\d+",'
+            r'transport="default"\} \d'
+        )
         assert re.search(sample, body, re.M)
         _, err = process.communicate(timeout=DEMO_TIMEOUT)
         assert process.returncode == 0, err

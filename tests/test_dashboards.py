@@ -18,12 +18,14 @@ import pytest
 import yaml
 
 from resilient_http import BulkheadFullError, CircuitOpenError, RateLimitedError
-from resilient_http._metrics import CIRCUIT_STATES, LABELS, PREFIX, SPECS, outcome_of_exception, outcome_of_status
+from resilient_http._metrics import CIRCUIT_STATES, LABELS, PREFIX, SHED, SPECS, outcome_of_exception, outcome_of_status
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
 
 #: Labels Prometheus adds to every scraped series.
 TARGET_LABELS = frozenset({"job", "instance"})
+#: The labels that name the host called: grouping by one of them needs the other.
+SERVER = ("server_address", "server_port")
 
 
 def exported() -> dict[str, frozenset[str]]:
@@ -59,7 +61,8 @@ def label_values() -> dict[tuple[str, str], frozenset[str]]:
         ("resilient_http_requests_total", "outcome"): frozenset(statuses | errors | {"stale"}),
         ("resilient_http_attempts_total", "outcome"): frozenset(statuses | {"timeout", "error", "cancelled"}),
         ("resilient_http_circuit_state", "state"): frozenset(CIRCUIT_STATES),
-        ("resilient_http_timeouts_total", "kind"): frozenset({"attempt", "total"}),
+        ("resilient_http_timeouts_total", "kind"): frozenset({"attempt", "total", "idle"}),
+        ("resilient_http_shed_total", "reason"): frozenset(SHED),
     }
 
 
@@ -98,7 +101,16 @@ def check_breakers_stay_apart(expr: str) -> None:
         return
     for grouping in GROUPING.findall(expr):
         labels = {label.strip() for label in grouping.split(",")}
-        assert {"transport", "host"} <= labels, f"grouping by {sorted(labels)} merges transports' breakers: {expr!r}"
+        assert {"transport", *SERVER} <= labels, f"grouping by {sorted(labels)} merges transports' breakers: {expr!r}"
+
+
+def check_hosts_stay_apart(expr: str) -> None:
+    """Grouping by the host called keeps both its address and its port: two ports are two dependencies."""
+    for grouping in GROUPING.findall(expr):
+        labels = {label.strip() for label in grouping.split(",")}
+        if labels & set(SERVER):
+            assert set(SERVER) <= labels, f"grouping by {sorted(labels)} merges the ports of a host: {expr!r}"
+    assert not re.search(r"\bhost\b(?!\w)", re.sub(r"\$labels\.\w+", "", expr)), f"a host label in {expr!r}"
 
 
 def base_names(used: set[str]) -> set[str]:
@@ -128,9 +140,11 @@ def test_dashboard_is_a_grafana_dashboard(dashboard: dict[str, Any]) -> None:
     assert dashboard["uid"] and dashboard["title"]
     variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    host = variables["host"]
-    assert host["type"] == "query" and host["query"]["query"].startswith("label_values(resilient_http_requests_total")
-    assert host["query"]["query"].endswith(", host)")
+    server = variables["server_address"]
+    assert server["type"] == "query"
+    assert server["query"]["query"].startswith("label_values(resilient_http_requests_total")
+    assert server["query"]["query"].endswith(", server_address)")
+    assert "host" not in variables
     transport = variables["transport"]
     assert transport["type"] == "query" and transport["query"]["query"].endswith(", transport)")
     ids = [panel["id"] for panel in panels(dashboard)]
@@ -138,7 +152,7 @@ def test_dashboard_is_a_grafana_dashboard(dashboard: dict[str, Any]) -> None:
 
 
 def test_every_panel_queries_the_chosen_data_source_and_hosts(dashboard: dict[str, Any]) -> None:
-    """Each query goes to ``${datasource}`` and is filtered by the ``$transport`` and ``$host`` variables."""
+    """Each query goes to ``${datasource}`` and is filtered by the ``$transport`` and ``$server_address`` variables."""
     for panel in panels(dashboard):
         if panel["type"] == "row":
             continue
@@ -147,7 +161,9 @@ def test_every_panel_queries_the_chosen_data_source_and_hosts(dashboard: dict[st
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
             for found in SELECTOR.finditer(target["expr"]):
-                assert 'host=~"$host"' in (found.group(2) or ""), f"{panel['title']!r}: {found.group(0)}"
+                assert 'server_address=~"$server_address"' in (found.group(2) or ""), (
+                    f"{panel['title']!r}: {found.group(0)}"
+                )
                 assert 'transport=~"$transport"' in (found.group(2) or ""), f"{panel['title']!r}: {found.group(0)}"
 
 
@@ -158,6 +174,7 @@ def test_dashboard_queries_reference_only_exported_metrics(dashboard: dict[str, 
         for target in panel.get("targets", []):
             used |= check_expression(target["expr"])
             check_breakers_stay_apart(target["expr"])
+            check_hosts_stay_apart(target["expr"])
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
             used |= check_expression(variable["query"]["query"])
@@ -169,15 +186,41 @@ def test_dashboard_has_the_panels_operators_need(dashboard: dict[str, Any]) -> N
     """Amplification, breaker state, stale share and latency quantiles are there, computed as documented."""
     exprs = " ".join(target["expr"] for panel in panels(dashboard) for target in panel.get("targets", []))
     compact = re.sub(r"\s+", "", exprs)
+    by_server = "by (server_address, server_port)"
     assert (
-        "sum by (host) (rate(resilient_http_attempts_total{" in exprs
-        and ")/sumby(host)(rate(resilient_http_requests_total{" in compact
+        f"sum {by_server} (rate(resilient_http_attempts_total{{" in exprs
+        and ")/sumby(server_address,server_port)(rate(resilient_http_requests_total{" in compact
     )
-    assert 'resilient_http_circuit_state{job=~"$job", transport=~"$transport", host=~"$host", state="open"}' in exprs
+    assert (
+        'resilient_http_circuit_state{job=~"$job", transport=~"$transport", server_address=~"$server_address", '
+        'state="open"}' in exprs
+    )
     assert 'outcome="stale"' in exprs
     for histogram in ("request_duration_seconds", "attempt_duration_seconds", "rate_limit_wait_seconds"):
         for quantile in ("0.5", "0.99"):
-            assert f"histogram_quantile({quantile}, sum by (le, host) (rate(resilient_http_{histogram}_bucket" in exprs
+            grouped = f"sum by (le, server_address, server_port) (rate(resilient_http_{histogram}_bucket"
+            assert f"histogram_quantile({quantile}, {grouped}" in exprs
+
+
+def test_the_dashboard_counts_shed_calls_by_the_one_definition(dashboard: dict[str, Any]) -> None:
+    """ "Shed / s" is every local refusal, stale or not: `shed_total`, not a share of the outcomes."""
+    [shed] = [panel for panel in panels(dashboard) if panel["title"] == "Shed / s"]
+    [target] = shed["targets"]
+    assert target["expr"].startswith("sum(rate(resilient_http_shed_total{")
+    for panel in panels(dashboard):
+        for target in panel.get("targets", []):
+            if "shed" in panel["title"].lower():
+                assert "resilient_http_shed_total" in target["expr"], panel["title"]
+
+
+def test_the_dashboard_draws_the_configured_limits(dashboard: dict[str, Any]) -> None:
+    """In flight beside the bulkhead's limit, calls made beside the rate limit: "at its limit" can be seen."""
+    for panel in panels(dashboard):
+        exprs = " ".join(target["expr"] for target in panel.get("targets", []))
+        if "resilient_http_bulkhead_limit" in exprs:
+            assert "resilient_http_bulkhead_in_flight" in exprs
+        if "resilient_http_rate_limit_per_second" in exprs:
+            assert "resilient_http_requests_total" in exprs and "resilient_http_rate_limit_burst" in exprs
 
 
 # ---------------------------------------------------------------- the alerting rules
@@ -203,7 +246,8 @@ def test_alert_rules_are_complete(rules: list[dict[str, Any]]) -> None:
         assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
         assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
         for key in ("summary", "description"):
-            assert "{{ $labels.host }}" in rule["annotations"][key], f"{rule['alert']}: {key}"
+            where = "{{ $labels.server_address }}:{{ $labels.server_port }}"
+            assert where in rule["annotations"][key], f"{rule['alert']}: {key}"
 
 
 def test_alert_expressions_reference_only_exported_metrics(rules: list[dict[str, Any]]) -> None:
@@ -211,12 +255,14 @@ def test_alert_expressions_reference_only_exported_metrics(rules: list[dict[str,
     for rule in rules:
         check_expression(rule["expr"])
         check_breakers_stay_apart(rule["expr"])
-        for grouping in GROUPING.findall(rule["expr"]):
-            assert "host" in (label.strip() for label in grouping.split(",")), f"{rule['alert']} drops the host"
+        check_hosts_stay_apart(rule["expr"])
+        for grouping in re.findall(r"\bby\s*\(([^)]*)\)", rule["expr"]):
+            labels = {label.strip() for label in grouping.split(",")}
+            assert set(SERVER) <= labels, f"{rule['alert']} drops the host"
 
 
 def test_alerts_cover_the_failure_modes() -> None:
-    """Breaker, retry budget, stale share, amplification, bulkhead and rate limiter each have an alert."""
+    """Breaker, retry budget, stale share, amplification and shed calls (by refusing layer) each have an alert."""
     text = (DASHBOARDS / "alerts.yml").read_text(encoding="utf-8")
     expressions = " ".join(rule["expr"] for group in yaml.safe_load(text)["groups"] for rule in group["rules"])
     for series in (
@@ -224,24 +270,28 @@ def test_alerts_cover_the_failure_modes() -> None:
         "resilient_http_retry_budget_exhausted_total",
         'resilient_http_requests_total{outcome="stale"}',
         "resilient_http_attempts_total",
-        "resilient_http_bulkhead_rejected_total",
-        "resilient_http_rate_limited_total",
+        "resilient_http_shed_total",
     ):
         assert series in expressions, series
 
 
 def test_the_checks_catch_a_renamed_metric() -> None:
     """The expression check itself fails on a name, a label or a value the library does not export."""
-    check_expression('rate(resilient_http_requests_total{host=~"$host", outcome="stale"}[5m])')
+    check_expression('rate(resilient_http_requests_total{server_address=~"$server_address", outcome="stale"}[5m])')
     for wrong in (
         "rate(resilient_http_request_total[5m])",  # no _s
         "resilient_http_circuit_state_total",  # a gauge has no _total
         'resilient_http_circuit_state{state="opened"}',
         'rate(resilient_http_retries_total{kind="timeout"}[5m])',
         "sum by (reason) (rate(resilient_http_requests_total[5m]))",
+        'rate(resilient_http_requests_total{host=~"$host"}[5m])',  # the label is server_address now
     ):
         with pytest.raises(AssertionError):
             check_expression(wrong)
-    check_breakers_stay_apart('max by (transport, host) (resilient_http_circuit_state{state="open"})')
+    check_breakers_stay_apart(
+        'max by (transport, server_address, server_port) (resilient_http_circuit_state{state="open"})'
+    )
     with pytest.raises(AssertionError):
-        check_breakers_stay_apart('max by (host) (resilient_http_circuit_state{state="open"})')
+        check_breakers_stay_apart('max by (server_address, server_port) (resilient_http_circuit_state{state="open"})')
+    with pytest.raises(AssertionError):
+        check_hosts_stay_apart("sum by (server_address) (rate(resilient_http_requests_total[5m]))")

@@ -199,13 +199,7 @@ async def test_the_least_recently_used_host_is_evicted_with_its_metric_series(ha
     await client.get("https://b.example.com/")
     await client.get("https://a.example.com/")  # a is now the most recently used
     await client.get("https://c.example.com/")  # evicts b
-    labels = {
-        sample.labels.get("host")
-        for family in harness.registry.collect()
-        for sample in family.samples
-        if family.name.startswith("resilient_http_")
-    }
-    assert labels == {"a.example.com:443", "c.example.com:443"}
+    assert _hosts_with_series(harness) == {"a.example.com:443", "c.example.com:443"}
     assert harness.value("resilient_http_requests_total", "a.example.com:443", outcome="2xx") == 2
     assert harness.value("resilient_http_requests_total", "b.example.com:443", outcome="2xx") is None
     assert harness.value("resilient_http_circuit_state", "b.example.com:443", state="closed") is None
@@ -384,10 +378,10 @@ class Held:
 
 def _hosts_with_series(harness: Harness) -> set[str]:
     return {
-        sample.labels["host"]
+        f"{sample.labels['server_address']}:{sample.labels['server_port']}"
         for family in harness.registry.collect()
         for sample in family.samples
-        if family.name.startswith("resilient_http_") and "host" in sample.labels
+        if family.name.startswith("resilient_http_") and "server_address" in sample.labels
     }
 
 

@@ -9,6 +9,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from conftest import where
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
@@ -67,8 +68,8 @@ def test_worker_processes_add_up_in_multiprocess_mode(tmp_path: Path) -> None:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
 
-    def value(name: str, **labels: str) -> float | None:
-        return registry.get_sample_value(name, {"transport": "default", **labels})
+    def value(name: str, host: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"transport": "default", **where(host), **labels})
 
     try:
         assert value("resilient_http_requests_total", host="api.example:80", outcome="2xx") == 7
@@ -117,7 +118,7 @@ def test_an_evicted_host_leaves_no_live_gauge_in_multiprocess_mode(tmp_path: Pat
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
     state = "resilient_http_circuit_state"
-    a, b = {"transport": "default", "host": "a.example:80"}, {"transport": "default", "host": "b.example:80"}
+    a, b = {"transport": "default", **where("a.example:80")}, {"transport": "default", **where("b.example:80")}
     try:
         for _ in range(600):  # until the worker has made its calls
             if registry.get_sample_value(state, {**b, "state": "closed"}) == 1:
@@ -177,10 +178,10 @@ def test_gauges_never_go_negative_when_calls_end_after_their_host_left(tmp_path:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
     gauges = [
-        (sample.labels["transport"], sample.labels["host"], sample.name, sample.value)
+        (sample.labels["transport"], sample.labels["server_address"], sample.name, sample.value)
         for family in registry.collect()
         for sample in family.samples
         if family.type == "gauge"
     ]
-    assert ("closing", "a.example:80", "resilient_http_bulkhead_in_flight", 0.0) in gauges
+    assert ("closing", "a.example", "resilient_http_bulkhead_in_flight", 0.0) in gauges
     assert [gauge for gauge in gauges if gauge[3] < 0] == []

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import anyio
 import httpx
 import pytest
+from conftest import where
 from flaky_server import (
     Behaviour,
     FlakyServer,
@@ -91,7 +92,7 @@ def info(response: httpx.Response) -> CallInfo:
 def attempts_metric(registry: CollectorRegistry, server_port: int, outcome: str) -> float:
     value = registry.get_sample_value(
         "resilient_http_attempts_total",
-        {"transport": "default", "host": f"127.0.0.1:{server_port}", "outcome": outcome},
+        {"transport": "default", **where(f"127.0.0.1:{server_port}"), "outcome": outcome},
     )
     return 0.0 if value is None else value
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 import anyio
 import httpx
 import pytest
+from conftest import where
 from flaky_server import Behaviour, FlakyServer, respond, trickle
 from prometheus_client import CollectorRegistry
 
@@ -47,7 +48,7 @@ def two_slots(registry: CollectorRegistry) -> httpx.AsyncClient:
 
 def bulkhead(registry: CollectorRegistry, server: FlakyServer, name: str) -> float | None:
     return registry.get_sample_value(
-        f"resilient_http_bulkhead_{name}", {"transport": "default", "host": f"127.0.0.1:{server.port}"}
+        f"resilient_http_bulkhead_{name}", {"transport": "default", **where(f"127.0.0.1:{server.port}")}
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from conftest import LeftOpen
+from conftest import LeftOpen, where
 from prometheus_client import CollectorRegistry
 
 from resilient_http import (
@@ -196,7 +196,7 @@ def within_bucket(times: Sequence[float], rate: float, burst: int) -> bool:
 
 
 def value(registry: CollectorRegistry, name: str) -> float:
-    found = registry.get_sample_value(name, {"transport": "default", "host": HOST})
+    found = registry.get_sample_value(name, {"transport": "default", **where(HOST)})
     return 0.0 if found is None else found
 
 
@@ -1126,7 +1126,7 @@ async def test_dry_run_turned_on_sends_the_waiting_calls_at_once(registry: Colle
     assert info(responses["/2"]).waits == (Wait("rate_limit", 0.5),)
     assert (
         registry.get_sample_value(
-            "resilient_http_dry_run_blocked_total", {"transport": "default", "host": HOST, "layer": "rate_limit"}
+            "resilient_http_dry_run_blocked_total", {"transport": "default", **where(HOST), "layer": "rate_limit"}
         )
         == 2
     )
@@ -1151,7 +1151,7 @@ async def test_metrics_count_waits_refusals_and_cooldown(registry: CollectorRegi
     wait = "resilient_http_rate_limit_wait_seconds"
     assert value(registry, f"{wait}_count") == 4
     assert value(registry, f"{wait}_sum") == pytest.approx(3.5)
-    assert registry.get_sample_value(f"{wait}_bucket", {"transport": "default", "host": HOST, "le": "0.005"}) == 1
+    assert registry.get_sample_value(f"{wait}_bucket", {"transport": "default", **where(HOST), "le": "0.005"}) == 1
     assert value(registry, "resilient_http_rate_limited_total") == 1
     assert value(registry, "resilient_http_cooldown_seconds_total") == pytest.approx(2.0 + 10.0)
 

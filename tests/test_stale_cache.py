@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
-from conftest import LeftOpen
+from conftest import LeftOpen, where
 from prometheus_client import CollectorRegistry
 
 from resilient_http import (
@@ -104,13 +104,13 @@ async def test_connection_error_is_answered_from_the_stale_copy(clock: FakeClock
     assert info.age == pytest.approx(42)
     assert (
         registry.get_sample_value(
-            "resilient_http_stale_served_total", {"transport": "default", "host": HOST, "reason": "error"}
+            "resilient_http_stale_served_total", {"transport": "default", **where(HOST), "reason": "error"}
         )
         == 1
     )
     assert (
         registry.get_sample_value(
-            "resilient_http_requests_total", {"transport": "default", "host": HOST, "outcome": "stale"}
+            "resilient_http_requests_total", {"transport": "default", **where(HOST), "outcome": "stale"}
         )
         == 1
     )
@@ -127,7 +127,7 @@ async def test_final_server_errors_are_answered_from_the_stale_copy(
         stale = await c.get(URL)
     assert (stale.status_code, stale.content) == (200, b"good")
     assert registry.get_sample_value(
-        "resilient_http_stale_served_total", {"transport": "default", "host": HOST, "reason": "server_error"}
+        "resilient_http_stale_served_total", {"transport": "default", **where(HOST), "reason": "server_error"}
     )
 
 
@@ -164,7 +164,7 @@ async def test_open_circuit_is_answered_from_the_stale_copy(clock: FakeClock, re
     assert response.extensions["resilient_http"].stale is True
     assert response.extensions["resilient_http"].circuit_state == "open"
     assert registry.get_sample_value(
-        "resilient_http_stale_served_total", {"transport": "default", "host": HOST, "reason": "circuit_open"}
+        "resilient_http_stale_served_total", {"transport": "default", **where(HOST), "reason": "circuit_open"}
     )
 
 
@@ -227,7 +227,7 @@ async def test_responses_that_forbid_stale_use_are_never_served(
         await c.get(URL)
         with pytest.raises(httpx.ConnectError):
             await c.get(URL)
-    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 0
+    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", **where(HOST)}) == 0
 
 
 async def test_request_no_store_is_neither_stored_nor_answered(clock: FakeClock, registry: CollectorRegistry) -> None:
@@ -247,7 +247,7 @@ async def test_private_answers_are_never_kept(directive: str, clock: FakeClock, 
         await c.get(URL)
         with pytest.raises(httpx.ConnectError):
             await c.get(URL)
-    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 0
+    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", **where(HOST)}) == 0
 
 
 @pytest.mark.parametrize("credential", [{"authorization": "Bearer alice"}, {"cookie": "session=alice"}])
@@ -263,7 +263,7 @@ async def test_answers_to_credentials_are_not_kept_unless_the_answer_is_shareabl
         for caller in (credential, {"authorization": "Bearer bob"}, {}):
             with pytest.raises(httpx.ConnectError):
                 await c.get(URL, headers=caller)
-    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 0
+    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", **where(HOST)}) == 0
 
 
 @pytest.mark.parametrize("credential", [{"authorization": "Bearer alice"}, {"cookie": "session=alice"}])
@@ -334,7 +334,7 @@ async def test_an_answer_already_too_old_is_not_kept(clock: FakeClock, registry:
     upstream = Upstream(ok(age="400"), down())
     async with client(upstream, clock, registry, StaleCachePolicy(max_stale=300)) as c:
         await c.get(URL)
-        assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 0
+        assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", **where(HOST)}) == 0
         with pytest.raises(httpx.ConnectError):
             await c.get(URL)
 
@@ -346,7 +346,7 @@ async def test_an_answer_that_sets_a_cookie_is_not_kept(clock: FakeClock, regist
         await c.get(URL)
         with pytest.raises(httpx.ConnectError):
             await c.get(URL)
-    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 0
+    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", **where(HOST)}) == 0
 
 
 async def test_set_cookie_is_never_replayed(clock: FakeClock, registry: CollectorRegistry) -> None:
@@ -567,7 +567,7 @@ async def test_entries_per_host_are_bounded_least_recently_used_first(
             assert (await c.get(url)).extensions["resilient_http"].stale is True
         with pytest.raises(httpx.ConnectError):
             await c.get(b)
-    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 3
+    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", **where(HOST)}) == 3
 
 
 async def test_bytes_are_bounded_per_host_and_across_hosts(clock: FakeClock, registry: CollectorRegistry) -> None:
@@ -579,7 +579,7 @@ async def test_bytes_are_bounded_per_host_and_across_hosts(clock: FakeClock, reg
         for host in ("a.example", "b.example", "c.example"):
             await c.get(f"https://{host}/item")
         total = sum(
-            registry.get_sample_value("resilient_http_cache_bytes", {"transport": "default", "host": f"{h}:443"}) or 0
+            registry.get_sample_value("resilient_http_cache_bytes", {"transport": "default", **where(f"{h}:443")}) or 0
             for h in ("a.example", "b.example", "c.example")
         )
         assert 0 < total <= 1000
@@ -604,13 +604,13 @@ async def test_the_newest_good_answer_replaces_the_stored_one(clock: FakeClock, 
     upstream = Upstream(ok(b"old"), ok(b"newer"), down())
     async with client(upstream, clock, registry) as c:
         await c.get(URL)
-        before = registry.get_sample_value("resilient_http_cache_bytes", {"transport": "default", "host": HOST})
+        before = registry.get_sample_value("resilient_http_cache_bytes", {"transport": "default", **where(HOST)})
         await c.get(URL)
-        after = registry.get_sample_value("resilient_http_cache_bytes", {"transport": "default", "host": HOST})
+        after = registry.get_sample_value("resilient_http_cache_bytes", {"transport": "default", **where(HOST)})
         stale = await c.get(URL)
     assert stale.content == b"newer"
     assert before is not None and after == before + 2
-    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 1
+    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", **where(HOST)}) == 1
 
 
 async def test_the_same_answer_again_restarts_its_age(clock: FakeClock, registry: CollectorRegistry) -> None:
@@ -672,11 +672,13 @@ async def test_a_small_policy_evicts_only_its_own_entries(clock: FakeClock, regi
         for i in range(5):
             assert (await c.get(f"https://big.example/{i}")).extensions["resilient_http"].stale is True
     assert (
-        registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": "big.example:443"})
+        registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", **where("big.example:443")})
         == 5
     )
     assert (
-        registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": "small.example:443"})
+        registry.get_sample_value(
+            "resilient_http_cache_entries", {"transport": "default", **where("small.example:443")}
+        )
         == 2
     )
 
@@ -717,7 +719,7 @@ async def test_a_hosts_bookkeeping_leaves_with_its_last_entry(clock: FakeClock, 
                 await c.get(f"https://{host}.example/")
     assert (store.shelves, store.entries, store.by_key, store.total_bytes) == ({}, {}, {}, 0)
     assert (
-        registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": "d.example:443"})
+        registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", **where("d.example:443")})
         == 0
     )
 
@@ -734,6 +736,6 @@ async def test_a_host_made_again_reports_the_entries_it_still_has(
         upstream.behaviours = [down()]
         assert (await c.get("https://a.example/")).extensions["resilient_http"].stale is True
     assert (
-        registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": "a.example:443"})
+        registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", **where("a.example:443")})
         == 1
     )
