@@ -7,6 +7,7 @@ from ._config import AdaptiveLimit as AdaptiveLimit
 from ._config import BulkheadPolicy as BulkheadPolicy
 from ._config import CircuitBreakerPolicy as CircuitBreakerPolicy
 from ._config import CoalescePolicy as CoalescePolicy
+from ._config import HedgePolicy as HedgePolicy
 from ._config import Policy as Policy
 from ._config import RateLimitPolicy as RateLimitPolicy
 from ._config import RetryBudget as RetryBudget
@@ -40,6 +41,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectDeadlineExceededError",
     "DeadlineExceededError",
+    "HedgePolicy",
     "Policy",
     "PoolDeadlineExceededError",
     "RateLimitPolicy",

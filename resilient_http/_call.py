@@ -44,7 +44,12 @@ class CallInfo(NamedTuple):
     ``"retry_after_too_long"``, ``"not_idempotent"``, ``"body_not_replayable"``
     or ``"rate_limit"``. ``coalesced`` is true when the call sent nothing
     and got a copy of the answer (or the error) of an identical call in
-    flight (see :mod:`resilient_http.layers.coalesce`).
+    flight (see :mod:`resilient_http.layers.coalesce`). ``hedges`` counts
+    the extra copies sent (see :mod:`resilient_http.layers.hedge`),
+    ``hedge_won`` is true when the answer came from one of them, and
+    ``hedge_stop`` says why a hedge that was due was not sent:
+    ``"budget"``, ``"retry_budget"``, ``"rate_limit"``, ``"cooldown"``,
+    ``"circuit_open"``, ``"bulkhead_full"`` or ``"deadline"``.
 
     A named tuple: immutable, and cheap to make on every call.
     """
@@ -57,6 +62,9 @@ class CallInfo(NamedTuple):
     circuit_state: str | None = None
     retry_stop: str | None = None
     coalesced: bool = False
+    hedges: int = 0
+    hedge_won: bool = False
+    hedge_stop: str | None = None
 
 
 class Host:
@@ -71,6 +79,7 @@ class Host:
         "chain",
         "chains",
         "clock",
+        "hedge_gates",
         "holds",
         "host",
         "inner",
@@ -121,6 +130,11 @@ class Host:
         # host must not be sent anything (a cooldown the server imposed
         # while the retry was waiting). Empty costs nothing.
         self.holds: list[Callable[[], float]] = []
+        # Asked, in order, right before a hedge (an extra copy of an attempt) is
+        # sent: None to let it go, a reason to refuse it ("circuit_open",
+        # "bulkhead_full", "retry_budget"), or a function that gives back what
+        # the gate took (a share of the retry budget) if another gate refuses.
+        self.hedge_gates: list[Callable[[Call], str | Callable[[], None] | None]] = []
 
 
 class Call:
@@ -132,6 +146,9 @@ class Call:
         "circuit_state",
         "coalesced",
         "deadline",
+        "hedge_stop",
+        "hedge_won",
+        "hedges",
         "host",
         "policy",
         "priority",
@@ -162,6 +179,9 @@ class Call:
         self.circuit_state: str | None = None
         self.retry_stop: str | None = None
         self.coalesced = False
+        self.hedges = 0
+        self.hedge_won = False
+        self.hedge_stop: str | None = None
 
     def info(self) -> CallInfo:
         return CallInfo(
@@ -173,4 +193,7 @@ class Call:
             self.circuit_state,
             self.retry_stop,
             self.coalesced,
+            self.hedges,
+            self.hedge_won,
+            self.hedge_stop,
         )

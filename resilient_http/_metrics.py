@@ -62,6 +62,7 @@ SPECS: tuple[tuple[str, str, str, str, str | None], ...] = (
     ("cache_entries", "gauge", "cache_entries", "Responses kept for stale fallback.", None),
     ("cache_bytes", "gauge", "cache_bytes", "Bytes of responses kept for stale fallback.", None),
     ("coalesced", "counter", "coalesced", "Calls that waited for an identical call in flight, by result.", "result"),
+    ("hedges", "counter", "hedges", "Hedges: sent and won or lost, or why one that was due was not sent.", "result"),
 )
 _KINDS = {attribute: kind for attribute, kind, *_ in SPECS}
 

@@ -22,6 +22,7 @@ from resilient_http import (
     CoalescePolicy,
     ConfigurationError,
     DeadlineExceededError,
+    HedgePolicy,
     Policy,
     RateLimitedError,
     RateLimitPolicy,
@@ -85,6 +86,9 @@ def every_policy() -> Policy:
     assert_type(stale_cache.max_bytes, int)
     coalesce = CoalescePolicy(max_body_bytes=1 << 20, identity_headers=["X-Api-Key"])
     assert_type(coalesce.max_body_bytes, int)
+    hedge = HedgePolicy(delay=None, quantile=0.95, min_delay=0.01, warmup=20, max_hedges=1, budget=0.05)
+    assert_type(hedge.delay, float | None)
+    assert_type(hedge.max_hedges, int)
     Policy(timeout=None, retry=None, circuit_breaker=None, rate_limit=None, bulkhead=None, stale_cache=None)
     policy = Policy(
         timeout=timeout,
@@ -94,8 +98,10 @@ def every_policy() -> Policy:
         bulkhead=bulkhead,
         stale_cache=stale_cache,
         coalesce=coalesce,
+        hedge=hedge,
     )
     assert_type(policy.coalesce, CoalescePolicy | None)
+    assert_type(policy.hedge, HedgePolicy | None)
     assert_type(policy.retry, RetryPolicy | None)
     assert_type(policy.timeout, TimeoutPolicy | None)
     return policy
@@ -181,6 +187,9 @@ def the_story(info: CallInfo) -> None:
     assert_type(info.circuit_state, str | None)
     assert_type(info.retry_stop, str | None)
     assert_type(info.coalesced, bool)
+    assert_type(info.hedges, int)
+    assert_type(info.hedge_won, bool)
+    assert_type(info.hedge_stop, str | None)
     for wait in info.waits:
         assert_type(wait.reason, str)
         assert_type(wait.seconds, float)
@@ -194,6 +203,9 @@ def the_story(info: CallInfo) -> None:
         circuit_state="closed",
         retry_stop=None,
         coalesced=False,
+        hedges=1,
+        hedge_won=True,
+        hedge_stop=None,
     )
 
 

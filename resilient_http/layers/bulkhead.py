@@ -170,6 +170,13 @@ class Bulkhead:
         self._queued = 0
         self._queues: tuple[deque[_Waiter], ...] = tuple(deque() for _ in PRIORITIES)
         self._closing: set[asyncio.Task[None]] = set()  # dropped bodies being closed (asyncio keeps weak refs)
+        host.hedge_gates.append(self._hedge_gate)
+
+    def _hedge_gate(self, call: Call) -> str | None:
+        """A hedge takes a free slot at once or is not sent: it never queues, nor sheds a waiting call."""
+        if call.policy.bulkhead is None or self._in_flight < self._limit:
+            return None
+        return "bulkhead_full"
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         # A slot is free only when nobody waits: a freed slot is handed to the

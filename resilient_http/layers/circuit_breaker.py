@@ -189,6 +189,13 @@ class CircuitBreakerLayer:
         assert policy is not None
         self._clock: Clock = host.clock
         self.breaker = CircuitBreaker(policy, host.random, host.metrics)
+        host.hedge_gates.append(self._hedge_gate)
+
+    def _hedge_gate(self, call: Call) -> str | None:
+        """No extra copies to a host the breaker does not trust, or is trying out."""
+        if call.policy.circuit_breaker is None or self.breaker.state == CLOSED:
+            return None
+        return "circuit_open"
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         breaker = self.breaker

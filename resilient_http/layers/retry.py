@@ -33,6 +33,8 @@ outcome. When retries run out the last response is returned (so
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import httpx
 from httpx._multipart import FileField, MultipartStream  # httpx's form body; no public module exports it
@@ -177,6 +179,15 @@ class Retry:
         policy = host.policy.retry
         budget = None if policy is None else policy.budget
         self._budget = Budget(RetryBudget().window if budget is None else budget.window)
+        host.hedge_gates.append(self._hedge_gate)
+
+    def _hedge_gate(self, call: Call) -> str | Callable[[], None] | None:
+        """A hedge is extra load as a retry is: it takes a share of the retry budget (given back if not sent)."""
+        budget = call.policy.retry.budget if call.policy.retry is not None else None
+        if budget is None:
+            return None
+        receipt = self._budget.withdraw(self._clock.now(), budget)
+        return "retry_budget" if receipt is None else partial(self._budget.refund, receipt)
 
     def _backoff(self, policy: RetryPolicy, attempt: int) -> float:
         # 2.0**1023 is the largest power of two a float holds; the product may be inf, which min() caps.
