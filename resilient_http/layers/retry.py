@@ -21,7 +21,7 @@ retry takes its share of the budget when it is scheduled and gives it back
 if it is never sent (a rate limiter refused it, the call was cancelled
 during the backoff, the bulkhead shed it); ``retries_total`` counts a retry
 once its attempt has reached the network, so that attempts minus calls is
-retries.
+retries. Hedges (:mod:`.hedge`) take their share of the same budget.
 
 Still worth it: a wait that would not end before the total deadline, or a
 Retry-After above ``max_retry_after``, ends the call at once with its last
