@@ -213,15 +213,16 @@ def plot(result: dict[str, Any], path: str) -> None:
         ax.step([x for x, _ in cdf], [max(1e-4, 1 - share) for _, share in cdf], where="post", label=name)
     for q in (0.01, 0.001):
         ax.axhline(q, color="0.8", lw=0.8)
-        ax.text(1.0, q * 1.1, f"p{100 * (1 - q):g}", fontsize=7, color="0.4")
+        ax.text(0.01, q * 1.1, f"p{100 * (1 - q):g}", fontsize=7, color="0.4", transform=ax.get_yaxis_transform())
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("call latency (ms)")
     ax.set_ylabel("share of calls slower")
     s = result["settings"]
     ax.set_title(
-        f"Hedging against a long tail: {s['slow_share']:.0%} of requests {s['slow_factor']:.0f}x the median "
-        f"({s['median'] * 1000:.0f} ms)"
+        f"{s['slow_share']:.0%} of requests {s['slow_factor']:.0f}x the median ({s['median'] * 1000:.0f} ms), "
+        f"{s['calls']} calls at {s['rate']:.0f}/s",
+        fontsize=10,
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
