@@ -37,19 +37,26 @@ class CallInfo(NamedTuple):
     ``attempts`` counts the tries that reached, or tried to reach, the
     network (0 for a stale answer given without trying). ``stale`` is true
     when the response came from the stale cache, ``age`` then saying how old
-    it is. ``waits`` lists every pause in order. ``circuit_state`` is the
-    breaker's state when the call ended (``None`` without a breaker).
-    ``retry_stop`` says why no further attempt was made when the last
-    outcome was retryable: ``"attempts"``, ``"budget"``, ``"deadline"``,
-    ``"retry_after_too_long"``, ``"not_idempotent"``, ``"body_not_replayable"``
-    or ``"rate_limit"``. ``coalesced`` is true when the call sent nothing
-    and got a copy of the answer (or the error) of an identical call in
-    flight (see :mod:`resilient_http.layers.coalesce`). ``hedges`` counts
-    the extra copies sent (see :mod:`resilient_http.layers.hedge`),
-    ``hedge_won`` is true when the answer came from one of them, and
-    ``hedge_stop`` says why a hedge that was due was not sent:
-    ``"budget"``, ``"retry_budget"``, ``"rate_limit"``, ``"cooldown"``,
-    ``"circuit_open"``, ``"bulkhead_full"`` or ``"deadline"``.
+    it is and ``stale_reason`` what failed in its place: the ``reason`` label
+    of ``resilient_http_stale_served_total`` (``"server_error"``,
+    ``"timeout"``, ``"error"``, or a local refusal: ``"circuit_open"``,
+    ``"rate_limited"``, ``"bulkhead_full"``). ``waits`` lists every pause in
+    order. ``circuit_state`` is the breaker's state when the call ended
+    (``None`` without a breaker). ``retry_stop`` says why no further attempt
+    was made when the last outcome was retryable: ``"attempts"``,
+    ``"budget"``, ``"deadline"``, ``"retry_after_too_long"``,
+    ``"not_idempotent"``, ``"body_not_replayable"`` or ``"rate_limit"``.
+    ``coalesced`` is true when the call sent nothing and got a copy of the
+    answer (or the error) of an identical call in flight (see
+    :mod:`resilient_http.layers.coalesce`).
+    ``dry_run`` names the layers in dry-run mode that would have blocked the
+    call (and let it through). ``fallback`` is true when the transport's
+    fallback function gave the response. ``hedges`` counts the extra copies
+    sent (see :mod:`resilient_http.layers.hedge`), ``hedge_won`` is true
+    when the answer came from one of them, and ``hedge_stop`` says why a
+    hedge that was due was not sent: ``"budget"``, ``"retry_budget"``,
+    ``"rate_limit"``, ``"cooldown"``, ``"circuit_open"``,
+    ``"bulkhead_full"`` or ``"deadline"``.
 
     A named tuple: immutable, and cheap to make on every call.
     """
@@ -62,6 +69,9 @@ class CallInfo(NamedTuple):
     circuit_state: str | None = None
     retry_stop: str | None = None
     coalesced: bool = False
+    stale_reason: str | None = None
+    dry_run: tuple[str, ...] = ()
+    fallback: bool = False
     hedges: int = 0
     hedge_won: bool = False
     hedge_stop: str | None = None
@@ -146,6 +156,8 @@ class Call:
         "circuit_state",
         "coalesced",
         "deadline",
+        "dry_run",
+        "fallback",
         "hedge_stop",
         "hedge_won",
         "hedges",
@@ -155,6 +167,7 @@ class Call:
         "request",
         "retry_stop",
         "stale",
+        "stale_reason",
         "started",
         "waits",
     )
@@ -176,12 +189,21 @@ class Call:
         self.waits: list[Wait] = []
         self.stale = False
         self.age: float | None = None
+        self.stale_reason: str | None = None
         self.circuit_state: str | None = None
         self.retry_stop: str | None = None
         self.coalesced = False
+        self.dry_run: tuple[str, ...] = ()
+        self.fallback = False
         self.hedges = 0
         self.hedge_won = False
         self.hedge_stop: str | None = None
+
+    def blocked_in_dry_run(self, layer: str) -> None:
+        """``layer``, in dry-run mode, would have blocked this call: say so, and count it once per call."""
+        if layer not in self.dry_run:
+            self.dry_run += (layer,)
+            self.host.metrics.labelled("dry_run_blocked", layer).inc()
 
     def info(self) -> CallInfo:
         return CallInfo(
@@ -193,6 +215,9 @@ class Call:
             self.circuit_state,
             self.retry_stop,
             self.coalesced,
+            self.stale_reason,
+            self.dry_run,
+            self.fallback,
             self.hedges,
             self.hedge_won,
             self.hedge_stop,

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from conftest import only
+from conftest import LeftOpen, only
 from prometheus_client import CollectorRegistry
 
 from resilient_http import (
@@ -100,7 +100,10 @@ def transport(handler: Any, policy: Policy = HEDGED, registry: CollectorRegistry
 
 
 def client(handler: Any, policy: Policy = HEDGED, registry: CollectorRegistry | None = None) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=transport(handler, policy, registry), base_url="https://api.example.com")
+    """A client whose transport stays open when it closes, so that its metrics can be read afterwards."""
+    return httpx.AsyncClient(
+        transport=LeftOpen(transport(handler, policy, registry)), base_url="https://api.example.com"
+    )
 
 
 def info(response: httpx.Response) -> CallInfo:
@@ -110,7 +113,12 @@ def info(response: httpx.Response) -> CallInfo:
 
 
 def hedges(registry: CollectorRegistry, result: str) -> float:
-    return registry.get_sample_value("resilient_http_hedges_total", {"host": HOST, "result": result}) or 0.0
+    return (
+        registry.get_sample_value(
+            "resilient_http_hedges_total", {"transport": "default", "host": HOST, "result": result}
+        )
+        or 0.0
+    )
 
 
 # ---------------------------------------------------------------- when
@@ -529,14 +537,18 @@ def test_each_hedge_holds_a_bulkhead_slot_of_its_own() -> None:
 
     async def handler(request: httpx.Request) -> httpx.Response:
         await trio.sleep(0.06)
-        peak.append(registry.get_sample_value("resilient_http_bulkhead_in_flight", {"host": HOST}) or 0)
+        peak.append(
+            registry.get_sample_value("resilient_http_bulkhead_in_flight", {"transport": "default", "host": HOST}) or 0
+        )
         return httpx.Response(200)
 
     async def main() -> None:
         async with client(handler, policy, registry) as c:
             await c.get("/")
         assert peak[0] == 2
-        assert registry.get_sample_value("resilient_http_bulkhead_in_flight", {"host": HOST}) == 0
+        assert (
+            registry.get_sample_value("resilient_http_bulkhead_in_flight", {"transport": "default", "host": HOST}) == 0
+        )
 
     run(main)
 
@@ -631,7 +643,10 @@ def streamed_race(backend: str) -> None:
                 assert len(closed) == 1  # the loser, closed before the winner was returned
                 assert await response.aread() == b"streamed"
             assert sorted(closed) == [0, 1]
-            assert registry.get_sample_value("resilient_http_bulkhead_in_flight", {"host": HOST}) == 0
+            assert (
+                registry.get_sample_value("resilient_http_bulkhead_in_flight", {"transport": "default", "host": HOST})
+                == 0
+            )
 
     anyio.run(main, backend=backend)
 
@@ -669,9 +684,18 @@ def cancelled_race(backend: str) -> None:
                 tg.start_soon(c.get, "/")
                 await both_sent.wait()
                 tg.cancel_scope.cancel()
-        assert (started, cancelled) == (2, 2)
-        assert registry.get_sample_value("resilient_http_bulkhead_in_flight", {"host": HOST}) == 0
-        assert registry.get_sample_value("resilient_http_hedges_total", {"host": HOST, "result": "lost"}) == 1
+            assert (started, cancelled) == (2, 2)
+            # Read while the transport is open: a closed transport's series leave the registry.
+            assert (
+                registry.get_sample_value("resilient_http_bulkhead_in_flight", {"transport": "default", "host": HOST})
+                == 0
+            )
+            assert (
+                registry.get_sample_value(
+                    "resilient_http_hedges_total", {"transport": "default", "host": HOST, "result": "lost"}
+                )
+                == 1
+            )
 
     anyio.run(main, backend=backend)
 
@@ -680,6 +704,94 @@ def cancelled_race(backend: str) -> None:
 def test_a_cancelled_call_cancels_and_awaits_every_copy(backend: str) -> None:
     """Cancellation reaches every copy in flight; their slots are given back."""
     cancelled_race(backend)
+
+
+@pytest.mark.parametrize(
+    ("layers", "reason"),
+    [
+        ({"bulkhead": BulkheadPolicy(max_concurrent=1, dry_run=True)}, "bulkhead_full"),
+        ({"rate_limit": RateLimitPolicy(rate=1, burst=1, dry_run=True)}, "rate_limit"),
+    ],
+)
+def test_a_layer_in_dry_run_mode_still_keeps_hedges_within_its_limit(layers: dict[str, Any], reason: str) -> None:
+    """Dry run lets calls through, not the library's own extra load: the hedge is not sent, and no call was blocked."""
+    upstream = Upstream((0.1, 200), (0.01, 200))
+
+    async def main() -> None:
+        async with client(upstream, only(hedge=FIXED, **layers)) as c:
+            story = info(await c.get("/"))
+        assert (story.hedges, story.hedge_stop, story.dry_run) == (0, reason, ())
+        assert len(upstream.arrivals) == 1
+
+    run(main)
+
+
+# ---------------------------------------------------------------- live policy changes
+
+
+def test_the_latencies_seen_survive_a_new_hedge_policy() -> None:
+    """A new HedgePolicy keeps the layer's latencies: no second warm-up, the next slow call is hedged at the p95."""
+    latencies = [0.01 * (i + 1) for i in range(20)]
+    upstream = Upstream(*[(seconds, 200) for seconds in latencies], (1.0, 200), (0.01, 200))
+
+    async def main() -> None:
+        t = transport(upstream, only(hedge=HedgePolicy(budget=1.0)))
+        async with httpx.AsyncClient(transport=t, base_url="https://api.example.com") as c:
+            for _ in range(20):
+                assert info(await c.get("/")).hedges == 0
+            t.update_policies(default=only(hedge=HedgePolicy(budget=0.5, min_delay=0.02)))
+            response = await c.get("/")
+        assert info(response).hedge_won
+        assert upstream.arrivals[21] - upstream.arrivals[20] == pytest.approx(0.19)
+
+    run(main)
+
+
+def test_a_breaker_turned_off_and_on_again_leaves_no_gate_behind() -> None:
+    """The dropped breaker, open when it went, no longer refuses hedges: the fresh one, closed, lets them go."""
+    breaker = CircuitBreakerPolicy(minimum_calls=1, failure_ratio=0.5, break_duration=100, max_break_duration=200)
+    policy = only(hedge=FIXED, circuit_breaker=breaker)
+    sent = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal sent
+        if request.url.path == "/fail":
+            return httpx.Response(500)
+        sent += 1
+        await trio.sleep(0.2 if sent == 1 else 0.01)
+        return httpx.Response(200)
+
+    async def main() -> None:
+        t = transport(handler, policy)
+        async with httpx.AsyncClient(transport=t, base_url="https://api.example.com") as c:
+            assert info(await c.get("/fail")).circuit_state == "open"
+            t.update_policies(default=HEDGED)
+            t.update_policies(default=policy)
+            story = info(await c.get("/"))
+            assert (story.circuit_state, story.hedges, story.hedge_won, story.hedge_stop) == ("closed", 1, True, None)
+            (host,) = t._hosts.values()
+            assert len(host.hedge_gates) == 1
+
+    run(main)
+
+
+def test_layers_turned_off_take_their_hedge_gates_with_them() -> None:
+    """Retry, breaker and bulkhead each ask hedges for their share; dropped by a new policy, none is asked again."""
+    every = only(hedge=FIXED, retry=RetryPolicy(), circuit_breaker=CircuitBreakerPolicy(), bulkhead=BulkheadPolicy())
+
+    async def main() -> None:
+        t = transport(Upstream((0.01, 200)), every)
+        async with httpx.AsyncClient(transport=t, base_url="https://api.example.com") as c:
+            await c.get("/")
+            (host,) = t._hosts.values()
+            assert len(host.hedge_gates) == 3
+            t.update_policies(default=HEDGED)
+            assert host.hedge_gates == []
+            t.update_policies(default=every)
+            await c.get("/")
+            assert len(host.hedge_gates) == 3
+
+    run(main)
 
 
 # ---------------------------------------------------------------- configuration

@@ -39,7 +39,12 @@ async def test_a_hung_first_copy_is_beaten_by_its_hedge_and_its_connection_close
         assert response.content == b"hedge"
         assert server.connections_accepted == 2
         assert await open_connections_settle(server, 1) == 1  # the hedge's, kept alive in the pool
-        assert registry.get_sample_value("resilient_http_bulkhead_in_flight", {"host": f"127.0.0.1:{server.port}"}) == 0
+        assert (
+            registry.get_sample_value(
+                "resilient_http_bulkhead_in_flight", {"transport": "default", "host": f"127.0.0.1:{server.port}"}
+            )
+            == 0
+        )
         server.queue("/", respond(200, body=b"again"))
         assert (await client.get(server.url("/"))).content == b"again"
         assert server.connections_accepted == 2  # the winner's connection was reused

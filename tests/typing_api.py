@@ -86,6 +86,9 @@ def every_policy() -> Policy:
     assert_type(stale_cache.max_bytes, int)
     coalesce = CoalescePolicy(max_body_bytes=1 << 20, identity_headers=["X-Api-Key"])
     assert_type(coalesce.max_body_bytes, int)
+    CircuitBreakerPolicy(dry_run=True)
+    RateLimitPolicy(rate=1, dry_run=True)
+    assert_type(BulkheadPolicy(dry_run=True).dry_run, bool)
     hedge = HedgePolicy(delay=None, quantile=0.95, min_delay=0.01, warmup=20, max_hedges=1, budget=0.05)
     assert_type(hedge.delay, float | None)
     assert_type(hedge.max_hedges, int)
@@ -116,6 +119,7 @@ async def the_transport(policy: Policy) -> None:
         max_hosts=100,
         clock=FakeClock(),
         random=random.Random(1),
+        name="payments",
     )
     ResilientTransport()
     ResilientTransport(None, default=None, inner=None, registry=None, clock=None, random=None)
@@ -187,6 +191,9 @@ def the_story(info: CallInfo) -> None:
     assert_type(info.circuit_state, str | None)
     assert_type(info.retry_stop, str | None)
     assert_type(info.coalesced, bool)
+    assert_type(info.stale_reason, str | None)
+    assert_type(info.dry_run, tuple[str, ...])
+    assert_type(info.fallback, bool)
     assert_type(info.hedges, int)
     assert_type(info.hedge_won, bool)
     assert_type(info.hedge_stop, str | None)
@@ -203,10 +210,33 @@ def the_story(info: CallInfo) -> None:
         circuit_state="closed",
         retry_stop=None,
         coalesced=False,
+        dry_run=("bulkhead",),
+        fallback=False,
         hedges=1,
         hedge_won=True,
         hedge_stop=None,
     )
+
+
+def a_fallback(request: httpx.Request, failure: Exception | httpx.Response, info: CallInfo) -> httpx.Response:
+    if isinstance(failure, Exception):
+        raise failure
+    return httpx.Response(200, json={"default": True}, request=request)
+
+
+async def an_async_fallback(
+    request: httpx.Request, failure: Exception | httpx.Response, info: CallInfo
+) -> httpx.Response:
+    return httpx.Response(503, text="try again later")
+
+
+async def policies_at_run_time(policy: Policy) -> None:
+    transport = ResilientTransport(fallback=a_fallback)
+    ResilientTransport(fallback=an_async_fallback)
+    ResilientTransport(fallback=lambda request, failure, info: httpx.Response(204))
+    assert_type(transport.update_policies({"api.example.com": policy}, default=policy), None)
+    transport.update_policies()
+    assert_type(ResilientTransport.from_file("policies.toml", fallback=a_fallback).reload(), None)
 
 
 def the_exceptions(request: httpx.Request) -> None:

@@ -40,6 +40,15 @@ compare and an increment. Only a call that must wait pays for an
 ``anyio.Event`` and a timer. A slot passes from hand to hand without ever
 being counted free, and every way out of the queue (granted, shed, timed out,
 cancelled before or after being granted) settles the counts exactly once.
+
+A new policy (:meth:`Bulkhead.reconfigure`) keeps the slots and the queue:
+attempts in flight are never cancelled and waiters keep their place. A
+lower ``max_concurrent`` works as a shrunk adaptive limit (slots given back
+are not handed on until the count is under it); a higher one grants waiters
+at once. An adaptive limit whose settings are unchanged keeps what it
+learnt; a changed one starts again from its ``initial``. In dry-run mode an
+attempt that finds no free slot is sent anyway, counted in flight, and
+reported as blocked.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ import httpx
 
 from .._call import PRIORITIES, Call, Host, Next, Wait
 from .._clock import Clock
+from .._config import BulkheadPolicy
 from .._exceptions import BulkheadFullError, DeadlineExceededError
 from .._metrics import HostMetrics
 from .adaptive import AdaptiveSlots
@@ -136,12 +146,14 @@ class Bulkhead:
         "_clock",
         "_closing",
         "_drop_statuses",
+        "_dry_run",
         "_in_flight",
         "_in_flight_gauge",
         "_limit",
         "_limit_gauge",
         "_max_queue",
         "_metrics",
+        "_policy",
         "_queue_timeout",
         "_queued",
         "_queued_gauge",
@@ -151,17 +163,7 @@ class Bulkhead:
     def __init__(self, host: Host) -> None:
         policy = host.policy.bulkhead
         assert policy is not None
-        self._limit = policy.max_concurrent
-        self._adaptive: AdaptiveSlots | None = None
-        self._drop_statuses: frozenset[int] = frozenset()
-        if policy.adaptive is not None:
-            self._adaptive = AdaptiveSlots(policy.adaptive, policy.max_concurrent)
-            self._drop_statuses = frozenset(policy.adaptive.drop_statuses)
-            self._limit = self._adaptive.limit
         self._limit_gauge = host.metrics.bulkhead_limit
-        self._limit_gauge.set(self._limit)
-        self._max_queue = policy.max_queue
-        self._queue_timeout = policy.queue_timeout
         self._clock: Clock = host.clock
         self._metrics: HostMetrics = host.metrics
         self._in_flight_gauge = host.metrics.bulkhead_in_flight
@@ -170,10 +172,48 @@ class Bulkhead:
         self._queued = 0
         self._queues: tuple[deque[_Waiter], ...] = tuple(deque() for _ in PRIORITIES)
         self._closing: set[asyncio.Task[None]] = set()  # dropped bodies being closed (asyncio keeps weak refs)
+        self._adaptive: AdaptiveSlots | None = None
+        self._policy: BulkheadPolicy | None = None
+        self.reconfigure(policy)
         host.hedge_gates.append(self._hedge_gate)
 
+    def reconfigure(self, policy: BulkheadPolicy) -> None:
+        """Take ``policy``'s limits for the attempts to come, keeping slots and queue (see the module docstring)."""
+        old, self._policy = self._policy, policy
+        adaptive = policy.adaptive
+        if adaptive is None:
+            self._adaptive = None
+            self._drop_statuses: frozenset[int] = frozenset()
+        elif old is None or old.adaptive != adaptive or old.max_concurrent != policy.max_concurrent:
+            self._adaptive = AdaptiveSlots(adaptive, policy.max_concurrent)
+            self._drop_statuses = frozenset(adaptive.drop_statuses)
+        self._max_queue = policy.max_queue
+        self._queue_timeout = policy.queue_timeout
+        self._dry_run = policy.dry_run
+        self._set_limit(policy.max_concurrent if self._adaptive is None else self._adaptive.limit)
+
+    def _set_limit(self, limit: int) -> None:
+        """Take ``limit`` as the number of slots: waiters are granted at once when it grew."""
+        self._limit = limit
+        self._limit_gauge.set(limit)
+        while self._queued and self._in_flight < limit:
+            for queue in self._queues:
+                if queue:
+                    self._wake(queue.popleft(), _GRANTED)
+                    self._in_flight += 1
+                    self._in_flight_gauge.inc()
+                    break
+
+    def detach(self, host: Host) -> None:
+        """The host's policy dropped the bulkhead: hedges no longer ask it for a slot."""
+        host.hedge_gates.remove(self._hedge_gate)
+
     def _hedge_gate(self, call: Call) -> str | None:
-        """A hedge takes a free slot at once or is not sent: it never queues, nor sheds a waiting call."""
+        """A hedge takes a free slot at once or is not sent: it never queues, nor sheds a waiting call.
+
+        In dry-run mode too: a hedge is load the library adds on its own, so
+        it never goes over the limit, and it is not a call the bulkhead blocked.
+        """
         if call.policy.bulkhead is None or self._in_flight < self._limit:
             return None
         return "bulkhead_full"
@@ -182,6 +222,10 @@ class Bulkhead:
         # A slot is free only when nobody waits: a freed slot is handed to the
         # head of the queue rather than counted free.
         if self._in_flight < self._limit:
+            self._in_flight += 1
+            self._in_flight_gauge.inc()
+        elif self._dry_run:  # no slot, but sent: counted in flight, so the gauges show how far over it goes
+            call.blocked_in_dry_run("bulkhead")
             self._in_flight += 1
             self._in_flight_gauge.inc()
         else:
@@ -204,16 +248,16 @@ class Bulkhead:
         except BaseException as exc:
             try:
                 if isinstance(exc, httpx.TimeoutException | httpx.ConnectError) and not _total_ran_out(exc):
-                    self._adapt(slots.drop(number), "drop", exc)
+                    self._adapt(slots, slots.drop(number), "drop", exc)
             finally:
                 self._release()
             raise
         try:
             status = response.status_code
             if status in self._drop_statuses:
-                self._adapt(slots.drop(number), "drop", status)
+                self._adapt(slots, slots.drop(number), "drop", status)
             elif status < 500:  # other server errors say nothing of load, and are often fast
-                self._adapt(slots.success(in_flight, self._clock.now() - started), "success", None)
+                self._adapt(slots, slots.success(in_flight, self._clock.now() - started), "success", None)
         except BaseException:
             self._release()
             raise
@@ -228,21 +272,16 @@ class Bulkhead:
             response.stream = _SlotStream(stream, self)
         return response
 
-    def _adapt(self, changed: bool, why: str, cause: object) -> None:
-        """Follow the adaptive limit after a sample: grant waiters when it grew."""
-        if not changed:
+    def _adapt(self, slots: AdaptiveSlots, changed: bool, why: str, cause: object) -> None:
+        """Follow the adaptive limit after a sample: grant waiters when it grew.
+
+        ``slots`` is the limit the attempt was sent under: one a new policy
+        replaced since moves nothing.
+        """
+        if not changed or slots is not self._adaptive:
             return
-        assert self._adaptive is not None
-        old, new = self._limit, self._adaptive.limit
-        self._limit = new
-        self._limit_gauge.set(new)
-        while self._queued and self._in_flight < new:
-            for queue in self._queues:
-                if queue:
-                    self._wake(queue.popleft(), _GRANTED)
-                    self._in_flight += 1
-                    self._in_flight_gauge.inc()
-                    break
+        old, new = self._limit, slots.limit
+        self._set_limit(new)
         self._limit_changed(old, new, why, cause)
 
     def _limit_changed(self, old: int, new: int, why: str, cause: object) -> None:

@@ -28,6 +28,15 @@ it through: a call that started before the circuit opened and ends after it
 closed again is not counted in the new window (it cannot re-open a host that
 has recovered), and a trial of an earlier half-open round neither frees a
 slot nor decides the next round.
+
+A new policy (:meth:`CircuitBreaker.reconfigure`) keeps the state: an open
+circuit stays open until the time it was given, a half-open round goes on
+with its trials, and closed counts stay, unless ``window`` changed (counts
+bucketed by the old window say nothing about the new one: they restart).
+The new thresholds apply from the next outcome. In dry-run mode the breaker
+decides as usual, but a call it would have refused goes through, without a
+period: its outcome is not counted, since a real breaker would not have
+seen it.
 """
 
 from __future__ import annotations
@@ -83,6 +92,19 @@ class CircuitBreaker:
         self._period = 1  # numbers the states the breaker has been in (see the module docstring)
         self.state = CLOSED
         metrics.circuit(CLOSED)
+
+    def reconfigure(self, policy: CircuitBreakerPolicy) -> None:
+        """Take ``policy``'s thresholds from the next outcome on, keeping the state (see the module docstring)."""
+        old, self.policy = self.policy, policy
+        if policy.window != old.window:
+            self._width = policy.window / _BUCKETS
+            self._epochs = [-1] * _BUCKETS
+            self._successes = [0] * _BUCKETS
+            self._failures = [0] * _BUCKETS
+        if self.state == CLOSED:
+            self._break = policy.break_duration
+        else:
+            self._break = min(max(self._break, policy.break_duration), policy.max_break_duration)
 
     def _set(self, state: str) -> None:
         self.state = state
@@ -192,18 +214,33 @@ class CircuitBreakerLayer:
         host.hedge_gates.append(self._hedge_gate)
 
     def _hedge_gate(self, call: Call) -> str | None:
-        """No extra copies to a host the breaker does not trust, or is trying out."""
+        """No extra copies to a host the breaker does not trust, or is trying out (in dry-run mode too)."""
         if call.policy.circuit_breaker is None or self.breaker.state == CLOSED:
             return None
         return "circuit_open"
+
+    def reconfigure(self, policy: CircuitBreakerPolicy) -> None:
+        self.breaker.reconfigure(policy)
+
+    def detach(self, host: Host) -> None:
+        """The host's policy dropped the breaker: its state gauge no longer says anything, nor does it gate hedges."""
+        host.metrics.circuit("")
+        host.hedge_gates.remove(self._hedge_gate)
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         breaker = self.breaker
         clock = self._clock
         try:
-            period = breaker.acquire(clock.now())
-        finally:
+            period: int | None = breaker.acquire(clock.now())
+        except CircuitOpenError:
             call.circuit_state = breaker.state
+            if not breaker.policy.dry_run:
+                raise
+            call.blocked_in_dry_run("circuit_breaker")
+            period = None
+        call.circuit_state = breaker.state
+        if period is None:  # sent only because the breaker runs dry: its outcome is not counted
+            return await self._unseen(call, call_next)
         try:
             response = await call_next(call)
         except Exception as exc:
@@ -224,3 +261,10 @@ class CircuitBreakerLayer:
         breaker.record(clock.now(), period, failure, hinted)
         call.circuit_state = breaker.state
         return response
+
+    async def _unseen(self, call: Call, call_next: Next) -> httpx.Response:
+        """A call a dry-run breaker would have refused: sent, and its outcome not counted."""
+        try:
+            return await call_next(call)
+        finally:
+            call.circuit_state = self.breaker.state

@@ -36,7 +36,9 @@ A leader that ends for a reason of its own (its caller cancelled it, or its
 own total deadline ran out) does not pass that on: its followers start
 over, the first of them leading with its own deadline. A flight lives
 exactly as long as its leader's call (its entry is removed as the leader
-leaves, however it leaves), and nothing else is kept.
+leaves, however it leaves), and nothing else is kept. A new policy makes
+the layer afresh: a flight in progress lands for the calls that joined it,
+and calls after the change start flights of their own.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ of the retry budget); and a rate-limit token free at once. A hedge never
 waits for a token or a slot, so it never delays, queues behind or sheds a
 real call. If one is refused, no further hedge is tried for that attempt
 and ``CallInfo.hedge_stop`` says why. Shares taken are given back when a
-later gate refuses.
+later gate refuses. A layer in dry-run mode lets calls through, but not
+hedges: they are load the library adds on its own, never sent past a limit.
 
 **The race.** The copies run in an anyio task group. The first acceptable
 answer (a response whose status the retry layer would not retry) wins; the
@@ -48,6 +49,9 @@ fails, the last failure is the outcome, a response in preference to an
 error. Each copy's attempt is bounded by the call's total deadline, so the
 race is too. The winner's body is not tied to the task group, which has
 exited by the time it is returned.
+
+A new policy (:meth:`Hedge.reconfigure`) keeps the latencies seen and the
+budget's counts.
 """
 
 from __future__ import annotations
@@ -79,6 +83,11 @@ _WINDOW = 10.0
 _REFRESH = 10
 #: A hedge takes a rate-limit token only if one is free within this (float rounding aside: at once).
 _AT_ONCE = 1e-6
+
+
+def _limits(policy: HedgePolicy) -> RetryBudget:
+    """The hedge budget as a retry budget: ``budget`` of the calls over the window, nothing on top."""
+    return RetryBudget(ratio=policy.budget, min_per_second=0.0, window=_WINDOW)
 
 
 class Latencies:
@@ -185,7 +194,15 @@ class Hedge:
         self._rate_gates = host.retry_gates
         self._latencies = Latencies()
         self._budget = Budget(_WINDOW)
-        self._limits = RetryBudget(ratio=HedgePolicy().budget, min_per_second=0.0, window=_WINDOW)
+        self._limits = _limits(host.policy.hedge or HedgePolicy())
+
+    def reconfigure(self, policy: HedgePolicy) -> None:
+        """Take ``policy``'s budget for the hedges to come, keeping the latencies seen and the calls counted.
+
+        Everything else is read from each call's policy. The layer leaves
+        nothing on the host: the gates it asks belong to the other layers.
+        """
+        self._limits = _limits(policy)
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         policy = call.policy.hedge
@@ -335,10 +352,6 @@ class Hedge:
         for hold in self._holds:
             if hold() > now:
                 return "cooldown"
-        policy = call.policy.hedge
-        assert policy is not None
-        if self._limits.ratio != policy.budget:
-            self._limits = RetryBudget(ratio=policy.budget, min_per_second=0.0, window=_WINDOW)
         receipt = self._budget.withdraw(now, self._limits)
         if receipt is None:
             return "budget"
@@ -353,11 +366,13 @@ class Hedge:
                 refunds.append(granted)
         if reason is None and self._rate_gates:
             # Asked as for a call that must go at once: the limiter books a
-            # turn only if one is free now, and never one behind its line.
+            # turn only if one is free now, and never one behind its line. A
+            # limiter in dry-run mode lets the prompt through but marks it: a
+            # hedge is optional load, so it is not sent past the limit either.
             prompt = Call(call.request, call.host, call.policy, call.started, call.priority)
             prompt.deadline = now + _AT_ONCE
             for rate_gate in self._rate_gates:
-                if rate_gate(prompt, now) is None:
+                if rate_gate(prompt, now) is None or prompt.dry_run:
                     reason = "rate_limit"
                     break
         if reason is not None:

@@ -50,6 +50,19 @@ spent in server-imposed cooldown (its rate is the share of time the host
 was paused, however many calls waited); every refusal counts in
 ``rate_limited``.
 A retry's wait for its turn is recorded by the retry layer, in ``CallInfo.waits``.
+
+A new policy (:meth:`RateLimiter.reconfigure`) keeps the bucket (the sends
+made, the retries booked, the cooldown and pacing in force) and spaces the
+turns to come by its rate and burst. The line is planned again: a call in
+line that can no longer go within the ``max_wait`` it came with fails then.
+The new ``max_cooldown`` bounds what the server says next.
+
+In dry-run mode nothing waits and nothing is refused (a policer, not a
+shaper): a call that finds a turn free takes it; one that does not (during
+a cooldown too) is sent without taking one, and reported in
+``CallInfo.dry_run`` and ``dry_run_blocked``. A retry is policed at the end
+of its backoff, and booked if its turn is free then; no cooldown holds it
+back. Turning dry run on sends the calls in line at once.
 """
 
 from __future__ import annotations
@@ -63,6 +76,7 @@ import httpx
 
 from .._call import Call, Host, Next, Wait
 from .._clock import Clock
+from .._config import RateLimitPolicy
 from .._exceptions import RateLimitedError
 from .._headers import mentions, quota, retry_after
 from ._bucket import NEVER, Bucket, State
@@ -98,6 +112,7 @@ class RateLimiter:
         "_clock",
         "_cooldown",
         "_cooldown_until",
+        "_dry_run",
         "_hold_until",
         "_label",
         "_line",
@@ -119,6 +134,7 @@ class RateLimiter:
         self._bucket = Bucket(policy.rate, policy.burst)
         self._max_wait = policy.max_wait
         self._max_cooldown = policy.max_cooldown
+        self._dry_run = policy.dry_run
         self._line: deque[_Waiter] = deque()  # in arrival order; those gone are dropped when they reach the front
         self._waiting = 0  # calls in line and not gone
         self._plan: tuple[State, float] | None = None  # the bucket once the line has gone, and the last turn in it
@@ -134,6 +150,27 @@ class RateLimiter:
         host.retry_gates.append(self._gate)
         host.holds.append(self._hold)
 
+    def reconfigure(self, policy: RateLimitPolicy) -> None:
+        """Space the turns to come by ``policy``, keeping the bucket and the line (see the module docstring)."""
+        self._bucket.limit(policy.rate, policy.burst)
+        self._max_wait = policy.max_wait
+        self._max_cooldown = policy.max_cooldown
+        self._dry_run = policy.dry_run
+        if not self._waiting:
+            return
+        if self._dry_run:  # nothing waits: every call in line goes now
+            for waiter in self._line:
+                waiter.scope.cancel()
+            return
+        self._replan(self._clock.now())
+        self._wake_head()
+
+    def detach(self, host: Host) -> None:
+        """The host's policy dropped the limiter: it no longer reads answers nor holds retries back."""
+        host.observers.remove(self._observe)
+        host.retry_gates.remove(self._gate)
+        host.holds.remove(self._hold)
+
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         now = self._clock.now()
         virtual = now - self._shift
@@ -144,8 +181,26 @@ class RateLimiter:
             bucket.last = virtual
             self._wait_seconds.observe(0.0)
             return await call_next(call)
+        if self._dry_run:
+            self._police(call, now, now)
+            self._wait_seconds.observe(0.0)
+            return await call_next(call)
         await self._wait_turn(call, now)
         return await call_next(call)
+
+    def _police(self, call: Call, now: float, send: float) -> None:
+        """Dry run: take the turn at ``send`` if it is free (booked if ahead); if not, take none and report the call."""
+        shift, bucket = self._shift, self._bucket
+        self._settle(now - shift)
+        virtual = send - shift
+        if bucket.fit(bucket.now, virtual)[0] > virtual:
+            call.blocked_in_dry_run("rate_limit")
+            return
+        if send > now:
+            bucket.book(virtual)
+        else:
+            bucket.send(virtual)
+        self._plan = None
 
     # The line
 
@@ -226,6 +281,9 @@ class RateLimiter:
         sent = False
         try:
             while waiter.refused is None:
+                if self._dry_run:  # turned on while this call waited
+                    self._police(call, now, now)
+                    return now
                 if self._head() is waiter:
                     virtual = now - self._shift
                     self._settle(virtual)
@@ -274,14 +332,17 @@ class RateLimiter:
     # Retries
 
     def _hold(self) -> float:
-        """The end of the server's current cooldown (in the past when there is none)."""
-        return self._cooldown_until
+        """The end of the server's current cooldown (in the past when there is none, or in a dry run)."""
+        return NEVER if self._dry_run else self._cooldown_until
 
     def _gate(self, call: Call, earliest: float) -> float | None:
         """Book a retry's turn at or after ``earliest``: its send time, or ``None`` when too late."""
         if call.policy.rate_limit is None:  # this call turned the limiter off
             return earliest
         now = self._clock.now()
+        if self._dry_run:
+            self._police(call, now, earliest)
+            return earliest
         shift = self._shift
         self._settle(now - shift)
         state, tail = self._planned(now)

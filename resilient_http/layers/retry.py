@@ -164,6 +164,11 @@ async def discard(response: httpx.Response) -> None:
         await response.aclose()
 
 
+def _window(policy: RetryPolicy | None) -> float:
+    budget = None if policy is None else policy.budget
+    return RetryBudget().window if budget is None else budget.window
+
+
 class Retry:
     """The retry layer of one host."""
 
@@ -176,10 +181,17 @@ class Retry:
         self._label = host.label
         self._gates = host.retry_gates
         self._holds = host.holds
-        policy = host.policy.retry
-        budget = None if policy is None else policy.budget
-        self._budget = Budget(RetryBudget().window if budget is None else budget.window)
+        self._budget = Budget(_window(host.policy.retry))
         host.hedge_gates.append(self._hedge_gate)
+
+    def reconfigure(self, policy: RetryPolicy) -> None:
+        """Keep the budget's history, unless its window changed (the counts are per slice of the old window)."""
+        if _window(policy) != self._budget.window:
+            self._budget = Budget(_window(policy))
+
+    def detach(self, host: Host) -> None:
+        """The host's policy dropped retries: hedges no longer draw on this layer's budget."""
+        host.hedge_gates.remove(self._hedge_gate)
 
     def _hedge_gate(self, call: Call) -> str | Callable[[], None] | None:
         """A hedge is extra load as a retry is: it takes a share of the retry budget (given back if not sent)."""
@@ -311,6 +323,7 @@ class Retry:
             return
         if call.deadline is not None and until >= call.deadline:
             call.retry_stop = "rate_limit"
+            self._metrics.rate_limited.inc()  # refused for the rate limit, as the limiter's own refusals
             raise RateLimitedError(
                 f"rate limit of {self._label}: the server's cooldown outlasts this call",
                 host=self._label,
