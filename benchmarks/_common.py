@@ -26,6 +26,8 @@ PACKAGES = (
     "tenacity",
     "hishel",
     "httpx-hedged",
+    "aiolimiter",
+    "purgatory",
 )
 
 

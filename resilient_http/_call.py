@@ -10,6 +10,7 @@ import httpx
 
 from ._clock import Clock
 from ._config import Policy
+from ._events import Events, HostEvents
 from ._metrics import HostMetrics
 
 Next = Callable[["Call"], Awaitable[httpx.Response]]
@@ -89,6 +90,7 @@ class Host:
         "chain",
         "chains",
         "clock",
+        "events",
         "hedge_gates",
         "holds",
         "host",
@@ -102,6 +104,7 @@ class Host:
         "random",
         "retry_gates",
         "shared",
+        "tracing",
     )
 
     def __init__(
@@ -115,6 +118,8 @@ class Host:
         metrics: HostMetrics,
         inner: httpx.AsyncBaseTransport,
         shared: dict[str, Any] | None = None,
+        events: Events | None = None,
+        tracing: Any = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -124,6 +129,10 @@ class Host:
         self.random = rng
         self.metrics = metrics
         self.inner = inner
+        # What the layers emit their decisions through (see _events); ``tracing``
+        # is the transport's resilient_http._tracing.Tracing, or None.
+        self.events: HostEvents = (Events("", None, None) if events is None else events).host(self.label)
+        self.tracing = tracing
         self.layers: dict[str, Any] = {}
         self.calls = 0  # calls in flight, counted by the host table: a busy host is never evicted
         self.shared: dict[str, Any] = {} if shared is None else shared  # one dict for all hosts of a transport
@@ -166,6 +175,7 @@ class Call:
         "priority",
         "request",
         "retry_stop",
+        "span",
         "stale",
         "stale_reason",
         "started",
@@ -193,6 +203,7 @@ class Call:
         self.circuit_state: str | None = None
         self.retry_stop: str | None = None
         self.coalesced = False
+        self.span: Any = None  # the call's OpenTelemetry span while it runs and is traced (see _tracing)
         self.dry_run: tuple[str, ...] = ()
         self.fallback = False
         self.hedges = 0

@@ -31,7 +31,9 @@ PACKAGE = __name__.rpartition(".")[0]  # "resilient_http"
 CLONE = f"{PACKAGE}._httpx2"
 
 #: Modules of the package that do not import httpx, directly or through another module, and are shared.
-SHARED = frozenset({"_checks", "_clock", "_config", "_errors", "_flavours", "_hosts", "_series", "_toml"})
+SHARED = frozenset(
+    {"_checks", "_clock", "_config", "_errors", "_events", "_flavours", "_hosts", "_series", "_toml", "events"}
+)
 
 #: What the modules of the httpx2 flavour import instead.
 RENAMES = {"httpx": "httpx2", "httpcore": "httpcore2"}

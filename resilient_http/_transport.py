@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from os import PathLike
 from types import TracebackType
 from typing import Any
@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from ._call import PRIORITIES, Call, CallInfo, Host
 from ._clock import Clock, SystemClock, default_random
 from ._config import Policy, RetryPolicy, TimeoutPolicy
+from ._events import Event, Events
 from ._exceptions import ConfigurationError
 from ._fallback import Fallback, check_fallback, failed, fall_back
 from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable, canonical_host, host_of
@@ -23,6 +24,8 @@ from ._metrics import DEFAULT_NAME, TransportMetrics, outcome_of_exception, outc
 from ._network import CertTypes, ProxyTypes, SocketOption, VerifyTypes, default_inner, refuse_beside_inner
 from ._pipeline import chain_for, update
 from ._series import abandon
+from ._tracing import AVAILABLE as TRACING_AVAILABLE
+from ._tracing import Tracing
 from .layers.timeout import IN_MEMORY, guard_body
 
 #: What a single call may change through ``request.extensions["resilient_http"]``.
@@ -102,6 +105,13 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     flight (the table may hold more hosts while more are busy at once).
     ``clock`` and ``random`` exist for tests.
 
+    ``on_event`` is called with every decision a layer makes, as a small
+    typed event (:mod:`resilient_http.events`); a hook that raises is logged
+    and never breaks a call. The same events go to the ``resilient_http``
+    logger and, with ``opentelemetry-api`` installed, to the call's span:
+    spans go to ``tracer_provider``, or to the global provider when it is
+    omitted (see :mod:`resilient_http._tracing`), named after ``name``.
+
     A single call may override its host's ``timeout`` and ``retry``, turn
     any layer off, and set its bulkhead priority (``critical``, ``high``,
     ``normal``, ``low``) through request extensions, e.g.
@@ -138,6 +148,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         clock: Clock | None = None,
         random: random.Random | None = None,
         name: str = DEFAULT_NAME,
+        on_event: Callable[[Event], object] | None = None,
+        tracer_provider: Any = None,
         verify: VerifyTypes = True,
         cert: CertTypes | None = None,
         trust_env: bool = True,
@@ -166,6 +178,15 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         }
         if inner is not None:
             refuse_beside_inner(network)
+        if on_event is not None and not callable(on_event):
+            raise ConfigurationError("on_event", on_event, "must be callable with an event")
+        if tracer_provider is not None:
+            if not TRACING_AVAILABLE:
+                raise ConfigurationError("tracer_provider", tracer_provider, "needs opentelemetry-api (the otel extra)")
+            if not callable(getattr(tracer_provider, "get_tracer", None)):
+                raise ConfigurationError("tracer_provider", tracer_provider, "must be an OpenTelemetry TracerProvider")
+        self._tracing = Tracing(tracer_provider, name) if TRACING_AVAILABLE else None
+        self._events = Events(name, on_event, self._tracing)
         self._table = PolicyTable(policies, default)
         self._fallback = check_fallback(fallback)
         self._source: str | PathLike[str] | None = None  # the policy file, for reload()
@@ -235,6 +256,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             metrics=self._metrics.host(f"[{host}]:{port}" if ":" in host else f"{host}:{port}"),
             inner=self._inner,
             shared=self._shared,
+            events=self._events,
+            tracing=self._tracing,
         )
         state.chain = chain_for(state, state.policy)
         return state
@@ -263,10 +286,14 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             clock = self._clock
             started = clock.now()
             call = Call(request, host, policy, started, priority)
+            tracing = self._tracing
             fallback = self._fallback
             try:
                 try:
-                    response = await chain(call)
+                    if tracing is None or (tracer := tracing.tracer()) is None:
+                        response = await chain(call)
+                    else:
+                        response = await tracing.run(tracer, call, chain)
                 except httpx.HTTPError as exc:
                     if fallback is None:
                         raise

@@ -9,6 +9,7 @@ on the same clock. Cancellation is checked under asyncio and trio.
 from __future__ import annotations
 
 import io
+import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -39,6 +40,7 @@ from resilient_http import (
 )
 from resilient_http._pipeline import ORDER
 from resilient_http._toml import parse_policies
+from resilient_http.events import Event, Hedged
 from resilient_http.layers.hedge import Latencies, replays_at_once
 
 HOST = "api.example.com:443"
@@ -189,6 +191,35 @@ def test_each_further_hedge_waits_the_delay_again() -> None:
         assert (info(response).hedges, upstream.cancelled) == (2, 2)
 
     run(main)
+
+
+def test_each_hedge_sent_is_announced_with_its_delay(caplog: pytest.LogCaptureFixture) -> None:
+    """A Hedged event for every hedge that goes (not for the first copy), logged by resilient_http.hedge."""
+    upstream = Upstream((0.0, 200), (1.0, 200), (1.0, 200), (0.01, 200))
+    policy = only(hedge=HedgePolicy(delay=0.05, max_hedges=2, budget=1.0))
+    seen: list[Event] = []
+
+    async def main() -> None:
+        inner = ResilientTransport(
+            default=policy,
+            inner=httpx.MockTransport(upstream),
+            registry=CollectorRegistry(),
+            clock=VirtualClock(),
+            random=random.Random(0),
+            on_event=seen.append,
+        )
+        async with httpx.AsyncClient(transport=inner, base_url="https://api.example.com") as c:
+            await c.get("/")
+            await c.get("/")
+
+    with caplog.at_level(logging.DEBUG, logger="resilient_http.hedge"):
+        run(main)
+    hedged = [e for e in seen if isinstance(e, Hedged)]
+    assert [(e.host, e.attempt, round(e.delay, 6)) for e in hedged] == [(HOST, 1, 0.05), (HOST, 2, 0.1)]
+    assert [r.getMessage() for r in caplog.records if r.name == "resilient_http.hedge"] == [
+        f"hedge 1 to {HOST} after 0.050s",
+        f"hedge 2 to {HOST} after 0.100s",
+    ]
 
 
 def test_a_retryable_failure_fires_the_next_copy_at_once() -> None:

@@ -37,6 +37,7 @@ from resilient_http import (
     Wait,
     call_info,
 )
+from resilient_http.events import RetryScheduled
 from resilient_http.testing import FakeClock
 
 
@@ -123,6 +124,8 @@ async def the_transport(policy: Policy) -> None:
     )
     ResilientTransport()
     ResilientTransport(None, default=None, inner=None, registry=None, clock=None, random=None)
+    ResilientTransport(on_event=print, tracer_provider=None)
+    ResilientTransport(on_event=lambda event: event.host if isinstance(event, RetryScheduled) else None)
     assert_type(ResilientTransport.from_file("policies.toml"), ResilientTransport)
     ResilientTransport.from_file(Path("policies.toml"), registry=CollectorRegistry(), max_hosts=10)
     assert_type(transport.policy_for("api.example.com"), Policy)

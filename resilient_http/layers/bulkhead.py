@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
@@ -66,12 +65,11 @@ import httpx
 from .._call import PRIORITIES, Call, Host, Next, Wait
 from .._clock import Clock
 from .._config import BulkheadPolicy
+from .._events import DEBUG, CallRejected, LimitChanged, Waited
 from .._exceptions import BulkheadFullError, DeadlineExceededError
 from .._metrics import HostMetrics
 from .adaptive import AdaptiveSlots
 from .timeout import IN_MEMORY, expired
-
-logger = logging.getLogger("resilient_http.bulkhead")
 
 _RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 _WAITING, _GRANTED, _SHED = 0, 1, 2
@@ -147,6 +145,7 @@ class Bulkhead:
         "_closing",
         "_drop_statuses",
         "_dry_run",
+        "_events",
         "_in_flight",
         "_in_flight_gauge",
         "_limit",
@@ -166,6 +165,7 @@ class Bulkhead:
         self._limit_gauge = host.metrics.bulkhead_limit
         self._clock: Clock = host.clock
         self._metrics: HostMetrics = host.metrics
+        self._events = host.events
         self._in_flight_gauge = host.metrics.bulkhead_in_flight
         self._queued_gauge = host.metrics.bulkhead_queued
         self._in_flight = 0
@@ -285,12 +285,29 @@ class Bulkhead:
         self._limit_changed(old, new, why, cause)
 
     def _limit_changed(self, old: int, new: int, why: str, cause: object) -> None:
-        """The one place the "limit changed" event is emitted (logged at DEBUG until hooks exist)."""
-        if logger.isEnabledFor(logging.DEBUG):
+        """The one place the "limit changed" event is emitted."""
+        events = self._events
+        if events.wants(DEBUG, "bulkhead"):
             if isinstance(cause, BaseException):
                 cause = type(cause).__name__
-            detail = "" if cause is None else f" ({cause})"
-            logger.debug("bulkhead of %s: limit %d -> %d after a %s%s", self._metrics.host, old, new, why, detail)
+            events.emit(
+                LimitChanged(
+                    transport=events.transport,
+                    host=events.host,
+                    old=old,
+                    new=new,
+                    why=why,
+                    cause=None if cause is None else str(cause),
+                )
+            )
+
+    def _rejected(self, call: Call, reason: str) -> None:
+        events = self._events
+        if events.wants(DEBUG, "bulkhead", call):
+            event = CallRejected(
+                transport=events.transport, host=events.host, layer="bulkhead", retry_after=None, reason=reason
+            )
+            events.emit(event, call)
 
     def _dropped(self, body: httpx.AsyncByteStream, home: Any) -> None:
         """A streamed body was dropped unclosed: close it and free its slot on its own event loop.
@@ -350,8 +367,9 @@ class Bulkhead:
         self._queued -= 1
         self._queued_gauge.dec()
 
-    def _reject(self, call: Call, priority: str, why: str) -> BulkheadFullError:
+    def _reject(self, call: Call, priority: str, why: str, reason: str) -> BulkheadFullError:
         self._metrics.labelled("bulkhead_rejected", priority).inc()
+        self._rejected(call, reason)
         host = self._metrics.host
         return BulkheadFullError(f"bulkhead of {host} {why}", host=host, retry_after=None, request=call.request)
 
@@ -363,7 +381,7 @@ class Bulkhead:
                 self._wake(queue.pop(), _SHED)
                 self._metrics.labelled("bulkhead_rejected", PRIORITIES[lower]).inc()
                 return
-        raise self._reject(call, call.priority, f"is full ({self._limit} in flight, {self._max_queue} waiting)")
+        raise self._reject(call, call.priority, f"is full ({self._limit} in flight, {self._max_queue} waiting)", "full")
 
     async def _wait(self, call: Call) -> None:
         """Queue until a slot is handed over; return holding it, or raise."""
@@ -397,11 +415,17 @@ class Bulkhead:
             waited = clock.now() - started
             if waited > 0:
                 call.waits.append(Wait("bulkhead", waited))
+                events = self._events
+                if events.wants(DEBUG, "bulkhead", call):
+                    events.emit(
+                        Waited(transport=events.transport, host=events.host, reason="bulkhead", seconds=waited), call
+                    )
         # The state, not the timer, decides: a slot handed over as the timer
         # fired is still the call's to use.
         if waiter.state == _GRANTED:
             return
         if waiter.state == _SHED:
+            self._rejected(call, "shed")
             host = self._metrics.host
             raise BulkheadFullError(
                 f"bulkhead of {host} shed this {call.priority} call for a higher-priority one",
@@ -412,4 +436,4 @@ class Bulkhead:
         self._leave(waiter)
         if by_deadline:
             raise expired(call, "total", " while waiting for a bulkhead slot")
-        raise self._reject(call, call.priority, f"had no free slot within {self._queue_timeout}s")
+        raise self._reject(call, call.priority, f"had no free slot within {self._queue_timeout}s", "queue_timeout")

@@ -48,6 +48,7 @@ import httpx
 from .._call import Call, Host, Next
 from .._clock import Clock
 from .._config import CircuitBreakerPolicy
+from .._events import DEBUG, INFO, BreakerStateChanged, CallRejected, HostEvents
 from .._exceptions import CircuitOpenError, DeadlineExceededError, ResilienceError
 from .._headers import retry_after
 from .._metrics import HostMetrics
@@ -63,6 +64,7 @@ class CircuitBreaker:
     __slots__ = (
         "_break",
         "_epochs",
+        "_events",
         "_failures",
         "_metrics",
         "_opened_until",
@@ -77,8 +79,11 @@ class CircuitBreaker:
         "state",
     )
 
-    def __init__(self, policy: CircuitBreakerPolicy, rng: random.Random, metrics: HostMetrics) -> None:
+    def __init__(
+        self, policy: CircuitBreakerPolicy, rng: random.Random, metrics: HostMetrics, events: HostEvents | None = None
+    ) -> None:
         self.policy = policy
+        self._events = events
         self._random = rng
         self._metrics = metrics
         self._width = policy.window / _BUCKETS
@@ -106,10 +111,18 @@ class CircuitBreaker:
         else:
             self._break = min(max(self._break, policy.break_duration), policy.max_break_duration)
 
-    def _set(self, state: str) -> None:
+    def _set(self, state: str, break_seconds: float | None = None) -> None:
+        old = self.state
         self.state = state
         self._period += 1
         self._metrics.circuit(state)
+        events = self._events
+        if events is not None and events.wants(INFO, "circuit_breaker"):
+            events.emit(
+                BreakerStateChanged(
+                    transport=events.transport, host=events.host, old=old, new=state, break_seconds=break_seconds
+                )
+            )
 
     def acquire(self, now: float) -> int:
         """Let a call through, returning the number of the period it starts in; raise if refused."""
@@ -179,7 +192,7 @@ class CircuitBreaker:
             duration = max(duration, min(hinted, self.policy.max_break_duration))
         self._opened_until = now + duration
         self._trials_out = self._trial_successes = 0
-        self._set(OPEN)
+        self._set(OPEN, duration)
         self._metrics.circuit_opened.inc()
 
     def _close(self) -> None:
@@ -204,13 +217,14 @@ def _is_host_failure(exc: Exception, call: Call) -> bool:
 class CircuitBreakerLayer:
     """The breaker layer of one host."""
 
-    __slots__ = ("_clock", "breaker")
+    __slots__ = ("_clock", "_events", "breaker")
 
     def __init__(self, host: Host) -> None:
         policy = host.policy.circuit_breaker
         assert policy is not None
         self._clock: Clock = host.clock
-        self.breaker = CircuitBreaker(policy, host.random, host.metrics)
+        self._events = host.events
+        self.breaker = CircuitBreaker(policy, host.random, host.metrics, host.events)
         host.hedge_gates.append(self._hedge_gate)
 
     def _hedge_gate(self, call: Call) -> str | None:
@@ -222,6 +236,18 @@ class CircuitBreakerLayer:
     def reconfigure(self, policy: CircuitBreakerPolicy) -> None:
         self.breaker.reconfigure(policy)
 
+    def _rejected(self, call: Call, exc: CircuitOpenError) -> None:
+        events = self._events
+        if events.wants(DEBUG, "circuit_breaker", call):
+            event = CallRejected(
+                transport=events.transport,
+                host=events.host,
+                layer="circuit_breaker",
+                retry_after=exc.retry_after,
+                reason=self.breaker.state,
+            )
+            events.emit(event, call)
+
     def detach(self, host: Host) -> None:
         """The host's policy dropped the breaker: its state gauge no longer says anything, nor does it gate hedges."""
         host.metrics.circuit("")
@@ -232,9 +258,10 @@ class CircuitBreakerLayer:
         clock = self._clock
         try:
             period: int | None = breaker.acquire(clock.now())
-        except CircuitOpenError:
+        except CircuitOpenError as exc:
             call.circuit_state = breaker.state
             if not breaker.policy.dry_run:
+                self._rejected(call, exc)
                 raise
             call.blocked_in_dry_run("circuit_breaker")
             period = None

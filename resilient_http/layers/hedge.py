@@ -57,7 +57,6 @@ budget's counts.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from collections.abc import Callable
 from functools import partial
@@ -70,10 +69,9 @@ from httpx._multipart import FileField, MultipartStream  # httpx's form body; no
 from .._call import Call, Host, Next
 from .._clock import Clock
 from .._config import HEDGE_SAMPLES, IDEMPOTENT_METHODS, HedgePolicy, RetryBudget, RetryPolicy
+from .._events import DEBUG, Hedged
 from .._exceptions import DeadlineExceededError
 from .retry import Budget, _error_reason, discard
-
-logger = logging.getLogger("resilient_http.hedge")
 
 #: What a copy's answer fails with when the call has no retry policy: the default retried statuses.
 _RETRYABLE = RetryPolicy().statuses
@@ -157,9 +155,10 @@ class _Outcome(NamedTuple):
 class _Race:
     """The copies of one attempt: what they reported, in order, and how to wake the task that runs the race."""
 
-    __slots__ = ("in_flight", "outcomes", "sent", "wake")
+    __slots__ = ("in_flight", "outcomes", "sent", "started", "wake")
 
-    def __init__(self) -> None:
+    def __init__(self, started: float) -> None:
+        self.started = started  # when the first copy went
         self.outcomes: list[_Outcome] = []
         self.in_flight = 0
         self.sent = 0  # hedges that passed their gates
@@ -183,12 +182,12 @@ async def _close_others(outcomes: list[_Outcome], kept: object) -> None:
 class Hedge:
     """The hedging layer of one host: its latencies and its budget."""
 
-    __slots__ = ("_budget", "_clock", "_gates", "_holds", "_label", "_latencies", "_limits", "_metrics", "_rate_gates")
+    __slots__ = ("_budget", "_clock", "_events", "_gates", "_holds", "_latencies", "_limits", "_metrics", "_rate_gates")
 
     def __init__(self, host: Host) -> None:
         self._clock: Clock = host.clock
         self._metrics = host.metrics
-        self._label = host.label
+        self._events = host.events
         self._gates = host.hedge_gates
         self._holds = host.holds
         self._rate_gates = host.retry_gates
@@ -251,13 +250,13 @@ class Hedge:
         retry = call.policy.retry
         statuses = _RETRYABLE if retry is None else retry.statuses
         adaptive = policy.delay is None
-        race = _Race()
+        race = _Race(clock.now())
         decided: _Outcome | None = None  # the first acceptable answer, or an error no copy would escape
         failure: _Outcome | None = None  # the last failure, a response in preference to an error
         returned: _Outcome | None = None
         try:
             async with anyio.create_task_group() as tasks:
-                started = clock.now()
+                started = race.started
                 due: float | None = started  # when the next copy goes
                 copies = seen = 0
                 while True:
@@ -330,9 +329,10 @@ class Hedge:
                 return
             race.sent += 1
             call.hedges += 1
-            self._event("fired", call, copy)
         clock = self._clock
         started = clock.now()
+        if copy:
+            self._event(call, copy, started - race.started)
         try:
             response = await call_next(call)
         except Exception as exc:
@@ -386,12 +386,16 @@ class Hedge:
         if won:
             assert decided is not None
             call.hedge_won = True
-            self._event("won", call, decided.copy)
             self._metrics.labelled("hedges", "won").inc()
         if race.sent > won:
             self._metrics.labelled("hedges", "lost").inc(race.sent - won)
 
-    def _event(self, what: str, call: Call, copy: int) -> None:
-        """The one place the "hedge fired" and "hedge won" events are emitted (logged at DEBUG until events exist)."""
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("hedge %s: copy %d of a %s to %s", what, copy, call.request.method, self._label)
+    def _event(self, call: Call, copy: int, delay: float) -> None:
+        """The one place the hedge layer emits: a :class:`~resilient_http.events.Hedged` for a hedge sent.
+
+        A hedge that won is the call's ``CallInfo.hedge_won`` and the
+        ``won`` count of ``resilient_http_hedges_total``.
+        """
+        events = self._events
+        if events.wants(DEBUG, "hedge", call):
+            events.emit(Hedged(transport=events.transport, host=events.host, attempt=copy, delay=delay), call)

@@ -77,6 +77,7 @@ import httpx
 from .._call import Call, Host, Next, Wait
 from .._clock import Clock
 from .._config import RateLimitPolicy
+from .._events import DEBUG, INFO, CallRejected, CooldownStarted, Waited
 from .._exceptions import RateLimitedError
 from .._headers import mentions, quota, retry_after
 from ._bucket import NEVER, Bucket, State
@@ -113,6 +114,7 @@ class RateLimiter:
         "_cooldown",
         "_cooldown_until",
         "_dry_run",
+        "_events",
         "_hold_until",
         "_label",
         "_line",
@@ -131,6 +133,7 @@ class RateLimiter:
         assert policy is not None
         self._clock: Clock = host.clock
         self._label = host.label
+        self._events = host.events
         self._bucket = Bucket(policy.rate, policy.burst)
         self._max_wait = policy.max_wait
         self._max_cooldown = policy.max_cooldown
@@ -274,6 +277,11 @@ class RateLimiter:
         self._wait_seconds.observe(waited)
         if waited > 0:
             call.waits.append(Wait("rate_limit", waited))
+            events = self._events
+            if events.wants(DEBUG, "rate_limit", call):
+                events.emit(
+                    Waited(transport=events.transport, host=self._label, reason="rate_limit", seconds=waited), call
+                )
 
     async def _wait_in_line(self, call: Call, waiter: _Waiter, now: float) -> float:
         """Wait until ``waiter`` is first in line and the bucket holds a token; count its send; return the time."""
@@ -322,6 +330,16 @@ class RateLimiter:
 
     def _refuse(self, call: Call, retry_after: float | None) -> NoReturn:
         self._rate_limited.inc()
+        events = self._events
+        if events.wants(DEBUG, "rate_limit", call):
+            event = CallRejected(
+                transport=events.transport,
+                host=self._label,
+                layer="rate_limit",
+                retry_after=retry_after,
+                reason="no_turn",
+            )
+            events.emit(event, call)
         raise RateLimitedError(
             f"rate limit of {self._label}: no turn within the time this call may wait",
             host=self._label,
@@ -368,17 +386,17 @@ class RateLimiter:
         if status == 429 or status == 503:
             hinted = retry_after(headers, self._clock.wall())
             if hinted is not None:  # Retry-After wins over the RateLimit fields
-                self._cool(now, now + hinted)
+                self._cool(now, now + hinted, status)
                 return
         found = quota(headers)
         if found is not None:
             remaining, reset = found
             if remaining == 0:
-                self._cool(now, now + max(reset, self._bucket.interval if status == 429 else 0.0))
+                self._cool(now, now + max(reset, self._bucket.interval if status == 429 else 0.0), status)
                 return
             self._pace_for(now, reset / remaining, now + reset)
         if status == 429:
-            self._cool(now, now + self._bucket.interval)
+            self._cool(now, now + self._bucket.interval, status)
 
     def _pace_for(self, now: float, spacing: float, until: float) -> None:
         """Space calls ``spacing`` apart (at most ``max_cooldown``) until ``until``; wake the line if that is looser."""
@@ -395,12 +413,17 @@ class RateLimiter:
             self._plan = None  # turns may come earlier (a later one is found on waking)
             self._wake_head()
 
-    def _cool(self, now: float, until: float) -> None:
+    def _cool(self, now: float, until: float, status: int) -> None:
         """Send nothing before ``until`` (at most ``max_cooldown`` away): pause the schedule, and wake the line."""
         until = min(until, now + self._max_cooldown)
         start = max(now, self._cooldown_until)
         if until <= start:
             return
+        events = self._events
+        if events.wants(INFO, "rate_limit"):
+            events.emit(
+                CooldownStarted(transport=events.transport, host=self._label, seconds=until - now, status=status)
+            )
         self._shift += until - start
         self._cooldown.inc(until - start)  # the host's time in cooldown, however many calls wait it out
         self._cooldown_until = until

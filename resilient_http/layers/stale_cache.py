@@ -56,6 +56,7 @@ import httpx
 
 from .._call import Call, Host, Next
 from .._config import StaleCachePolicy
+from .._events import DEBUG, StaleServed
 from .._headers import age_value, delta_seconds, pick
 from .._metrics import outcome_of_exception
 from .cache_key import Key, request_key, vary_names
@@ -130,6 +131,7 @@ class StaleCache:
         "_clock",
         "_credentials",
         "_detached",
+        "_events",
         "_identity",
         "_metrics",
         "_policy",
@@ -142,6 +144,7 @@ class StaleCache:
         assert policy is not None
         self._clock = host.clock
         self._metrics = host.metrics
+        self._events = host.events
         self._detached = False
         store = host.shared.get("stale_cache")
         if store is None:
@@ -268,6 +271,9 @@ class StaleCache:
         call.age = age
         call.stale_reason = reason
         self._metrics.labelled("stale_served", reason).inc()
+        events = self._events
+        if events.wants(DEBUG, "stale_cache", call):
+            events.emit(StaleServed(transport=events.transport, host=events.host, reason=reason, age=age), call)
         return httpx.Response(
             entry.status,
             headers=headers,
