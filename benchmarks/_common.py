@@ -25,6 +25,7 @@ PACKAGES = (
     "stamina",
     "tenacity",
     "hishel",
+    "httpx-hedged",
     "aiolimiter",
     "purgatory",
 )

@@ -131,6 +131,26 @@ def test_coalesce_benchmark_counts_requests_at_the_server(tmp_path: Path) -> Non
     assert all(isinstance(t["met"], bool) for t in data["targets"])
 
 
+def test_hedge_benchmark_reports_tails_and_load_for_every_subject(tmp_path: Path) -> None:
+    """Smoke mode: every subject answers every call, with its percentiles and the extra load counted at the server."""
+    from benchmarks import hedge
+
+    path = tmp_path / "hedge.json"
+    assert hedge.main(["--smoke", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert list(data["subjects"]) == list(hedge.SUBJECTS)
+    for name, subject in data["subjects"].items():
+        assert set(subject["ms"]) == {"p50", "p90", "p99", "p99.9", "max"}, name
+        assert all(_number(v) and v > 0 for v in subject["ms"].values()), name
+        assert subject["server_requests"] >= subject["calls"] - subject["failed"], name
+        assert subject["cdf"] and _number(subject["extra_load"]), name
+    assert data["subjects"][hedge.BARE]["extra_load"] == 0
+    assert len(data["targets"]) == 2 and all(isinstance(t["met"], bool) for t in data["targets"])
+    if importlib.util.find_spec("matplotlib") is not None:
+        hedge.plot(data, str(tmp_path / "hedge.png"))
+        assert (tmp_path / "hedge.png").stat().st_size > 0
+
+
 @pytest.mark.skipif(_cachegrind.missing() is not None, reason=f"no instruction counts: {_cachegrind.missing()}")
 def test_instructions_counts_profiles_and_sweeps(tmp_path: Path) -> None:
     """Bare httpx and Policy() counted under cachegrind, with the profile, both sweeps and the socket levels."""

@@ -16,6 +16,7 @@ if typing.TYPE_CHECKING:
     from ._config import BulkheadPolicy as BulkheadPolicy
     from ._config import CircuitBreakerPolicy as CircuitBreakerPolicy
     from ._config import CoalescePolicy as CoalescePolicy
+    from ._config import HedgePolicy as HedgePolicy
     from ._config import Policy as Policy
     from ._config import RateLimitPolicy as RateLimitPolicy
     from ._config import RetryBudget as RetryBudget
@@ -49,6 +50,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectDeadlineExceededError",
     "DeadlineExceededError",
+    "HedgePolicy",
     "Policy",
     "PoolDeadlineExceededError",
     "RateLimitPolicy",
@@ -77,6 +79,7 @@ _WHERE = {
     "BulkheadPolicy": "._config",
     "CircuitBreakerPolicy": "._config",
     "CoalescePolicy": "._config",
+    "HedgePolicy": "._config",
     "Policy": "._config",
     "RateLimitPolicy": "._config",
     "RetryBudget": "._config",

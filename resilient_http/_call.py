@@ -52,7 +52,12 @@ class CallInfo(NamedTuple):
     :mod:`resilient_http.layers.coalesce`).
     ``dry_run`` names the layers in dry-run mode that would have blocked the
     call (and let it through). ``fallback`` is true when the transport's
-    fallback function gave the response.
+    fallback function gave the response. ``hedges`` counts the extra copies
+    sent (see :mod:`resilient_http.layers.hedge`), ``hedge_won`` is true
+    when the answer came from one of them, and ``hedge_stop`` says why a
+    hedge that was due was not sent: ``"budget"``, ``"retry_budget"``,
+    ``"rate_limit"``, ``"cooldown"``, ``"circuit_open"``,
+    ``"bulkhead_full"`` or ``"deadline"``.
 
     A named tuple: immutable, and cheap to make on every call.
     """
@@ -68,6 +73,9 @@ class CallInfo(NamedTuple):
     stale_reason: str | None = None
     dry_run: tuple[str, ...] = ()
     fallback: bool = False
+    hedges: int = 0
+    hedge_won: bool = False
+    hedge_stop: str | None = None
 
 
 class Host:
@@ -83,6 +91,7 @@ class Host:
         "chains",
         "clock",
         "events",
+        "hedge_gates",
         "holds",
         "host",
         "inner",
@@ -140,6 +149,11 @@ class Host:
         # host must not be sent anything (a cooldown the server imposed
         # while the retry was waiting). Empty costs nothing.
         self.holds: list[Callable[[], float]] = []
+        # Asked, in order, right before a hedge (an extra copy of an attempt) is
+        # sent: None to let it go, a reason to refuse it ("circuit_open",
+        # "bulkhead_full", "retry_budget"), or a function that gives back what
+        # the gate took (a share of the retry budget) if another gate refuses.
+        self.hedge_gates: list[Callable[[Call], str | Callable[[], None] | None]] = []
 
 
 class Call:
@@ -153,6 +167,9 @@ class Call:
         "deadline",
         "dry_run",
         "fallback",
+        "hedge_stop",
+        "hedge_won",
+        "hedges",
         "host",
         "policy",
         "priority",
@@ -189,6 +206,9 @@ class Call:
         self.span: Any = None  # the call's OpenTelemetry span while it runs and is traced (see _tracing)
         self.dry_run: tuple[str, ...] = ()
         self.fallback = False
+        self.hedges = 0
+        self.hedge_won = False
+        self.hedge_stop: str | None = None
 
     def blocked_in_dry_run(self, layer: str) -> None:
         """``layer``, in dry-run mode, would have blocked this call: say so, and count it once per call."""
@@ -209,4 +229,7 @@ class Call:
             self.stale_reason,
             self.dry_run,
             self.fallback,
+            self.hedges,
+            self.hedge_won,
+            self.hedge_stop,
         )

@@ -382,6 +382,51 @@ class CoalescePolicy:
         )
 
 
+#: How many recent attempt latencies an adaptive hedge delay is read from (its warm-up is at most this many).
+HEDGE_SAMPLES = 200
+#: The most hedges one attempt may add.
+MAX_HEDGES = 10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HedgePolicy:
+    """Send another copy of a slow attempt, and take whichever answers first ("The Tail at Scale").
+
+    When an attempt has been outstanding for ``delay`` seconds, a copy of
+    it is sent; the first acceptable answer wins and the others are
+    cancelled. A copy that fails with a retryable failure fires the next at
+    once. At most ``max_hedges`` copies are added to one attempt.
+
+    ``delay=None`` (the default) adapts it: the ``quantile`` (0.95) of the
+    host's recent attempt latencies (the last ``HEDGE_SAMPLES``), never
+    below ``min_delay``; nothing is hedged before ``warmup`` latencies were
+    seen. A fixed ``delay`` is used as given.
+
+    Hedges add at most ``budget`` (5 %) of the host's calls over ten
+    seconds, and each also takes a share of the retry budget, a rate-limit
+    token that is free at once and a free bulkhead slot: a hedge never waits
+    for either. Only requests that are safe to send twice are hedged (the
+    methods the retry layer may repeat, or an ``Idempotency-Key``, with a
+    body that can be sent twice at once), and none while the circuit is not
+    closed or the server asked for a pause.
+    """
+
+    delay: float | None = None
+    quantile: float = 0.95
+    min_delay: float = 0.01
+    warmup: int = 20
+    max_hedges: int = 1
+    budget: float = 0.05
+
+    def __post_init__(self) -> None:
+        check_seconds(self, "delay", optional=True)
+        check_number(self, "quantile", 0.5, 0.999)
+        check_seconds(self, "min_delay")
+        check_count(self, "warmup", 1, HEDGE_SAMPLES)
+        check_count(self, "max_hedges", 1, MAX_HEDGES)
+        check_ratio(self, "budget", zero=False)
+
+
 LAYER_TYPES: dict[str, type] = {
     "timeout": TimeoutPolicy,
     "retry": RetryPolicy,
@@ -390,6 +435,7 @@ LAYER_TYPES: dict[str, type] = {
     "bulkhead": BulkheadPolicy,
     "stale_cache": StaleCachePolicy,
     "coalesce": CoalescePolicy,
+    "hedge": HedgePolicy,
 }
 
 
@@ -399,8 +445,8 @@ class Policy:
 
     ``Policy()`` gives timeouts, retries, a circuit breaker and a bulkhead;
     the rate limiter (it needs a rate), the stale cache (it keeps
-    responses in memory) and coalescing (it answers one caller with
-    another's upstream call) are opt-in.
+    responses in memory), coalescing (it answers one caller with
+    another's upstream call) and hedging (it sends extra copies) are opt-in.
     """
 
     timeout: TimeoutPolicy | None = TimeoutPolicy()
@@ -410,9 +456,16 @@ class Policy:
     bulkhead: BulkheadPolicy | None = BulkheadPolicy()
     stale_cache: StaleCachePolicy | None = None
     coalesce: CoalescePolicy | None = None
+    hedge: HedgePolicy | None = None
 
     def __post_init__(self) -> None:
         for name, kind in LAYER_TYPES.items():
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
                 raise ConfigurationError(f"Policy.{name}", value, f"must be a {kind.__name__} or None")
+        hedge, timeout = self.hedge, self.timeout
+        if hedge is not None and hedge.delay is not None and timeout is not None and timeout.total is not None:
+            if hedge.delay >= timeout.total:  # the hedge could never be sent
+                raise ConfigurationError(
+                    "HedgePolicy.delay", hedge.delay, f"must be below TimeoutPolicy.total ({timeout.total})"
+                )

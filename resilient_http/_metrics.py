@@ -66,7 +66,9 @@ between two updates of one call, so these hold between calls, and for
   first try (``circuit_open``, ``rate_limited``, ``bulkhead_full``, a
   deadline already past, ``cancelled``), whether or not the stale cache then
   answered in their place, and the followers of a coalesced call, which
-  share its leader's tries (``coalesced_total``).
+  share its leader's tries (``coalesced_total``). A hedge that was sent
+  (``hedges_total{result="won"}`` or ``{result="lost"}``) is a try too, and
+  not a retry: subtract those from ``attempts_total`` as well.
   ``retries_total{reason}`` never exceeds the tries that gave the reason:
   ``status_NNN`` retries ≤ tries with that status class; ``timeout``,
   ``connect_error`` and ``network_error`` retries ≤ tries whose outcome is

@@ -3,7 +3,7 @@
 Outermost first::
 
     stale cache → coalescing → rate limiter → total timeout → circuit breaker
-                → retry → bulkhead → per-attempt timeout → network
+                → retry → hedging → bulkhead → per-attempt timeout → network
 
 Why this order:
 
@@ -29,6 +29,12 @@ Why this order:
   without retrying, and it judges whole calls rather than single tries.
 - **Retry** is outside the bulkhead so that a call waiting out its backoff
   does not hold a slot.
+- **Hedging** is inside retry and the breaker, which judge the race of
+  copies as one attempt by its outcome (a hedge that wins is not a retry,
+  and one slow copy is not a failure), and outside the bulkhead, so that
+  each copy takes a slot (a connection) of its own, or is not sent. Its
+  copies also take rate-limit tokens and retry budget through the hooks
+  the retry layer uses, since the rate limiter is far outside.
 - The **bulkhead** is outside the per-attempt timeout, so queueing for a
   slot never eats into an attempt's time.
 - The **per-attempt timeout** is innermost, around the network alone.
@@ -58,6 +64,7 @@ from ._config import Policy
 from .layers.bulkhead import Bulkhead
 from .layers.circuit_breaker import CircuitBreakerLayer
 from .layers.coalesce import Coalesce
+from .layers.hedge import Hedge
 from .layers.rate_limit import RateLimiter
 from .layers.retry import Retry
 from .layers.stale_cache import StaleCache
@@ -71,6 +78,7 @@ ORDER: tuple[tuple[str, Callable[[Host], Any]], ...] = (
     ("rate_limit", RateLimiter),
     ("circuit_breaker", CircuitBreakerLayer),
     ("retry", Retry),
+    ("hedge", Hedge),
     ("bulkhead", Bulkhead),
 )
 

@@ -79,6 +79,7 @@ SPECS: tuple[tuple[str, str, str, str, str | None], ...] = (
     ("cache_entries", "gauge", "cache_entries", "Responses kept for stale fallback.", None),
     ("cache_bytes", "gauge", "cache_bytes", "Bytes of responses kept for stale fallback.", None),
     ("coalesced", "counter", "coalesced", "Calls that waited for an identical call in flight, by result.", "result"),
+    ("hedges", "counter", "hedges", "Hedges: sent and won or lost, or why one that was due was not sent.", "result"),
     ("dry_run_blocked", "counter", "dry_run_blocked", "Calls a dry-run layer would have blocked.", "layer"),
     ("fallbacks", "counter", "fallbacks", "Calls the fallback function answered, by what failed.", "reason"),
 )

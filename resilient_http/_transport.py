@@ -30,7 +30,7 @@ from .layers.timeout import IN_MEMORY, guard_body
 
 #: What a single call may change through ``request.extensions["resilient_http"]``.
 OVERRIDABLE = {"timeout": TimeoutPolicy, "retry": RetryPolicy}
-_OFF_ONLY = ("circuit_breaker", "rate_limit", "bulkhead", "stale_cache", "coalesce")
+_OFF_ONLY = ("circuit_breaker", "rate_limit", "bulkhead", "stale_cache", "coalesce", "hedge")
 
 
 def _override(policy: Policy, override: Any) -> tuple[Policy, str]:

@@ -30,6 +30,7 @@ CoalescePolicy = _impl.CoalescePolicy
 ConfigurationError = _impl.ConfigurationError
 ConnectDeadlineExceededError = _impl.ConnectDeadlineExceededError
 DeadlineExceededError = _impl.DeadlineExceededError
+HedgePolicy = _impl.HedgePolicy
 Policy = _impl.Policy
 PoolDeadlineExceededError = _impl.PoolDeadlineExceededError
 RateLimitPolicy = _impl.RateLimitPolicy
@@ -58,6 +59,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectDeadlineExceededError",
     "DeadlineExceededError",
+    "HedgePolicy",
     "Policy",
     "PoolDeadlineExceededError",
     "RateLimitPolicy",

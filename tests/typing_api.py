@@ -22,6 +22,7 @@ from resilient_http import (
     CoalescePolicy,
     ConfigurationError,
     DeadlineExceededError,
+    HedgePolicy,
     Policy,
     RateLimitedError,
     RateLimitPolicy,
@@ -89,6 +90,9 @@ def every_policy() -> Policy:
     CircuitBreakerPolicy(dry_run=True)
     RateLimitPolicy(rate=1, dry_run=True)
     assert_type(BulkheadPolicy(dry_run=True).dry_run, bool)
+    hedge = HedgePolicy(delay=None, quantile=0.95, min_delay=0.01, warmup=20, max_hedges=1, budget=0.05)
+    assert_type(hedge.delay, float | None)
+    assert_type(hedge.max_hedges, int)
     Policy(timeout=None, retry=None, circuit_breaker=None, rate_limit=None, bulkhead=None, stale_cache=None)
     policy = Policy(
         timeout=timeout,
@@ -98,8 +102,10 @@ def every_policy() -> Policy:
         bulkhead=bulkhead,
         stale_cache=stale_cache,
         coalesce=coalesce,
+        hedge=hedge,
     )
     assert_type(policy.coalesce, CoalescePolicy | None)
+    assert_type(policy.hedge, HedgePolicy | None)
     assert_type(policy.retry, RetryPolicy | None)
     assert_type(policy.timeout, TimeoutPolicy | None)
     return policy
@@ -191,6 +197,9 @@ def the_story(info: CallInfo) -> None:
     assert_type(info.stale_reason, str | None)
     assert_type(info.dry_run, tuple[str, ...])
     assert_type(info.fallback, bool)
+    assert_type(info.hedges, int)
+    assert_type(info.hedge_won, bool)
+    assert_type(info.hedge_stop, str | None)
     for wait in info.waits:
         assert_type(wait.reason, str)
         assert_type(wait.seconds, float)
@@ -206,6 +215,9 @@ def the_story(info: CallInfo) -> None:
         coalesced=False,
         dry_run=("bulkhead",),
         fallback=False,
+        hedges=1,
+        hedge_won=True,
+        hedge_stop=None,
     )
 
 

@@ -175,6 +175,7 @@ class Bulkhead:
         self._adaptive: AdaptiveSlots | None = None
         self._policy: BulkheadPolicy | None = None
         self.reconfigure(policy)
+        host.hedge_gates.append(self._hedge_gate)
 
     def reconfigure(self, policy: BulkheadPolicy) -> None:
         """Take ``policy``'s limits for the attempts to come, keeping slots and queue (see the module docstring)."""
@@ -202,6 +203,20 @@ class Bulkhead:
                     self._in_flight += 1
                     self._in_flight_gauge.inc()
                     break
+
+    def detach(self, host: Host) -> None:
+        """The host's policy dropped the bulkhead: hedges no longer ask it for a slot."""
+        host.hedge_gates.remove(self._hedge_gate)
+
+    def _hedge_gate(self, call: Call) -> str | None:
+        """A hedge takes a free slot at once or is not sent: it never queues, nor sheds a waiting call.
+
+        In dry-run mode too: a hedge is load the library adds on its own, so
+        it never goes over the limit, and it is not a call the bulkhead blocked.
+        """
+        if call.policy.bulkhead is None or self._in_flight < self._limit:
+            return None
+        return "bulkhead_full"
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         # A slot is free only when nobody waits: a freed slot is handed to the

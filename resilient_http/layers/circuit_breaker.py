@@ -225,6 +225,13 @@ class CircuitBreakerLayer:
         self._clock: Clock = host.clock
         self._events = host.events
         self.breaker = CircuitBreaker(policy, host.random, host.metrics, host.events)
+        host.hedge_gates.append(self._hedge_gate)
+
+    def _hedge_gate(self, call: Call) -> str | None:
+        """No extra copies to a host the breaker does not trust, or is trying out (in dry-run mode too)."""
+        if call.policy.circuit_breaker is None or self.breaker.state == CLOSED:
+            return None
+        return "circuit_open"
 
     def reconfigure(self, policy: CircuitBreakerPolicy) -> None:
         self.breaker.reconfigure(policy)
@@ -242,8 +249,9 @@ class CircuitBreakerLayer:
             events.emit(event, call)
 
     def detach(self, host: Host) -> None:
-        """The host's policy dropped the breaker: its state gauge no longer says anything."""
+        """The host's policy dropped the breaker: its state gauge no longer says anything, nor does it gate hedges."""
         host.metrics.circuit("")
+        host.hedge_gates.remove(self._hedge_gate)
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         breaker = self.breaker

@@ -21,7 +21,7 @@ retry takes its share of the budget when it is scheduled and gives it back
 if it is never sent (a rate limiter refused it, the call was cancelled
 during the backoff, the bulkhead shed it); ``retries_total`` counts a retry
 once its attempt has reached the network, so that attempts minus calls is
-retries.
+retries. Hedges (:mod:`.hedge`) take their share of the same budget.
 
 Still worth it: a wait that would not end before the total deadline, or a
 Retry-After above ``max_retry_after``, ends the call at once with its last
@@ -33,6 +33,8 @@ outcome. When retries run out the last response is returned (so
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import httpx
 from httpx._multipart import FileField, MultipartStream  # httpx's form body; no public module exports it
@@ -182,11 +184,24 @@ class Retry:
         self._holds = host.holds
         self._events = host.events
         self._budget = Budget(_window(host.policy.retry))
+        host.hedge_gates.append(self._hedge_gate)
 
     def reconfigure(self, policy: RetryPolicy) -> None:
         """Keep the budget's history, unless its window changed (the counts are per slice of the old window)."""
         if _window(policy) != self._budget.window:
             self._budget = Budget(_window(policy))
+
+    def detach(self, host: Host) -> None:
+        """The host's policy dropped retries: hedges no longer draw on this layer's budget."""
+        host.hedge_gates.remove(self._hedge_gate)
+
+    def _hedge_gate(self, call: Call) -> str | Callable[[], None] | None:
+        """A hedge is extra load as a retry is: it takes a share of the retry budget (given back if not sent)."""
+        budget = call.policy.retry.budget if call.policy.retry is not None else None
+        if budget is None:
+            return None
+        receipt = self._budget.withdraw(self._clock.now(), budget)
+        return "retry_budget" if receipt is None else partial(self._budget.refund, receipt)
 
     def _backoff(self, policy: RetryPolicy, attempt: int) -> float:
         # 2.0**1023 is the largest power of two a float holds; the product may be inf, which min() caps.
