@@ -21,6 +21,8 @@ from ._metrics import HostMetrics, metrics_for, outcome_of_exception, outcome_of
 from ._network import CertTypes, ProxyTypes, SocketOption, VerifyTypes, default_inner, refuse_beside_inner
 from ._pipeline import chain_for
 from .layers.timeout import IN_MEMORY, guard_body
+from .store import Store, open_store, open_store_table
+from .store._fleet import FLEET, Fleet
 
 #: What a single call may change through ``request.extensions["resilient_http"]``.
 OVERRIDABLE = {"timeout": TimeoutPolicy, "retry": RetryPolicy}
@@ -95,6 +97,17 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     flight (the table may hold more hosts while more are busy at once).
     ``clock`` and ``random`` exist for tests.
 
+    ``store`` shares the fleet-wide state (the rate limit, the server's
+    back-off, the breaker's verdicts and trials, the live workers) with every
+    worker using the same store: a ``redis://``, ``rediss://`` or ``unix://``
+    URL, a ``[store]`` table (``{"url": ..., "timeout": 0.02}``), or a store
+    object (:class:`~resilient_http.store.RedisStore`, or a
+    :class:`~resilient_http.store.MemoryStore` shared by the transports of
+    one process). Without it (or with ``"memory://"``) every layer decides
+    alone, in memory, and never awaits a store. A store this transport opened
+    from a URL or a table is closed by :meth:`aclose`; a store object belongs
+    to its giver. See :mod:`resilient_http.store`.
+
     A single call may override its host's ``timeout`` and ``retry``, turn
     any layer off, and set its bulkhead priority (``critical``, ``high``,
     ``normal``, ``low``) through request extensions, e.g.
@@ -122,6 +135,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         local_address: str | None = None,
         retries: int = 0,
         socket_options: Iterable[SocketOption] | None = None,
+        store: str | Store | Mapping[str, Any] | None = None,
     ) -> None:
         network: dict[str, Any] = {
             "verify": verify,
@@ -144,14 +158,29 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._clock: Clock = SystemClock() if clock is None else clock
         self._random = default_random() if random is None else random
         self._hosts: HostTable[Host] = HostTable(self._make_host, self._evict_host, max_hosts)
-        self._shared: dict[str, Any] = {}  # state layers keep across hosts (the stale cache's store)
+        self._shared: dict[str, Any] = {}  # state layers keep across hosts (the stale cache's store, the fleet)
+        self._fleet = self._open_fleet(store, registry)
+
+    def _open_fleet(
+        self, store: str | Store | Mapping[str, Any] | None, registry: CollectorRegistry | None
+    ) -> Fleet | None:
+        if store is None or store == "memory://":
+            return None
+        if isinstance(store, Mapping):
+            opened = open_store_table(store, registry=registry, clock=self._clock)
+        else:
+            opened = open_store(store, registry=registry, clock=self._clock)
+        fleet = self._shared[FLEET] = Fleet(opened, clock=self._clock, owned=opened is not store)
+        return fleet
 
     @classmethod
     def from_file(cls, path: str | PathLike[str], **kwargs: Any) -> ResilientTransport:
-        """A transport whose ``policies`` and ``default`` come from a TOML file."""
-        from ._toml import load_policies
+        """A transport whose ``policies``, ``default`` and ``store`` (a ``[store]`` table) come from a TOML file."""
+        from ._toml import load_policies, load_store
 
         policies, default = load_policies(path)
+        if kwargs.get("store") is None:
+            kwargs["store"] = load_store(path)
         return cls(policies, default=default, **kwargs)
 
     def _make_host(self, host: str, port: int) -> Host:
@@ -209,7 +238,11 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             hosts.leave(host)
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        try:
+            if self._fleet is not None:
+                await self._fleet.aclose()
+        finally:
+            await self._inner.aclose()
 
     async def __aenter__(self) -> ResilientTransport:
         await self._inner.__aenter__()
@@ -221,7 +254,11 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         exc_value: BaseException | None = None,
         traceback: TracebackType | None = None,
     ) -> None:
-        await self._inner.__aexit__(exc_type, exc_value, traceback)
+        try:
+            if self._fleet is not None:
+                await self._fleet.aclose()
+        finally:
+            await self._inner.__aexit__(exc_type, exc_value, traceback)
 
 
 def call_info(outcome: httpx.Response | BaseException) -> CallInfo | None:

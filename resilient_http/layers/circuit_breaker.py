@@ -28,11 +28,15 @@ it through: a call that started before the circuit opened and ends after it
 closed again is not counted in the new window (it cannot re-open a host that
 has recovered), and a trial of an earlier half-open round neither frees a
 slot nor decides the next round.
+
+With a shared store (``ResilientTransport(store=...)``), an open circuit
+and the half-open trials are the fleet's: see :mod:`.fleet_circuit`.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import httpx
 
@@ -42,6 +46,8 @@ from .._config import CircuitBreakerPolicy
 from .._exceptions import CircuitOpenError, DeadlineExceededError, ResilienceError
 from .._headers import retry_after
 from .._metrics import HostMetrics
+from ..store._fleet import FLEET
+from .fleet_circuit import FleetCircuit
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 _BUCKETS = 10
@@ -64,6 +70,7 @@ class CircuitBreaker:
         "_trial_successes",
         "_trials_out",
         "_width",
+        "on_open",
         "policy",
         "state",
     )
@@ -81,6 +88,7 @@ class CircuitBreaker:
         self._trials_out = 0
         self._trial_successes = 0
         self._period = 1  # numbers the states the breaker has been in (see the module docstring)
+        self.on_open: Callable[[float], None] | None = None  # told the break's length when the counts open it
         self.state = CLOSED
         metrics.circuit(CLOSED)
 
@@ -111,6 +119,22 @@ class CircuitBreaker:
             )
         self._trials_out += 1
         return self._period
+
+    def trial_due(self, now: float) -> bool:
+        """Whether the next call would be a half-open trial."""
+        return self.state == HALF_OPEN or (self.state == OPEN and now >= self._opened_until)
+
+    def adopt(self, now: float, retry_after: float) -> None:
+        """Be open for ``retry_after`` more seconds because the fleet's circuit is (its break, not this one's)."""
+        if self.state != OPEN:
+            self._trials_out = self._trial_successes = 0
+            self._set(OPEN)
+        self._opened_until = now + retry_after
+
+    def close(self) -> None:
+        """Close now: the fleet's trials succeeded."""
+        if self.state != CLOSED:
+            self._close()
 
     def release(self, period: int) -> None:
         """A call ended without a verdict on the host: give back its trial slot if it is a trial."""
@@ -159,6 +183,8 @@ class CircuitBreaker:
         self._trials_out = self._trial_successes = 0
         self._set(OPEN)
         self._metrics.circuit_opened.inc()
+        if self.on_open is not None:
+            self.on_open(duration)
 
     def _close(self) -> None:
         self._break = self.policy.break_duration
@@ -182,19 +208,31 @@ def _is_host_failure(exc: Exception, call: Call) -> bool:
 class CircuitBreakerLayer:
     """The breaker layer of one host."""
 
-    __slots__ = ("_clock", "breaker")
+    __slots__ = ("_clock", "_fleet", "breaker")
 
     def __init__(self, host: Host) -> None:
         policy = host.policy.circuit_breaker
         assert policy is not None
         self._clock: Clock = host.clock
         self.breaker = CircuitBreaker(policy, host.random, host.metrics)
+        fleet = host.shared.get(FLEET)
+        self._fleet = None if fleet is None else FleetCircuit(fleet, host.label, self.breaker, host.clock)
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         breaker = self.breaker
         clock = self._clock
+        fleet = self._fleet
+        trial: int | None = None  # the fleet's round, when this call is one of its trials
         try:
-            period = breaker.acquire(clock.now())
+            now = clock.now()
+            if fleet is None:
+                period = breaker.acquire(now)
+            else:
+                fleet.tick(now)
+                if breaker.trial_due(now):
+                    period, trial = await fleet.acquire(call)
+                else:
+                    period = breaker.acquire(now)
         finally:
             call.circuit_state = breaker.state
         try:
@@ -204,10 +242,14 @@ class CircuitBreakerLayer:
                 breaker.record(clock.now(), period, failure=True)
             else:
                 breaker.release(period)
+                if fleet is not None and trial is not None:
+                    fleet.released(trial)
             call.circuit_state = breaker.state
             raise
         except BaseException:  # cancelled: no verdict on the host
             breaker.release(period)
+            if fleet is not None and trial is not None:
+                fleet.released(trial)
             raise
         status = response.status_code
         failure = status in breaker.policy.failure_statuses
@@ -215,5 +257,7 @@ class CircuitBreakerLayer:
         if failure and status == 503:
             hinted = retry_after(response.headers, clock.wall())
         breaker.record(clock.now(), period, failure, hinted)
+        if fleet is not None and trial is not None and not failure:
+            fleet.succeeded(trial)
         call.circuit_state = breaker.state
         return response

@@ -50,6 +50,11 @@ spent in server-imposed cooldown (its rate is the share of time the host
 was paused, however many calls waited); every refusal counts in
 ``rate_limited``.
 A retry's wait for its turn is recorded by the retry layer, in ``CallInfo.waits``.
+
+With a shared store (``ResilientTransport(store=...)``), the quota is the
+fleet's: see :mod:`.fleet_quota`. Each call then asks the store, and uses
+the line above only while the store cannot answer, at this worker's share
+of the rate.
 """
 
 from __future__ import annotations
@@ -65,7 +70,9 @@ from .._call import Call, Host, Next, Wait
 from .._clock import Clock
 from .._exceptions import RateLimitedError
 from .._headers import mentions, quota, retry_after
+from ..store._fleet import FLEET
 from ._bucket import NEVER, Bucket, State
+from .fleet_quota import FleetQuota
 
 
 class _Waiter:
@@ -105,7 +112,10 @@ class RateLimiter:
         "_max_wait",
         "_pace_until",
         "_plan",
+        "_policy",
+        "_quota",
         "_rate_limited",
+        "_share",
         "_shift",
         "_wait_seconds",
         "_waiting",
@@ -116,6 +126,7 @@ class RateLimiter:
         assert policy is not None
         self._clock: Clock = host.clock
         self._label = host.label
+        self._policy = policy
         self._bucket = Bucket(policy.rate, policy.burst)
         self._max_wait = policy.max_wait
         self._max_cooldown = policy.max_cooldown
@@ -130,11 +141,17 @@ class RateLimiter:
         self._wait_seconds = metrics.rate_limit_wait
         self._rate_limited = metrics.rate_limited
         self._cooldown = metrics.cooldown
-        host.observers.append(self._observe)
+        fleet = host.shared.get(FLEET)
+        self._quota = None if fleet is None else FleetQuota(fleet, host.label, policy, host.clock)
+        self._share = 1  # the live workers the local bucket's rate is divided among
+        host.observers.append(self._observe if self._quota is None else self._observe_shared)
         host.retry_gates.append(self._gate)
         host.holds.append(self._hold)
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
+        quota = self._quota
+        if quota is not None and await self._fleet_turn(call, quota):
+            return await call_next(call)
         now = self._clock.now()
         virtual = now - self._shift
         bucket = self._bucket
@@ -146,6 +163,44 @@ class RateLimiter:
             return await call_next(call)
         await self._wait_turn(call, now)
         return await call_next(call)
+
+    # The fleet
+
+    async def _fleet_turn(self, call: Call, quota: FleetQuota) -> bool:
+        """Wait for the slot the fleet's store gives; ``False`` when it cannot answer (the local line decides)."""
+        clock = self._clock
+        arrival = clock.now()
+        answer = await quota.admit(call, arrival)
+        if answer is None:
+            self._reshare(quota.fleet.workers)
+            return False
+        now = clock.now()
+        if answer.hold > 0:  # the fleet's hold: this worker's retries wait it out too
+            self._cool(now, now + answer.hold)
+        if not answer.allowed:
+            self._refuse(call, answer.wait)
+        # This worker's own cooldown may not have reached the store yet.
+        wait = max(answer.wait, self._cooldown_until - now)
+        if call.deadline is not None and now + wait >= call.deadline:
+            self._refuse(call, wait)
+        if wait > 0:
+            await clock.sleep(wait)
+        waited = clock.now() - arrival
+        self._wait_seconds.observe(waited)
+        if wait > 0:
+            call.waits.append(Wait("rate_limit", waited))
+        return True
+
+    def _reshare(self, workers: int) -> None:
+        """Run the local bucket at this worker's share of the fleet's quota: ``rate / workers``, ``burst / workers``."""
+        if workers == self._share:
+            return
+        self._share = workers
+        bucket, policy = self._bucket, self._policy
+        bucket.interval = workers / policy.rate
+        bucket.tolerance = (max(1, policy.burst // workers) - 1) * bucket.interval
+        self._plan = None
+        self._wake_head()
 
     # The line
 
@@ -294,6 +349,8 @@ class RateLimiter:
             return None
         self._bucket.book(turn)
         self._plan = None
+        if self._quota is not None:
+            self._quota.retry_booked()
         return send
 
     # What the server says
@@ -318,6 +375,13 @@ class RateLimiter:
             self._pace_for(now, reset / remaining, now + reset)
         if status == 429:
             self._cool(now, now + self._bucket.interval)
+
+    def _observe_shared(self, response: httpx.Response, now: float) -> None:
+        """:meth:`_observe`, and a cooldown that begins here is published to the fleet."""
+        before = self._cooldown_until
+        self._observe(response, now)
+        if self._cooldown_until > before and self._quota is not None:
+            self._quota.publish_hold(self._cooldown_until)
 
     def _pace_for(self, now: float, spacing: float, until: float) -> None:
         """Space calls ``spacing`` apart (at most ``max_cooldown``) until ``until``; wake the line if that is looser."""
