@@ -229,7 +229,7 @@ class CircuitBreakerLayer:
                 period = breaker.acquire(now)
             else:
                 fleet.tick(now)
-                if breaker.trial_due(now):
+                if fleet.fresh or breaker.trial_due(now):
                     period, trial = await fleet.acquire(call)
                 else:
                     period = breaker.acquire(now)

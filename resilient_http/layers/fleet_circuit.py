@@ -5,9 +5,10 @@ network does not mix into another's counts. What the fleet shares is the
 verdict. When this worker's breaker opens, it tells the store (in the
 background); the store opens the fleet's circuit as a new round, or, if a
 peer opened it already, answers with the peer's round, which this worker
-adopts, break included. Every worker reads the fleet's circuit at most
-once a second per host (in the background, never per call), so the others
-learn of an open circuit within a second and stop calling.
+adopts, break included. Every worker reads the fleet's circuit before its
+first call to a host, and then at most once a second per host (in the
+background, never per call), so the others learn of an open circuit within
+a second and stop calling.
 
 When a break ends, the trials are the fleet's: a worker whose breaker
 would let a trial through first asks the store for the circuit, and then
@@ -47,7 +48,7 @@ TRIAL_TTL = 60.0
 class FleetCircuit:
     """One host's breaker, kept in step with the fleet's record of it."""
 
-    __slots__ = ("_breaker", "_clock", "_fleet", "_next_sync", "_pending", "_store", "_upstream", "round")
+    __slots__ = ("_breaker", "_clock", "_fleet", "_next_sync", "_pending", "_store", "_upstream", "fresh", "round")
 
     def __init__(self, fleet: Fleet, upstream: str, breaker: CircuitBreaker, clock: Clock) -> None:
         self._fleet = fleet
@@ -56,6 +57,7 @@ class FleetCircuit:
         self._breaker = breaker
         self._clock = clock
         self._next_sync = -float("inf")
+        self.fresh = True  # no call yet: the first one reads the fleet's circuit before it goes
         self._pending = False  # this worker opened its breaker and the store has not answered yet
         self.round = 0  # the fleet's last round this worker knows of
         breaker.on_open = self._opened
@@ -103,7 +105,9 @@ class FleetCircuit:
             self._adopt(found)
 
     async def acquire(self, call: Call) -> tuple[int, int | None]:
-        """Let a call through a breaker whose break is over: ``(period, fleet round)`` of a fleet trial.
+        """Let a call through after reading the fleet's circuit: ``(period, fleet round)`` of a fleet trial.
+
+        For the first call, and for calls once the local break is over.
 
         The round is ``None`` when the store could not answer or has no
         record: the local breaker decided alone. Raises
@@ -111,6 +115,8 @@ class FleetCircuit:
         trial slots are taken.
         """
         breaker, store, clock = self._breaker, self._store, self._clock
+        self.fresh = False
+        self._next_sync = clock.now() + SYNC_EVERY
         found = await store.circuit(self._upstream)
         if found is UNAVAILABLE:
             return breaker.acquire(clock.now()), None
