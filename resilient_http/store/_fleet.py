@@ -10,10 +10,12 @@ awaits a store.
 
 **Heartbeats.** The store counts live workers by their heartbeats. Nobody
 runs a timer for them: the calls do. A layer calls :meth:`Fleet.tick` as
-a call passes; at most once every ``heartbeat / 3`` seconds it starts a
-heartbeat in the background. A worker that makes no calls stops beating
-and drops out of the count after ``heartbeat`` seconds, which is what the
-count is for: the workers that share a quota.
+a call passes; at most once a second it starts a heartbeat in the
+background, and the answer (the live workers) is kept for the layers. A
+worker that makes no calls stops beating and drops out of the count
+after ``heartbeat`` seconds (5), which is what the count is for: the workers
+that share a quota. Until its first heartbeat is answered, a worker takes
+itself to be alone.
 
 **Operations nobody waits for** (a heartbeat, publishing a server's
 ``Retry-After`` to the fleet, publishing that a breaker opened, giving back
@@ -44,7 +46,9 @@ logger = logging.getLogger("resilient_http.store")
 FLEET: Final = "fleet"
 
 #: Seconds a heartbeat keeps a worker counted among the live ones.
-HEARTBEAT: Final = 15.0
+HEARTBEAT: Final = 5.0
+#: Seconds between two heartbeats of a worker that is making calls.
+BEAT_EVERY: Final = 1.0
 
 
 class Fleet:
@@ -69,9 +73,9 @@ class Fleet:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def tick(self, now: float) -> None:
-        """A call passes: start a heartbeat if one is due (at most every third of the heartbeat's life)."""
+        """A call passes: start a heartbeat if one is due (at most one a second)."""
         if now >= self._next_beat:
-            self._next_beat = now + self._heartbeat / 3
+            self._next_beat = now + BEAT_EVERY
             self.soon(self._beat())
 
     async def _beat(self) -> None:
