@@ -289,8 +289,9 @@ async def test_after_the_break_exactly_half_open_calls_trials_go_out_fleet_wide(
     async with anyio.create_task_group() as group:
         for client in (a, b, c):
             group.start_soon(call, client)
-        while trials < 1 or len(outcomes) < 2:  # the trial in flight, the two others refused
-            await anyio.lowlevel.checkpoint()
+        with anyio.fail_after(5):  # a bound for when the fleet lets more than one trial out
+            while trials < 1 or len(outcomes) < 2:  # the trial in flight, the two others refused
+                await anyio.lowlevel.checkpoint()
         gate.set()
     assert trials == 1
     assert sorted(str(o) if isinstance(o, int) else "refused" for o in outcomes) == ["200", "refused", "refused"]
@@ -315,12 +316,13 @@ async def test_a_failed_fleet_trial_opens_the_next_round_for_everyone(workers: W
 
 
 async def test_a_cancelled_fleet_trial_gives_its_slot_back(workers: Workers, clock: FakeClock) -> None:
-    """A trial cancelled in flight frees the fleet's slot: another worker's trial may go."""
-    hang = anyio.Event()
+    """While A's trial is in flight B is refused; once it is cancelled, its slot is free and B's trial may go."""
+    arrived = anyio.Event()
 
     async def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/hang":
-            await hang.wait()
+            arrived.set()
+            await anyio.sleep_forever()
         return httpx.Response(503 if request.url.path == "/fail" else 200)
 
     store = MemoryStore(clock=clock)
@@ -329,8 +331,13 @@ async def test_a_cancelled_fleet_trial_gives_its_slot_back(workers: Workers, clo
         await a.get("/fail")
     await settle(a)
     clock.advance(6.1)
-    with anyio.move_on_after(0.05):
-        await a.get("/hang")  # the trial, cancelled
+    async with anyio.create_task_group() as group:
+        group.start_soon(a.get, "/hang")  # the trial
+        with anyio.fail_after(5):
+            await arrived.wait()
+        with pytest.raises(CircuitOpenError):
+            await b.get("/")
+        group.cancel_scope.cancel()
     await settle(a)
     assert (await b.get("/")).status_code == 200
 
