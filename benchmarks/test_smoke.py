@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,25 @@ def test_coalesce_benchmark_counts_requests_at_the_server(tmp_path: Path) -> Non
     assert off["upstream_requests_total"] == off["calls"]
     assert all(_number(row["us_per_call"]) and row["us_per_call"] > 0 for row in data["per_call"])
     assert all(isinstance(t["met"], bool) for t in data["targets"])
+
+
+@pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="redis-server is not installed (Debian: apt-get install redis-server)"
+)
+def test_fleet_benchmark_reports_every_scenario(tmp_path: Path) -> None:
+    """Smoke mode: two worker processes on the benchmark's own redis-server, every scenario, and a verdict each."""
+    from benchmarks import fleet
+
+    path = tmp_path / "fleet.json"
+    assert fleet.main(["--smoke", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    shared, alone = data["quota"]
+    assert shared["shared"] and not alone["shared"] and shared["arrivals"] > 0 and alone["arrivals"] > 0
+    assert _number(data["hold"]["arrivals_during_hold"])
+    assert [r["shared"] for r in data["outage"]] == [True, False]
+    assert _number(data["redis_down"]["latency_max"]) and _number(data["redis_down"]["errors"])
+    assert [row["store"] for row in data["cost"]] == ["no store (in memory)", "Redis store"]
+    assert len(data["targets"]) == 10 and all(isinstance(t["met"], bool) for t in data["targets"])
+    if importlib.util.find_spec("matplotlib") is not None:
+        fleet.plot(data, str(tmp_path / "fleet.png"))
+        assert (tmp_path / "fleet.png").stat().st_size > 0

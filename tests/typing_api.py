@@ -36,6 +36,7 @@ from resilient_http import (
     Wait,
     call_info,
 )
+from resilient_http.store import MemoryStore
 from resilient_http.testing import FakeClock
 
 
@@ -113,6 +114,9 @@ async def the_transport(policy: Policy) -> None:
     )
     ResilientTransport()
     ResilientTransport(None, default=None, inner=None, registry=None, clock=None, random=None)
+    ResilientTransport(store="redis://127.0.0.1:6379/0")
+    ResilientTransport(store={"url": "redis://127.0.0.1:6379/0", "timeout": 0.02})
+    ResilientTransport(store=MemoryStore(), max_hosts=10)
     assert_type(ResilientTransport.from_file("policies.toml"), ResilientTransport)
     ResilientTransport.from_file(Path("policies.toml"), registry=CollectorRegistry(), max_hosts=10)
     assert_type(transport.policy_for("api.example.com"), Policy)
