@@ -574,8 +574,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store-timeout", type=float, help="the store's timeout in the quota, hold and outage runs")
     parser.add_argument("--replot", metavar="JSON", help="report and draw an earlier run's results, without running")
     args = parser.parse_args(argv)
-    if args.replot:
+    if args.replot:  # the targets are judged again: their wording may have changed since
         result = json.loads(open(args.replot, encoding="utf-8").read())
+        result["targets"] = targets(
+            result, Settings(**{**result["settings"], "down": tuple(result["settings"]["down"])})
+        )
+        if args.json:
+            write_json(args.json, result)
         print(report(result))
         if args.plot:
             plot(result, args.plot)
