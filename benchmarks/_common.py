@@ -25,6 +25,8 @@ PACKAGES = (
     "stamina",
     "tenacity",
     "hishel",
+    "aiolimiter",
+    "purgatory",
 )
 
 

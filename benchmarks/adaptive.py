@@ -104,7 +104,7 @@ async def _sample(client: Client, server: FaultServer, host: str, every: float, 
     """Every ``every`` seconds: (time, limit, in flight, queued, upstream busy) into ``into``."""
     start = time.monotonic()
     while True:
-        labels = {"host": host}
+        labels = {"transport": "default", "host": host}
         into.append(
             [
                 time.monotonic() - start,

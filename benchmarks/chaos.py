@@ -371,7 +371,9 @@ async def outage(settings: Settings, clients: Sequence[str]) -> dict[str, Any]:
                     server.set_mode("outage")
 
                 def come_back() -> None:
-                    opens_at_heal.append(client.metric("resilient_http_circuit_opened_total", {"host": host}))
+                    opens_at_heal.append(
+                        client.metric("resilient_http_circuit_opened_total", {"transport": "default", "host": host})
+                    )
                     server.set_mode("healthy")
 
                 start, records = await drive(

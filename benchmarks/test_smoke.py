@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import adaptive, chaos, overhead
+from benchmarks import _cachegrind, adaptive, chaos, instructions, overhead
 
 
 def _number(value: Any) -> bool:
@@ -152,3 +152,24 @@ def test_fleet_benchmark_reports_every_scenario(tmp_path: Path) -> None:
     if importlib.util.find_spec("matplotlib") is not None:
         fleet.plot(data, str(tmp_path / "fleet.png"))
         assert (tmp_path / "fleet.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(_cachegrind.missing() is not None, reason=f"no instruction counts: {_cachegrind.missing()}")
+def test_instructions_counts_profiles_and_sweeps(tmp_path: Path) -> None:
+    """Bare httpx and Policy() counted under cachegrind, with the profile, both sweeps and the socket levels."""
+    path = tmp_path / "instructions.json"
+    assert instructions.main(["--smoke", "--profile", "--flat", "--socket", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    rows = {row["name"]: row for row in data["instructions"]["rows"]}
+    assert list(rows) == [overhead.BARE, instructions.DEFAULT]
+    assert all(_number(row["instructions"]) and row["instructions"] > 0 for row in rows.values())
+    assert rows[overhead.BARE]["ratio"] == 1.0 and isinstance(rows[instructions.DEFAULT]["met"], bool)
+    assert set(data["wall_clock"]["rows"]) == set(rows)
+    profiled = data["profile"]["subjects"][instructions.DEFAULT]
+    assert profiled["bytecodes_by_function"] and profiled["instructions_by_c_function"]
+    assert any(name.startswith("resilient_http/layers/") for name, _ in profiled["bytecodes_by_function"])
+    sweeps = {(row["kind"], row["subject"]) for row in data["flat"]["rows"]}
+    assert sweeps == {(kind, subject) for kind in ("in-flight", "hosts") for subject in ("bare httpx", "all six")}
+    levels = [level["workers"] for level in data["socket"]["levels"]]
+    assert levels == list(instructions.SMOKE.socket_workers)
+    assert all(row["calls_per_second"] > 0 for level in data["socket"]["levels"] for row in level["rows"])

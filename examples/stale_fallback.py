@@ -116,16 +116,17 @@ async def main() -> None:
             assert info is not None
             print(f"{'gone':<8} GET {'/catalog/items/7':<18} -> ConnectError after {info.attempts} attempts")
 
-    print("\nmetrics:")
-    host = f"127.0.0.1:{port}"
-    for outcome in ("2xx", "5xx", "stale", "error"):
-        value = registry.get_sample_value("resilient_http_requests_total", {"host": host, "outcome": outcome})
-        print(f'  resilient_http_requests_total{{outcome="{outcome}"}} {value or 0:.0f}')
-    for reason in ("server_error", "error"):
-        value = registry.get_sample_value("resilient_http_stale_served_total", {"host": host, "reason": reason})
-        print(f'  resilient_http_stale_served_total{{reason="{reason}"}} {value or 0:.0f}')
-    entries = registry.get_sample_value("resilient_http_cache_entries", {"host": host})
-    print(f"  resilient_http_cache_entries {entries or 0:.0f}")
+        # Read before the client closes: a closed transport's series leave the registry.
+        print("\nmetrics:")
+        labels = {"transport": "default", "host": f"127.0.0.1:{port}"}
+        for outcome in ("2xx", "5xx", "stale", "error"):
+            value = registry.get_sample_value("resilient_http_requests_total", {**labels, "outcome": outcome})
+            print(f'  resilient_http_requests_total{{outcome="{outcome}"}} {value or 0:.0f}')
+        for reason in ("server_error", "error"):
+            value = registry.get_sample_value("resilient_http_stale_served_total", {**labels, "reason": reason})
+            print(f'  resilient_http_stale_served_total{{reason="{reason}"}} {value or 0:.0f}')
+        entries = registry.get_sample_value("resilient_http_cache_entries", labels)
+        print(f"  resilient_http_cache_entries {entries or 0:.0f}")
 
 
 if __name__ == "__main__":

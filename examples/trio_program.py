@@ -79,17 +79,17 @@ async def main() -> None:
                     f"GET {path:<6} -> {response.status_code} after {info.attempts} attempts "
                     f"in {time.monotonic() - started:.2f}s (waits: {waits}; server saw {requests[path]} requests)"
                 )
+            # Read before the client closes: a closed transport's series leave the registry.
+            host = f"127.0.0.1:{port}"
+            for name, labels in (
+                ("resilient_http_retries_total", {"reason": "status_503"}),
+                ("resilient_http_retries_total", {"reason": "timeout"}),
+                ("resilient_http_timeouts_total", {"kind": "attempt"}),
+            ):
+                value = registry.get_sample_value(name, {"transport": "default", "host": host, **labels})
+                label, label_value = next(iter(labels.items()))
+                print(f'{name}{{{label}="{label_value}"}} {value or 0:.0f}')
         nursery.cancel_scope.cancel()  # stop the server (and the handler still asleep in /slow)
-
-    host = f"127.0.0.1:{port}"
-    for name, labels in (
-        ("resilient_http_retries_total", {"reason": "status_503"}),
-        ("resilient_http_retries_total", {"reason": "timeout"}),
-        ("resilient_http_timeouts_total", {"kind": "attempt"}),
-    ):
-        value = registry.get_sample_value(name, {"host": host, **labels})
-        label, label_value = next(iter(labels.items()))
-        print(f'{name}{{{label}="{label_value}"}} {value or 0:.0f}')
 
 
 if __name__ == "__main__":

@@ -41,8 +41,16 @@ resolves the policy each name gets from the file and gives it to the local port
 that plays that host; [default] serves any other host. `check FILE` prints what
 each pattern resolves to.
 
-Exit status: 0 when the run ends on its own, 130 when interrupted (Ctrl-C), after
-printing the table of the calls made so far; 2 for a bad --policy file.
+Each client runs in its own process, with at most 150 calls in flight (a call due
+beyond that is not started, and counted), so that both keep to the timeline at any
+--duration. "calls shed" counts the calls refused locally by the circuit breaker,
+the rate limiter or the bulkhead, those then answered stale included. When
+resilient_http gives fewer fresh answers than bare httpx in a phase, the lines under
+the table say why (a server's Retry-After holds the whole host back, say).
+
+Exit status: 0 when the run ends on its own, 130 when interrupted (Ctrl-C ends the
+run within a second, after printing the table of the calls made so far); 2 for a bad
+--policy file or a --metrics-port that cannot be served.
 """
 
 
@@ -107,10 +115,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from prometheus_client import CollectorRegistry, start_http_server
-
-    from ._demo import demo_policies, run_demo
+    from ._demo import DemoError, run_demo
     from ._demo_report import API, SEARCH
+    from ._demo_scenario import demo_policies
 
     policies = demo_policies() if args.policy is None else load_policy_file(args.policy)
     table = PolicyTable(*policies)
@@ -118,25 +125,12 @@ def _demo(args: argparse.Namespace) -> int:
     for host in (API, SEARCH):
         print(f"[hosts.{_quoted(host)}]")
         print("\n".join(describe_policy(table.resolve(host, 80))))
-    registry = CollectorRegistry()
-    server = None
-    if args.metrics_port is not None:
-        try:
-            server, thread = start_http_server(args.metrics_port, addr="127.0.0.1", registry=registry)
-        except OSError as exc:
-            print(f"error: cannot serve metrics on 127.0.0.1:{args.metrics_port}: {exc.strerror}", file=sys.stderr)
-            return 2
-        print(f"metrics: http://127.0.0.1:{server.server_port}/metrics", flush=True)
+    sys.stdout.flush()
     try:
-        interrupted = asyncio.run(run_demo(args.duration, policies, registry=registry, out=sys.stdout))
-    except KeyboardInterrupt:  # a second Ctrl-C, during shutdown
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-            thread.join()
+        interrupted = asyncio.run(run_demo(args.duration, policies, metrics_port=args.metrics_port, out=sys.stdout))
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 130 if interrupted else 0
 
 
@@ -199,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into head, say: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the demo's own handler is in place, or after
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return status
 
 

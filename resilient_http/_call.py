@@ -10,6 +10,7 @@ import httpx
 
 from ._clock import Clock
 from ._config import Policy
+from ._events import Events, HostEvents
 from ._metrics import HostMetrics
 
 Next = Callable[["Call"], Awaitable[httpx.Response]]
@@ -37,14 +38,21 @@ class CallInfo(NamedTuple):
     ``attempts`` counts the tries that reached, or tried to reach, the
     network (0 for a stale answer given without trying). ``stale`` is true
     when the response came from the stale cache, ``age`` then saying how old
-    it is. ``waits`` lists every pause in order. ``circuit_state`` is the
-    breaker's state when the call ended (``None`` without a breaker).
-    ``retry_stop`` says why no further attempt was made when the last
-    outcome was retryable: ``"attempts"``, ``"budget"``, ``"deadline"``,
-    ``"retry_after_too_long"``, ``"not_idempotent"``, ``"body_not_replayable"``
-    or ``"rate_limit"``. ``coalesced`` is true when the call sent nothing
-    and got a copy of the answer (or the error) of an identical call in
-    flight (see :mod:`resilient_http.layers.coalesce`).
+    it is and ``stale_reason`` what failed in its place: the ``reason`` label
+    of ``resilient_http_stale_served_total`` (``"server_error"``,
+    ``"timeout"``, ``"error"``, or a local refusal: ``"circuit_open"``,
+    ``"rate_limited"``, ``"bulkhead_full"``). ``waits`` lists every pause in
+    order. ``circuit_state`` is the breaker's state when the call ended
+    (``None`` without a breaker). ``retry_stop`` says why no further attempt
+    was made when the last outcome was retryable: ``"attempts"``,
+    ``"budget"``, ``"deadline"``, ``"retry_after_too_long"``,
+    ``"not_idempotent"``, ``"body_not_replayable"`` or ``"rate_limit"``.
+    ``coalesced`` is true when the call sent nothing and got a copy of the
+    answer (or the error) of an identical call in flight (see
+    :mod:`resilient_http.layers.coalesce`).
+    ``dry_run`` names the layers in dry-run mode that would have blocked the
+    call (and let it through). ``fallback`` is true when the transport's
+    fallback function gave the response.
 
     A named tuple: immutable, and cheap to make on every call.
     """
@@ -57,6 +65,9 @@ class CallInfo(NamedTuple):
     circuit_state: str | None = None
     retry_stop: str | None = None
     coalesced: bool = False
+    stale_reason: str | None = None
+    dry_run: tuple[str, ...] = ()
+    fallback: bool = False
 
 
 class Host:
@@ -71,6 +82,7 @@ class Host:
         "chain",
         "chains",
         "clock",
+        "events",
         "holds",
         "host",
         "inner",
@@ -83,6 +95,7 @@ class Host:
         "random",
         "retry_gates",
         "shared",
+        "tracing",
     )
 
     def __init__(
@@ -96,6 +109,8 @@ class Host:
         metrics: HostMetrics,
         inner: httpx.AsyncBaseTransport,
         shared: dict[str, Any] | None = None,
+        events: Events | None = None,
+        tracing: Any = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -105,6 +120,10 @@ class Host:
         self.random = rng
         self.metrics = metrics
         self.inner = inner
+        # What the layers emit their decisions through (see _events); ``tracing``
+        # is the transport's resilient_http._tracing.Tracing, or None.
+        self.events: HostEvents = (Events("", None, None) if events is None else events).host(self.label)
+        self.tracing = tracing
         self.layers: dict[str, Any] = {}
         self.calls = 0  # calls in flight, counted by the host table: a busy host is never evicted
         self.shared: dict[str, Any] = {} if shared is None else shared  # one dict for all hosts of a transport
@@ -132,12 +151,16 @@ class Call:
         "circuit_state",
         "coalesced",
         "deadline",
+        "dry_run",
+        "fallback",
         "host",
         "policy",
         "priority",
         "request",
         "retry_stop",
+        "span",
         "stale",
+        "stale_reason",
         "started",
         "waits",
     )
@@ -159,9 +182,19 @@ class Call:
         self.waits: list[Wait] = []
         self.stale = False
         self.age: float | None = None
+        self.stale_reason: str | None = None
         self.circuit_state: str | None = None
         self.retry_stop: str | None = None
         self.coalesced = False
+        self.span: Any = None  # the call's OpenTelemetry span while it runs and is traced (see _tracing)
+        self.dry_run: tuple[str, ...] = ()
+        self.fallback = False
+
+    def blocked_in_dry_run(self, layer: str) -> None:
+        """``layer``, in dry-run mode, would have blocked this call: say so, and count it once per call."""
+        if layer not in self.dry_run:
+            self.dry_run += (layer,)
+            self.host.metrics.labelled("dry_run_blocked", layer).inc()
 
     def info(self) -> CallInfo:
         return CallInfo(
@@ -173,4 +206,7 @@ class Call:
             self.circuit_state,
             self.retry_stop,
             self.coalesced,
+            self.stale_reason,
+            self.dry_run,
+            self.fallback,
         )

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from ._clock import Clock
 from ._config import Policy
 from ._exceptions import ConfigurationError
+from ._fallback import Fallback
 from ._hosts import DEFAULT_MAX_HOSTS
 from ._network import CertTypes, ProxyTypes, VerifyTypes, default_inner
 from ._transport import ResilientTransport
@@ -99,8 +100,8 @@ async def _close(
 class ResilientClient(httpx.AsyncClient):
     """An ``httpx.AsyncClient`` over a :class:`ResilientTransport`, keeping all of a client's usual arguments.
 
-    ``policies``, ``default``, ``registry``, ``max_hosts``, ``clock`` and
-    ``random`` are :class:`ResilientTransport`'s. ``verify``, ``cert``,
+    ``policies``, ``default``, ``registry``, ``max_hosts``, ``clock``,
+    ``random`` and ``fallback`` are :class:`ResilientTransport`'s. ``verify``, ``cert``,
     ``http1``, ``http2``, ``proxy``, ``mounts``, ``limits`` and ``trust_env``
     mean what they mean to ``httpx.AsyncClient``, proxies from the
     environment (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``,
@@ -131,6 +132,7 @@ class ResilientClient(httpx.AsyncClient):
         mounts: Mapping[str, httpx.AsyncBaseTransport | None] | None = None,
         limits: httpx.Limits | None = None,
         trust_env: bool = True,
+        fallback: Fallback | None = None,
         **kwargs: Any,
     ) -> None:
         if "transport" in kwargs:
@@ -166,6 +168,7 @@ class ResilientClient(httpx.AsyncClient):
             max_hosts=max_hosts,
             clock=clock,
             random=random,
+            fallback=fallback,
         )
         super().__init__(transport=transport, trust_env=trust_env, **kwargs)
 

@@ -43,6 +43,12 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a field name (RFC 9110 §5.1)
 
 
+def _check_flag(owner: object, name: str) -> None:
+    value = getattr(owner, name)
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{type(owner).__name__}.{name}", value, "must be true or false")
+
+
 def _header_names(owner: str, name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str | bytes) or not isinstance(value, Collection):
         raise ConfigurationError(f"{owner}.{name}", value, "must be a collection of header names")
@@ -160,6 +166,12 @@ class CircuitBreakerPolicy:
     lets ``half_open_calls`` trial calls through, closes when they all
     succeed and opens again on the first that fails, each time for twice as
     long (jittered) up to ``max_break_duration``.
+
+    With ``dry_run``, the breaker counts, opens and closes as it would, but
+    lets every call through: a call it would have refused is counted in
+    ``resilient_http_dry_run_blocked_total{layer="circuit_breaker"}`` and
+    named in ``CallInfo.dry_run``, and its outcome is not counted (a real
+    breaker would never have seen it).
     """
 
     failure_ratio: float = 0.5
@@ -169,8 +181,10 @@ class CircuitBreakerPolicy:
     max_break_duration: float = 60.0
     half_open_calls: int = 1
     failure_statuses: Collection[int] = frozenset({500, 502, 503, 504})
+    dry_run: bool = False
 
     def __post_init__(self) -> None:
+        _check_flag(self, "dry_run")
         check_ratio(self, "failure_ratio", zero=False)
         check_count(self, "minimum_calls", 1, MAX_CALLS)
         check_seconds(self, "window")
@@ -191,14 +205,21 @@ class RateLimitPolicy:
     holds the host back longer than ``max_cooldown`` seconds: a longer
     ``Retry-After`` or ``RateLimit`` reset, and a wider ``RateLimit``
     spacing between calls, are cut to it.
+
+    With ``dry_run``, no call ever waits or is refused: a call whose turn has
+    not come is sent at once, without taking a turn (as a policer, not a
+    shaper), counted in ``resilient_http_dry_run_blocked_total{layer="rate_limit"}``
+    and named in ``CallInfo.dry_run``.
     """
 
     rate: float
     burst: int = 1
     max_wait: float | None = None
     max_cooldown: float = 60.0
+    dry_run: bool = False
 
     def __post_init__(self) -> None:
+        _check_flag(self, "dry_run")
         check_rate(self, "rate")
         check_count(self, "burst", 1, MAX_CALLS)
         check_seconds(self, "max_wait", zero=True, optional=True)
@@ -270,14 +291,22 @@ class BulkheadPolicy:
     With ``adaptive`` (an :class:`AdaptiveLimit`), the number of slots follows
     the host's answers, from ``adaptive.min`` up to ``max_concurrent``, which
     stays the hard ceiling.
+
+    With ``dry_run``, an attempt that finds no free slot is sent at once
+    instead of queueing (or being shed), counted in
+    ``resilient_http_dry_run_blocked_total{layer="bulkhead"}`` and named in
+    ``CallInfo.dry_run``; it still counts as in flight, so the gauges show
+    how far above the limit the host really goes.
     """
 
     max_concurrent: int = 100
     max_queue: int = 100
     queue_timeout: float | None = None
     adaptive: AdaptiveLimit | None = None
+    dry_run: bool = False
 
     def __post_init__(self) -> None:
+        _check_flag(self, "dry_run")
         check_count(self, "max_concurrent", 1, MAX_CALLS)
         check_count(self, "max_queue", 0, MAX_CALLS)
         check_seconds(self, "queue_timeout", optional=True)

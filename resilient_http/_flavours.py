@@ -12,8 +12,9 @@ is never touched (``httpx2.alias_httpx()`` is for applications, not
 libraries), so an application may use both packages side by side.
 
 Modules that never touch HTTP objects (:data:`SHARED`: policies, the clock,
-host patterns, TOML loading, ``ConfigurationError``) are not loaded twice:
-one ``Policy`` serves both flavours, and a policy file is read once.
+host patterns, TOML loading, the fleet's store, ``ConfigurationError``) are
+not loaded twice: one ``Policy`` serves both flavours, a policy file is read
+once, and one store object may be given to transports of either flavour.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ PACKAGE = __name__.rpartition(".")[0]  # "resilient_http"
 CLONE = f"{PACKAGE}._httpx2"
 
 #: Modules of the package that do not import httpx, directly or through another module, and are shared.
-SHARED = frozenset({"_checks", "_clock", "_config", "_errors", "_flavours", "_hosts", "_toml"})
+SHARED = frozenset(
+    {"_checks", "_clock", "_config", "_errors", "_events", "_flavours", "_hosts", "_series", "_toml", "events", "store"}
+)
 
 #: What the modules of the httpx2 flavour import instead.
 RENAMES = {"httpx": "httpx2", "httpcore": "httpcore2"}
@@ -95,6 +98,19 @@ class _Loader(importlib.abc.Loader):
         exec(code, module.__dict__)
 
 
+class _Shared(importlib.abc.Loader):
+    """Gives the shared module itself under its httpx2-flavour name (``from resilient_http._httpx2 import _config``)."""
+
+    def __init__(self, original: str) -> None:
+        self._original = original
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return importlib.import_module(self._original)
+
+    def exec_module(self, module: ModuleType) -> None:
+        return None
+
+
 class _Finder(importlib.abc.MetaPathFinder):
     """Finds ``resilient_http._httpx2.*``: the same files as ``resilient_http.*``."""
 
@@ -103,6 +119,8 @@ class _Finder(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname != CLONE and not fullname.startswith(CLONE + "."):
             return None
+        if fullname != CLONE and _is_shared(_original(fullname)):
+            return importlib.machinery.ModuleSpec(fullname, _Shared(_original(fullname)))
         original = importlib.util.find_spec(PACKAGE if fullname == CLONE else _original(fullname))
         if original is None or original.origin is None:
             return None

@@ -273,3 +273,7 @@ class HostTable(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def values(self) -> list[T]:
+        """Every value held now, least recently used first."""
+        return list(self._entries.values())

@@ -1,197 +1,159 @@
-"""Every Prometheus metric of resilient_http, created against an injected registry.
+"""Every Prometheus metric of resilient_http, owned by the transport that writes it.
 
-Nothing here is module-level: a :class:`Metrics` is made for a
-``CollectorRegistry`` the first time a transport uses that registry, and
-every later transport on the same registry shares it (registering the same
-names twice would fail). Series are labelled by ``host`` (``host:port``) and
-a small closed set of values; paths and query strings never become labels.
+Every series carries the labels in :data:`LABELS`: ``transport`` (the
+transport's ``name``, ``"default"`` unless given) and ``host``
+(``host:port``), and at most one more from a small closed set; paths and
+query strings never become labels. A transport's series live as long as it
+does: :class:`TransportMetrics` is made with the transport, and its
+``close()`` (``aclose``, the end of ``async with``, or garbage collection)
+takes them off the registry. A host evicted from the transport's table
+takes its own series with it. What one registry holds for the library, and
+for how long, is in :mod:`resilient_http._series`.
 
-The hot path pays for plain arithmetic only. Each host gets a
-:class:`HostMetrics` whose counters, gauges and histograms are small objects
-with prometheus-client's method names (``inc``, ``dec``, ``set``,
-``observe``) that add to Python numbers; a collector registered once per
-registry turns them into samples when Prometheus scrapes. An
-``inc`` costs about 0.1 µs instead of about 1 µs for a prometheus-client
-child (lock, validation, a Python loop over histogram buckets), and a call
-makes a dozen of them.
-
+The hot path pays for plain arithmetic only: each host's counters, gauges
+and histograms are small objects with prometheus-client's method names
+(``inc``, ``dec``, ``set``, ``observe``) adding to Python numbers, turned
+into samples when Prometheus scrapes. An ``inc`` costs about 0.1 µs instead
+of about 1 µs for a prometheus-client child, and a call makes a dozen.
 Under prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``
-set, for gunicorn or uvicorn workers), values must live in the shared
-files that only prometheus-client's own metric classes write, so there
-:class:`HostMetrics` holds their labelled children instead; the layers do
-not know the difference. Gauges then aggregate with ``livesum`` (the
-circuit state with ``livemax``: 1 if any worker's breaker is in that state).
+set, for gunicorn or uvicorn workers) values must live in the shared files
+that only prometheus-client's own classes write, so hosts hold their
+labelled children instead (gauges through :class:`SharedGauge`), and the
+layers do not know the difference. Gauges aggregate with ``livesum`` (the
+circuit state with ``livemax``). Files cannot forget a series: a host or
+transport that leaves keeps its counters there and sets its gauges to 0.
+
+What the counters promise each other, per ``transport`` and ``host``, for
+the calls that ended while the host was in the table (a scrape may fall
+between two updates of one call, so these hold between calls, and for
+``increase()`` over a window up to the calls that straddle its edges):
+
+- ``requests_total`` counts every call once, whatever ended it (``outcome``
+  ``cancelled`` included): ``sum(requests_total) ==
+  request_duration_seconds_count``. A call ends when its response headers
+  are returned; a body that fails later is not a second outcome.
+- ``attempts_total`` counts every try handed to the network once, however it
+  ended: ``sum(attempts_total) == attempt_duration_seconds_count``.
+- ``retries_total`` counts a retry when its try is made, not when it is
+  scheduled: a retry cancelled during its backoff, refused by the bulkhead or
+  the server's cooldown, or overtaken by the deadline is not a retry. So
+  ``sum(attempts_total) - sum(retries_total)`` is the number of calls that
+  reached the network, and ``attempts - requests = retries`` exactly when
+  every call did. The calls that did not are those refused before their
+  first try (``circuit_open``, ``rate_limited``, ``bulkhead_full``, a
+  deadline already past, ``cancelled``), whether or not the stale cache then
+  answered in their place, and the followers of a coalesced call, which
+  share its leader's tries (``coalesced_total``).
+  ``retries_total{reason}`` never exceeds the tries that gave the reason:
+  ``status_NNN`` retries ≤ tries with that status class; ``timeout``,
+  ``connect_error`` and ``network_error`` retries ≤ tries whose outcome is
+  ``timeout`` or ``error``.
+- ``requests_total{outcome="stale"} == sum(stale_served_total)``: a stale
+  answer is always the call's answer.
+- Refusals are counted where they are made, once: every
+  ``RateLimitedError`` a call gets adds to ``rate_limited_total`` (a turn the
+  limiter could not give in time, or a server's cooldown that outlasts a
+  waiting retry), so ``requests_total{outcome="rate_limited"} +
+  stale_served_total{reason="rate_limited"} == rate_limited_total``. The
+  same sum for ``bulkhead_full`` is at most ``sum(bulkhead_rejected_total)``:
+  a waiter shed for a higher priority is counted when it is shed, and may be
+  cancelled before it learns it. With a ``fallback`` function, a failure it
+  answered ends as ``outcome="fallback"`` and is counted in
+  ``fallbacks_total{reason}`` by what failed (``reason="server_error"`` for a
+  final 5xx, otherwise the outcome it replaced): add
+  ``fallbacks_total{reason="rate_limited"}`` (or ``"bulkhead_full"``) to the
+  left side of these sums.
+- ``timeouts_total{kind="attempt"} <= attempts_total{outcome="timeout"}``
+  (the rest are the network's own timeouts); calls that end in a timeout,
+  answered or stale, number at most ``timeouts_total{kind="total"} +
+  attempts_total{outcome="timeout"}``. A total timeout may also strike a
+  streamed body after the call has ended.
+- Gauges return to rest: with no call in flight, ``bulkhead_in_flight`` and
+  ``bulkhead_queued`` read 0, whatever was cancelled; with a breaker, exactly
+  one ``circuit_state`` reads 1.
+
+``tests/test_metrics.py`` drives random faults, cancellations and deadlines
+through every layer and checks each of these.
 """
 
 from __future__ import annotations
 
-import os
-import weakref
-from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import REGISTRY, CollectorRegistry
 
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-CIRCUIT_STATES = ("closed", "open", "half_open")
-PREFIX = "resilient_http_"
-
-# (attribute, kind, name without prefix or _total, help, second label or None), in exposition order.
-SPECS: tuple[tuple[str, str, str, str, str | None], ...] = (
-    ("requests", "counter", "requests", "Calls made through the transport, by final outcome.", "outcome"),
-    ("attempts", "counter", "attempts", "Tries that reached, or tried to reach, the network.", "outcome"),
-    ("request_duration", "histogram", "request_duration_seconds", "Time from call to response headers.", None),
-    ("attempt_duration", "histogram", "attempt_duration_seconds", "Time of one try on the network.", None),
-    ("retries", "counter", "retries", "Retries made, by what caused them.", "reason"),
-    ("budget_exhausted", "counter", "retry_budget_exhausted", "Retries refused by the retry budget.", None),
-    ("circuit_state", "gauge", "circuit_state", "1 for the breaker's current state, 0 otherwise.", "state"),
-    ("circuit_opened", "counter", "circuit_opened", "Times the breaker opened.", None),
-    ("timeouts", "counter", "timeouts", "Timeouts, per attempt or of the whole call.", "kind"),
-    ("rate_limit_wait", "histogram", "rate_limit_wait_seconds", "Time calls waited for a rate-limit token.", None),
-    ("rate_limited", "counter", "rate_limited", "Calls refused by the rate limiter.", None),
-    ("cooldown", "counter", "cooldown_seconds", "Time spent in cooldown imposed by the server.", None),
-    ("bulkhead_in_flight", "gauge", "bulkhead_in_flight", "Attempts holding a bulkhead slot.", None),
-    ("bulkhead_queued", "gauge", "bulkhead_queued", "Calls waiting for a bulkhead slot.", None),
-    ("bulkhead_limit", "gauge", "bulkhead_limit", "Bulkhead slots: max_concurrent, or the adaptive limit now.", None),
-    ("bulkhead_rejected", "counter", "bulkhead_rejected", "Calls shed by the bulkhead.", "priority"),
-    ("stale_served", "counter", "stale_served", "Stale answers served, by what failed.", "reason"),
-    ("cache_entries", "gauge", "cache_entries", "Responses kept for stale fallback.", None),
-    ("cache_bytes", "gauge", "cache_bytes", "Bytes of responses kept for stale fallback.", None),
-    ("coalesced", "counter", "coalesced", "Calls that waited for an identical call in flight, by result.", "result"),
+from ._errors import ConfigurationError
+from ._series import (
+    CIRCUIT_STATES,
+    DURATION_BUCKETS,
+    KINDS,
+    LABELS,
+    PREFIX,
+    SPECS,
+    Buckets,
+    SharedGauge,
+    Value,
+    attach,
+    detach,
+    multiprocess,
+    plain,
 )
-_KINDS = {attribute: kind for attribute, kind, *_ in SPECS}
+
+__all__ = [
+    "CIRCUIT_STATES",
+    "DURATION_BUCKETS",
+    "LABELS",
+    "PREFIX",
+    "SPECS",
+    "Buckets",
+    "HostMetrics",
+    "TransportMetrics",
+    "Value",
+    "outcome_of_exception",
+    "outcome_of_status",
+]
+
+#: The transport label of a transport made without ``name=``.
+DEFAULT_NAME = "default"
 
 
-class Value:
-    """A counter's or a gauge's value: prometheus-client's method names, plain arithmetic."""
+class TransportMetrics:
+    """The series of one transport: made with it, gone from the registry when it is closed.
 
-    __slots__ = ("value",)
+    Holds the transport's live hosts; :meth:`close` (the transport's
+    ``aclose``, or its garbage collection) takes them off the registry and
+    frees the transport's name. A host made after that still counts, on
+    numbers nobody exports.
+    """
 
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
-
-    def dec(self, amount: float = 1.0) -> None:
-        self.value -= amount
-
-    def set(self, value: float) -> None:
-        self.value = float(value)
-
-
-class Buckets:
-    """A histogram's value: a count per bucket (not cumulative) and a sum."""
-
-    __slots__ = ("counts", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(DURATION_BUCKETS) + 1)
-        self.sum = 0.0
-
-    def observe(self, amount: float) -> None:
-        self.counts[bisect_left(DURATION_BUCKETS, amount)] += 1
-        self.sum += amount
-
-
-def _multiprocess() -> bool:
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"))
-
-
-class _Collector(Collector):
-    """Turns the live :class:`HostMetrics` of a registry into samples at scrape time."""
-
-    def __init__(self) -> None:
+    def __init__(self, registry: CollectorRegistry | None, name: str) -> None:
+        if not isinstance(name, str) or not name or not name.isprintable() or len(name) > 100:
+            raise ConfigurationError("name", name, "must be a non-empty printable string of at most 100 characters")
+        self.name = name
         self.hosts: set[HostMetrics] = set()
+        self.closed = False
+        self._multiprocess = multiprocess()
+        self._exporter = attach(REGISTRY if registry is None else registry, name, self, self._multiprocess)
 
-    def describe(self) -> Iterator[Metric]:
-        for _, kind, name, doc, label in SPECS:
-            yield _family(kind, name, doc, label)
+    def host(self, host: str) -> HostMetrics:
+        """The series of ``host`` (``host:port``), exported until the host or the transport goes."""
+        return HostMetrics(self, host)
 
-    def collect(self) -> Iterator[Metric]:
-        hosts = list(self.hosts)
-        for attribute, kind, name, doc, label in SPECS:
-            family = _family(kind, name, doc, label)
-            merged: dict[tuple[str, ...], Any] = {}
-            for host in hosts:
-                for labels, value in host.values(attribute):
-                    if kind == "histogram":
-                        counts, total = merged.get(labels, ([0] * len(value.counts), 0.0))
-                        merged[labels] = ([a + b for a, b in zip(counts, value.counts, strict=True)], total + value.sum)
-                    elif attribute == "circuit_state":
-                        merged[labels] = max(merged.get(labels, 0.0), value.value)
-                    else:
-                        merged[labels] = merged.get(labels, 0.0) + value.value
-            for labels, value in merged.items():
-                if kind == "histogram":
-                    counts, total = value
-                    cumulative, running = [], 0
-                    for bound, count in zip((*DURATION_BUCKETS, float("inf")), counts, strict=True):
-                        running += count
-                        cumulative.append((_le(bound), float(running)))
-                    assert isinstance(family, HistogramMetricFamily)
-                    family.add_metric(list(labels), cumulative, total)
-                else:
-                    assert not isinstance(family, HistogramMetricFamily)
-                    family.add_metric(list(labels), value)
-            yield family
+    def series(self, attribute: str, labels: tuple[str, ...]) -> Any:
+        if self.closed:
+            return plain(attribute)
+        return self._exporter.series(attribute, labels)
 
-
-def _le(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(float(bound))
-
-
-def _family(
-    kind: str, name: str, doc: str, label: str | None
-) -> CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily:
-    labels = ["host"] if label is None else ["host", label]
-    full = PREFIX + name
-    if kind == "counter":
-        return CounterMetricFamily(full, doc, labels=labels)
-    if kind == "gauge":
-        return GaugeMetricFamily(full, doc, labels=labels)
-    return HistogramMetricFamily(full, doc, labels=labels)
-
-
-class Metrics:
-    """The metrics of one registry: a collector of plain values, or prometheus-client's classes."""
-
-    def __init__(self, registry: CollectorRegistry, multiprocess: bool) -> None:
-        self.multiprocess = multiprocess
-        self.collector: _Collector | None = None
-        self.collectors: dict[str, Any] = {}
-        if not multiprocess:
-            self.collector = _Collector()
-            registry.register(self.collector)
+    def close(self) -> None:
+        """Take every host's series off the registry, and free the name; a second call does nothing."""
+        if self.closed:
             return
-        for attribute, kind, name, doc, label in SPECS:
-            labels = ("host",) if label is None else ("host", label)
-            if kind == "counter":
-                made: Any = Counter(PREFIX + name, doc, labels, registry=registry)
-            elif kind == "gauge":
-                if attribute == "circuit_state":
-                    made = Gauge(PREFIX + name, doc, labels, registry=registry, multiprocess_mode="livemax")
-                else:
-                    made = Gauge(PREFIX + name, doc, labels, registry=registry, multiprocess_mode="livesum")
-            else:
-                made = Histogram(PREFIX + name, doc, labels, registry=registry, buckets=DURATION_BUCKETS)
-            self.collectors[attribute] = made
-
-
-_shared: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
-
-
-def metrics_for(registry: CollectorRegistry | None) -> Metrics:
-    """The shared :class:`Metrics` of ``registry`` (the global registry when ``None``)."""
-    registry = REGISTRY if registry is None else registry
-    found = _shared.get(registry)
-    if found is None:
-        found = _shared[registry] = Metrics(registry, _multiprocess())
-    return found
+        self.closed = True
+        for host in list(self.hosts):
+            host.remove()
+        detach(self._exporter, self.name, self)
 
 
 class HostMetrics:
@@ -200,7 +162,7 @@ class HostMetrics:
     __slots__ = (
         "_attempts",
         "_labelled",
-        "_metrics",
+        "_owner",
         "_requests",
         "attempt_duration",
         "budget_exhausted",
@@ -212,6 +174,7 @@ class HostMetrics:
         "circuit_opened",
         "cooldown",
         "host",
+        "labels",
         "rate_limit_wait",
         "rate_limited",
         "request_duration",
@@ -230,40 +193,37 @@ class HostMetrics:
     rate_limited: Value
     request_duration: Buckets
 
-    #: The metrics labelled by ``host`` alone; each has an attribute of the same name.
+    #: The metrics labelled by :data:`LABELS` alone; each has an attribute of the same name.
     UNLABELLED = tuple(attribute for attribute, _, _, _, label in SPECS if label is None)
 
-    def __init__(self, metrics: Metrics, host: str) -> None:
-        self._metrics = metrics
+    def __init__(self, owner: TransportMetrics, host: str) -> None:
+        self._owner = owner
         self.host = host
+        #: The values of :data:`LABELS` for this host's series.
+        self.labels = (owner.name, host)
         # metric name -> second label value -> series
-        self._labelled: dict[str, dict[str, Any]] = {name: {} for name in _KINDS if name not in self.UNLABELLED}
+        self._labelled: dict[str, dict[str, Any]] = {name: {} for name in KINDS if name not in self.UNLABELLED}
         self._requests = self._labelled["requests"]
         self._attempts = self._labelled["attempts"]
         for name in self.UNLABELLED:
-            setattr(self, name, self._make(name, ()))
-        if metrics.collector is not None:
-            metrics.collector.hosts.add(self)
-
-    def _make(self, name: str, extra: tuple[str, ...]) -> Any:
-        if self._metrics.multiprocess:
-            return self._metrics.collectors[name].labels(self.host, *extra)
-        return Buckets() if _KINDS[name] == "histogram" else Value()
+            setattr(self, name, owner.series(name, self.labels))
+        if not owner.closed:
+            owner.hosts.add(self)
 
     def _child(self, name: str, value: str) -> Any:
         series = self._labelled[name]
         child = series.get(value)
         if child is None:
-            child = series[value] = self._make(name, (value,))
+            child = series[value] = self._owner.series(name, (*self.labels, value))
         return child
 
     def values(self, name: str) -> Iterator[tuple[tuple[str, ...], Any]]:
         """``(label values, value)`` of every series of metric ``name`` for this host."""
         if name in self.UNLABELLED:
-            yield (self.host,), getattr(self, name)
+            yield self.labels, getattr(self, name)
             return
         for value, child in list(self._labelled[name].items()):
-            yield (self.host, value), child
+            yield (*self.labels, value), child
 
     def labelled(self, name: str, value: str) -> Any:
         """The series of metric ``name`` for this host and the second label ``value``."""
@@ -294,21 +254,20 @@ class HostMetrics:
             self._child("circuit_state", name).set(1 if name == state else 0)
 
     def remove(self) -> None:
-        """Drop every series of this host from the registry."""
-        m = self._metrics
-        if m.collector is not None:
-            m.collector.hosts.discard(self)
-            return
+        """Drop every series of this host from the registry (its values go on counting, unexported)."""
+        self._owner.hosts.discard(self)
         # prometheus-client cannot remove series in multiprocess mode (it warns and
-        # keeps them in the files): the counters stay, and the gauges are zeroed
-        # so that an evicted host does not read "open" or "in flight" for ever.
+        # keeps them in the files): the counters stay, and the gauges read 0 and stop
+        # following this host, so that it never reads "open" or "in flight" for ever,
+        # nor below zero when a call in flight ends after it left.
         for name in self.UNLABELLED:
-            if _KINDS[name] == "gauge":
-                getattr(self, name).set(0)
-        for name, series in self._labelled.items():
-            if _KINDS[name] == "gauge":
-                for child in series.values():
-                    child.set(0)
+            value = getattr(self, name)
+            if isinstance(value, SharedGauge):
+                value.detach()
+        for series in self._labelled.values():
+            for child in series.values():
+                if isinstance(child, SharedGauge):
+                    child.detach()
 
 
 def outcome_of_exception(exc: BaseException) -> str:

@@ -38,6 +38,13 @@ costs nothing. Layers are made per host on first use and keep their state
 (breaker counts, budgets) on themselves; chains are composed once per host
 and per set of active layers, by a reverse fold like Starlette's
 ``build_middleware_stack``.
+
+When a host's policy changes while the service runs (:func:`update`), a
+layer that stays gets the new policy through its ``reconfigure`` and keeps
+its state (a layer without ``reconfigure`` is made afresh); a layer the
+policy turns off is dropped with its state (its ``detach``, if it has one,
+undoes what it left on the host); a layer the policy turns on is made fresh.
+Calls in flight finish on the chain they started with.
 """
 
 from __future__ import annotations
@@ -86,3 +93,29 @@ def chain_for(host: Host, policy: Policy) -> Next:
                 chain = partial(layer, call_next=chain)
         host.chains[key] = chain
     return chain
+
+
+def update(host: Host, policy: Policy) -> None:
+    """Give ``host`` the new ``policy``, keeping the state of the layers that stay (see the module docstring).
+
+    Synchronous, so that no call sees a host halfway through.
+    """
+    old = host.policy
+    for name, _ in ORDER:
+        layer = host.layers.get(name)
+        if layer is None:
+            continue
+        new = getattr(policy, name)
+        if new == getattr(old, name):
+            continue
+        reconfigure = getattr(layer, "reconfigure", None)
+        if new is not None and reconfigure is not None:
+            reconfigure(new)
+        elif new is not None or getattr(old, name) is not None:  # one made for a call's override has nothing to lose
+            del host.layers[name]
+            detach = getattr(layer, "detach", None)
+            if detach is not None:
+                detach(host)
+    host.policy = policy
+    host.chains.clear()
+    host.chain = chain_for(host, policy)

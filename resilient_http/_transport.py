@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from os import PathLike
 from types import TracebackType
 from typing import Any
@@ -15,11 +16,16 @@ from prometheus_client import CollectorRegistry
 from ._call import PRIORITIES, Call, CallInfo, Host
 from ._clock import Clock, SystemClock, default_random
 from ._config import Policy, RetryPolicy, TimeoutPolicy
+from ._events import Event, Events
 from ._exceptions import ConfigurationError
+from ._fallback import Fallback, check_fallback, failed, fall_back
 from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable, canonical_host, host_of
-from ._metrics import HostMetrics, metrics_for, outcome_of_exception, outcome_of_status
+from ._metrics import DEFAULT_NAME, TransportMetrics, outcome_of_exception, outcome_of_status
 from ._network import CertTypes, ProxyTypes, SocketOption, VerifyTypes, default_inner, refuse_beside_inner
-from ._pipeline import chain_for
+from ._pipeline import chain_for, update
+from ._series import abandon
+from ._tracing import AVAILABLE as TRACING_AVAILABLE
+from ._tracing import Tracing
 from .layers.timeout import IN_MEMORY, guard_body
 from .store import Store, open_store, open_store_table
 from .store._fleet import FLEET, Fleet
@@ -91,11 +97,22 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     :class:`ConfigurationError`, as they would be lost. Like any custom
     transport, this one makes ``httpx.AsyncClient`` ignore proxies from the
     environment: :class:`~resilient_http.ResilientClient` keeps them. Metrics go
-    to ``registry`` (the global registry when omitted); transports sharing a registry share
-    its series. State is kept for at most ``max_hosts`` hosts, least
+    to ``registry`` (the global registry when omitted), every series
+    labelled ``transport=name``: two open transports on one registry need
+    different names (the second is refused with :class:`ConfigurationError`),
+    and a transport's series leave the registry when it is closed
+    (``aclose``, the end of ``async with``, or garbage collection). State is
+    kept for at most ``max_hosts`` hosts, least
     recently used evicted first, and never for a host while it has calls in
     flight (the table may hold more hosts while more are busy at once).
     ``clock`` and ``random`` exist for tests.
+
+    ``on_event`` is called with every decision a layer makes, as a small
+    typed event (:mod:`resilient_http.events`); a hook that raises is logged
+    and never breaks a call. The same events go to the ``resilient_http``
+    logger and, with ``opentelemetry-api`` installed, to the call's span:
+    spans go to ``tracer_provider``, or to the global provider when it is
+    omitted (see :mod:`resilient_http._tracing`), named after ``name``.
 
     ``store`` shares the fleet-wide state (the rate limit, the server's
     back-off, the breaker's verdicts and trials, the live workers) with every
@@ -112,6 +129,25 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     any layer off, and set its bulkhead priority (``critical``, ``high``,
     ``normal``, ``low``) through request extensions, e.g.
     ``extensions={"resilient_http": {"retry": None, "priority": "critical"}}``.
+
+    ``fallback``, a function ``(request, failure, info)``, plain or async,
+    may answer when a call fails after every layer, the stale cache
+    included; see :mod:`resilient_http._fallback` for what it is asked
+    about and how its answer is marked.
+
+    Policies may change while calls are in flight: :meth:`update_policies`
+    takes new ones, :meth:`reload` re-reads the file of a transport made by
+    :meth:`from_file`. Either validates everything first and changes
+    nothing when anything is wrong, then swaps in one step. Each host keeps
+    the state of the layers that stay in its new policy: a breaker its
+    state and open time (its counts too, unless its ``window`` changed), a
+    rate limiter its schedule and the server's cooldown, a bulkhead its
+    slots and queue, a retry budget its history (unless its ``window``
+    changed), the stale cache its answers; each takes the new settings for
+    what comes next. A layer the new policy turns off is dropped with its
+    state (a host's stale answers too); a layer it turns on starts fresh.
+    Calls in flight are never cancelled: each finishes with the policy it
+    started with, the new limits applying to new calls and attempts.
     """
 
     def __init__(
@@ -124,6 +160,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         max_hosts: int = DEFAULT_MAX_HOSTS,
         clock: Clock | None = None,
         random: random.Random | None = None,
+        name: str = DEFAULT_NAME,
+        on_event: Callable[[Event], object] | None = None,
+        tracer_provider: Any = None,
         verify: VerifyTypes = True,
         cert: CertTypes | None = None,
         trust_env: bool = True,
@@ -135,6 +174,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         local_address: str | None = None,
         retries: int = 0,
         socket_options: Iterable[SocketOption] | None = None,
+        fallback: Fallback | None = None,
         store: str | Store | Mapping[str, Any] | None = None,
     ) -> None:
         network: dict[str, Any] = {
@@ -152,14 +192,28 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         }
         if inner is not None:
             refuse_beside_inner(network)
+        if on_event is not None and not callable(on_event):
+            raise ConfigurationError("on_event", on_event, "must be callable with an event")
+        if tracer_provider is not None:
+            if not TRACING_AVAILABLE:
+                raise ConfigurationError("tracer_provider", tracer_provider, "needs opentelemetry-api (the otel extra)")
+            if not callable(getattr(tracer_provider, "get_tracer", None)):
+                raise ConfigurationError("tracer_provider", tracer_provider, "must be an OpenTelemetry TracerProvider")
+        self._tracing = Tracing(tracer_provider, name) if TRACING_AVAILABLE else None
+        self._events = Events(name, on_event, self._tracing)
         self._table = PolicyTable(policies, default)
+        self._fallback = check_fallback(fallback)
+        self._source: str | PathLike[str] | None = None  # the policy file, for reload()
         self._inner = default_inner(**network) if inner is None else inner
-        self._metrics = metrics_for(registry)
         self._clock: Clock = SystemClock() if clock is None else clock
         self._random = default_random() if random is None else random
         self._hosts: HostTable[Host] = HostTable(self._make_host, self._evict_host, max_hosts)
         self._shared: dict[str, Any] = {}  # state layers keep across hosts (the stale cache's store, the fleet)
         self._fleet = self._open_fleet(store, registry)
+        # Last, once nothing else can refuse the arguments: the name is taken until closed.
+        self._metrics = TransportMetrics(registry, name)
+        self._abandoned = weakref.finalize(self, abandon, self._metrics)  # dropped unclosed: released later
+        self._abandoned.atexit = False
 
     def _open_fleet(
         self, store: str | Store | Mapping[str, Any] | None, registry: CollectorRegistry | None
@@ -181,7 +235,45 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         policies, default = load_policies(path)
         if kwargs.get("store") is None:
             kwargs["store"] = load_store(path)
-        return cls(policies, default=default, **kwargs)
+        transport = cls(policies, default=default, **kwargs)
+        transport._source = path
+        return transport
+
+    def update_policies(self, policies: Mapping[str, Policy] | None = None, *, default: Policy | None = None) -> None:
+        """Replace every policy, as if the transport had been built with these; see the class docstring.
+
+        Raises :class:`ConfigurationError`, changing nothing, when they are
+        invalid. Call it from the event loop's thread.
+        """
+        table = PolicyTable(policies, default)
+        resolved = [(host, table.resolve(host.host, host.port)) for host in self._hosts.values()]
+        # From here on nothing can fail, and nothing awaits: no call sees half of the change.
+        self._table = table
+        for host, policy in resolved:
+            update(host, policy)
+        store = self._shared.get("stale_cache")
+        if store is not None:  # answers of hosts no longer in the table, whose new policy keeps none
+            live = {host.label for host, _ in resolved}
+            for label in list(store.shelves):
+                if label not in live and table.resolve(*_address(label)).stale_cache is None:
+                    store.forget(label)
+
+    def reload(self) -> None:
+        """Read the policy file again and take its policies (see :meth:`update_policies`).
+
+        A file that cannot be read or is invalid raises
+        :class:`ConfigurationError` naming the file and line, and changes
+        nothing. The file is read synchronously (it is small), so that
+        ``loop.add_signal_handler(signal.SIGHUP, transport.reload)`` works.
+        """
+        if self._source is None:
+            raise ConfigurationError(
+                "reload", None, "this transport was not made from a policy file (use update_policies)"
+            )
+        from ._toml import load_policies
+
+        policies, default = load_policies(self._source)
+        self.update_policies(policies, default=default)
 
     def _make_host(self, host: str, port: int) -> Host:
         state = Host(
@@ -190,9 +282,11 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             policy=self._table.resolve(host, port),
             clock=self._clock,
             rng=self._random,
-            metrics=HostMetrics(self._metrics, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"),
+            metrics=self._metrics.host(f"[{host}]:{port}" if ":" in host else f"{host}:{port}"),
             inner=self._inner,
             shared=self._shared,
+            events=self._events,
+            tracing=self._tracing,
         )
         state.chain = chain_for(state, state.policy)
         return state
@@ -221,14 +315,31 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             clock = self._clock
             started = clock.now()
             call = Call(request, host, policy, started, priority)
+            tracing = self._tracing
+            fallback = self._fallback
             try:
-                response = await chain(call)
+                try:
+                    if tracing is None or (tracer := tracing.tracer()) is None:
+                        response = await chain(call)
+                    else:
+                        response = await tracing.run(tracer, call, chain)
+                except httpx.HTTPError as exc:
+                    if fallback is None:
+                        raise
+                    exc.resilient_http = call.info()  # type: ignore[attr-defined]
+                    response = await fall_back(fallback, call, exc)
+                else:
+                    if fallback is not None and failed(response):
+                        response = await fall_back(fallback, call, response)
             except BaseException as exc:
                 host.metrics.request(outcome_of_exception(exc), clock.now() - started)
                 if isinstance(exc, Exception):
                     exc.resilient_http = call.info()  # type: ignore[attr-defined]
                 raise
-            outcome = "stale" if call.stale else outcome_of_status(response.status_code)
+            if call.fallback:
+                outcome = "fallback"
+            else:
+                outcome = "stale" if call.stale else outcome_of_status(response.status_code)
             host.metrics.request(outcome, clock.now() - started)
             if not isinstance(response.stream, IN_MEMORY):
                 guard_body(call, response)
@@ -242,7 +353,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if self._fleet is not None:
                 await self._fleet.aclose()
         finally:
-            await self._inner.aclose()
+            try:
+                await self._inner.aclose()
+            finally:
+                self._close_metrics()
 
     async def __aenter__(self) -> ResilientTransport:
         await self._inner.__aenter__()
@@ -258,7 +372,21 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if self._fleet is not None:
                 await self._fleet.aclose()
         finally:
-            await self._inner.__aexit__(exc_type, exc_value, traceback)
+            try:
+                await self._inner.__aexit__(exc_type, exc_value, traceback)
+            finally:
+                self._close_metrics()
+
+    def _close_metrics(self) -> None:
+        """Take this transport's series off the registry and free its name."""
+        self._abandoned.detach()
+        self._metrics.close()
+
+
+def _address(label: str) -> tuple[str, int]:
+    """``(host, port)`` of a host's label: ``api.example.com:443``, ``[::1]:8080``."""
+    host, _, port = label.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def call_info(outcome: httpx.Response | BaseException) -> CallInfo | None:

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from resilient_http import Policy, ResilientTransport
 from resilient_http.testing import FakeClock, Handler, Script, Step
 
-__all__ = ["BASE_URL", "HOST", "Handler", "Harness", "Script", "Step", "only"]
+__all__ = ["BASE_URL", "HOST", "Handler", "Harness", "LeftOpen", "Script", "Step", "only"]
 
 #: The host every client talks to unless a test says otherwise, and its metric label.
 BASE_URL = "https://api.example.com"
@@ -32,6 +32,21 @@ def only(**layers: Any) -> Policy:
     return Policy(**{**off, **layers})
 
 
+class LeftOpen(httpx.AsyncBaseTransport):
+    """Passes calls to ``transport``, and leaves it open when the client closes.
+
+    A closed transport's series leave the registry: a test that reads the
+    metrics after its ``async with`` block gives its client this, and the
+    transport goes with the garbage after the test.
+    """
+
+    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
+        self.transport = transport
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.transport.handle_async_request(request)
+
+
 class Harness:
     """Builds transports and clients on the test's registry and clock, and reads the metrics back."""
 
@@ -39,6 +54,7 @@ class Harness:
         self.registry = registry
         self.clock = clock
         self._clients: list[httpx.AsyncClient] = []
+        self._transports = 0
 
     def transport(
         self,
@@ -49,6 +65,8 @@ class Harness:
         seed: int = 0,
         max_hosts: int = 1000,
     ) -> ResilientTransport:
+        # Each transport on the registry needs its own name: the first is "default", which value() reads.
+        self._transports += 1
         return ResilientTransport(
             policies,
             default=default,
@@ -57,6 +75,7 @@ class Harness:
             max_hosts=max_hosts,
             clock=self.clock,
             random=random.Random(seed),
+            name="default" if self._transports == 1 else f"default-{self._transports}",
         )
 
     def client(
@@ -75,8 +94,11 @@ class Harness:
         return client
 
     def value(self, name: str, host: str = HOST, **labels: str) -> float | None:
-        """The sample ``name`` for ``host`` and ``labels``, ``None`` when the series does not exist."""
-        return self.registry.get_sample_value(name, {"host": host, **labels})
+        """The sample ``name`` for ``host`` and ``labels`` (of the first transport unless ``transport=``).
+
+        ``None`` when the series does not exist.
+        """
+        return self.registry.get_sample_value(name, {"transport": "default", "host": host, **labels})
 
     async def aclose(self) -> None:
         for client in self._clients:

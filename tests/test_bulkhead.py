@@ -18,6 +18,7 @@ import anyio
 import httpx
 import pytest
 from anyio.lowlevel import checkpoint
+from conftest import LeftOpen
 from prometheus_client import CollectorRegistry
 
 from resilient_http import (
@@ -99,17 +100,17 @@ def client(
     transport = ResilientTransport(
         default=default, inner=httpx.MockTransport(handler), registry=registry, clock=clock or FakeClock()
     )
-    return httpx.AsyncClient(transport=transport, base_url="http://a.test")
+    return httpx.AsyncClient(transport=LeftOpen(transport), base_url="http://a.test")
 
 
 def gauge(registry: CollectorRegistry, name: str, host: str = HOST) -> float:
-    value = registry.get_sample_value(f"resilient_http_bulkhead_{name}", {"host": host})
+    value = registry.get_sample_value(f"resilient_http_bulkhead_{name}", {"transport": "default", "host": host})
     assert value is not None
     return value
 
 
 def counted(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    return registry.get_sample_value(name, {"host": HOST, **labels}) or 0.0
+    return registry.get_sample_value(name, {"transport": "default", "host": HOST, **labels}) or 0.0
 
 
 def rejected(registry: CollectorRegistry, priority: str) -> float:
@@ -385,8 +386,8 @@ async def test_hung_host_does_not_take_other_hosts_slots(registry: CollectorRegi
     transport = ResilientTransport(
         default=policy(max_concurrent=2, max_queue=0), inner=httpx.MockTransport(gate), registry=registry
     )
-    slow = httpx.AsyncClient(transport=transport, base_url="http://slow.test")
-    fast = httpx.AsyncClient(transport=transport, base_url="http://fast.test")
+    slow = httpx.AsyncClient(transport=LeftOpen(transport), base_url="http://slow.test")
+    fast = httpx.AsyncClient(transport=LeftOpen(transport), base_url="http://fast.test")
     with anyio.fail_after(LIMIT):
         async with slow, fast, anyio.create_task_group() as tg:
             tg.start_soon(fetch, slow, "hung1", outcomes)

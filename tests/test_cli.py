@@ -9,9 +9,11 @@ against a real socket, since the demo's story depends on them.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -169,12 +171,18 @@ def test_demo_runs_end_to_end_and_prints_both_columns() -> None:
     bare_calls, resilient_calls = table_row(result.stdout, "calls")
     assert bare_calls == resilient_calls and int(bare_calls) > 50  # the same traffic went to both
     assert all(cell.endswith("%") for cell in table_row(result.stdout, "success rate (2xx)"))
+    assert table_row(result.stdout, "  not started (demo's cap)")[1] == "0"  # resilient_http's backlog is bounded
     bare_amplification, _ = table_row(result.stdout, "upstream attempts per call")
     assert bare_amplification == "1.00"  # bare httpx never retries: the upstreams saw each call once
     assert table_row(result.stdout, "breaker openings")[0] == "-"
     for row in ("p99 latency", "stale answers", "calls shed", "time to recover"):
         assert len(table_row(result.stdout, row)) == 2
     assert re.search(r"^ +1s \w+ +\|", result.stdout, re.MULTILINE)  # the live line of the first second
+    assert re.search(r"^timing: each client in its own process", result.stdout, re.MULTILINE)
+    saw = next(line for line in result.stdout.splitlines() if line.startswith("resilient_http callers saw:"))
+    refused = sum(int(n) for n in re.findall(r"(?:CircuitOpen|RateLimited|BulkheadFull)Error x(\d+)", saw))
+    shed, stale = int(table_row(result.stdout, "calls shed")[1]), int(table_row(result.stdout, "stale answers")[1])
+    assert refused <= shed <= refused + stale  # shed: refusals raised, and refusals answered stale
 
 
 def test_demo_serves_metrics_while_it_runs() -> None:
@@ -199,7 +207,8 @@ def test_demo_serves_metrics_while_it_runs() -> None:
             time.sleep(0.2)
             with urllib.request.urlopen(url, timeout=5) as response:
                 body = response.read().decode()
-        assert re.search(r'^resilient_http_requests_total\{host="127\.0\.0\.1:\d+",outcome="2xx"\} \d', body, re.M)
+        sample = r'^resilient_http_requests_total\{host="127\.0\.0\.1:\d+",outcome="2xx",transport="default"\} \d'
+        assert re.search(sample, body, re.M)
         _, err = process.communicate(timeout=DEMO_TIMEOUT)
         assert process.returncode == 0, err
     finally:
@@ -207,11 +216,39 @@ def test_demo_serves_metrics_while_it_runs() -> None:
         process.communicate()
 
 
+def side_processes(pid: int) -> list[int]:
+    """The demo's side processes: the children of ``pid`` (Linux only; empty elsewhere)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in children.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+STOPPED_WITHIN = 3.0  # the demo stops within a second; the rest is room for a busy test machine
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
-def test_demo_interrupted_prints_the_table_so_far_and_exits_130() -> None:
-    """Ctrl-C (SIGINT) ends the demo with the table of the calls made so far, exit 130, no traceback."""
+@pytest.mark.parametrize(
+    "moment",
+    [
+        r"resilient_http: api\.demo at",  # the sides are ready, the timeline has not begun
+        r"^ +1s ",  # the first second
+        r"^ +6s hang ",  # bare httpx's backlog on the hung host is at its longest
+    ],
+)
+def test_demo_interrupted_prints_the_table_so_far_and_exits_130(moment: str) -> None:
+    """Ctrl-C (SIGINT) at any moment ends the demo at once: the table so far, exit 130, no process left behind."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "resilient_http", "demo", "--duration", "60"],
+        [sys.executable, "-W", "default", "-m", "resilient_http", "demo", "--duration", "10"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -219,19 +256,65 @@ def test_demo_interrupted_prints_the_table_so_far_and_exits_130() -> None:
     try:
         assert process.stdout is not None
         seen = ""
-        while not re.search(r"^ +1s ", seen, re.MULTILINE):
+        while not re.search(moment, seen, re.MULTILINE):
             line = process.stdout.readline()
-            assert line, "the demo ended before its first second"
+            assert line, f"the demo ended before {moment!r}"
             seen += line
+        sides = side_processes(process.pid)
+        assert len(sides) in (0, 2)
         os.kill(process.pid, signal.SIGINT)
+        interrupted = time.monotonic()
         out, err = process.communicate(timeout=DEMO_TIMEOUT)
+        assert time.monotonic() - interrupted < STOPPED_WITHIN
         assert process.returncode == 130
-        assert "interrupted after" in out
-        assert int(table_row(out, "calls")[0]) > 0
-        assert "Traceback" not in err
+        if "interrupted before the run began" not in out:  # the timeline starts a moment after the sides are ready
+            assert "interrupted after" in out
+            bare_calls, resilient_calls = map(int, table_row(out, "calls"))
+            assert abs(bare_calls - resilient_calls) <= 5  # each side stops on its own loop, within a moment
+        for noise in ("Traceback", "Task was destroyed", "ResourceWarning", "never retrieved"):
+            assert noise not in err
+        assert not [pid for pid in sides if alive(pid)]
     finally:
         process.kill()
         process.communicate()
+
+
+def test_a_side_ends_when_the_demo_goes_away() -> None:
+    """A side process whose input closes (the demo died) closes its upstreams and exits on its own."""
+    side = subprocess.Popen(
+        [sys.executable, "-W", "default", "-m", "resilient_http._demo_side"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert side.stdin is not None and side.stdout is not None
+        settings = {"duration": 60, "seed": 0, "policies": None, "metrics_port": None}
+        side.stdin.write(json.dumps(settings) + "\n" + json.dumps({"start": time.monotonic()}) + "\n")
+        side.stdin.flush()
+        assert "ready" in json.loads(side.stdout.readline())
+        assert json.loads(side.stdout.readline())["second"] == 1
+        rest, err = side.communicate(timeout=DEMO_TIMEOUT)  # closes its input first
+        assert side.returncode == 0, err
+        assert '"end"' in rest.splitlines()[-1]
+        assert "Traceback" not in err and "ResourceWarning" not in err
+    finally:
+        if side.returncode is None:
+            side.kill()
+            side.communicate()
+
+
+def test_demo_says_when_its_metrics_port_is_taken() -> None:
+    """--metrics-port on a port already in use exits 2 with the reason, and no demo runs."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("demo", "--duration", "1", "--metrics-port", str(port))
+    assert result.returncode == 2
+    assert f"error: cannot serve metrics on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr and "success rate" not in result.stdout
 
 
 def test_demo_uses_the_policy_file_for_the_named_hosts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from resilient_http import BulkheadFullError, CircuitOpenError, RateLimitedError
-from resilient_http._metrics import CIRCUIT_STATES, PREFIX, SPECS, outcome_of_exception, outcome_of_status
+from resilient_http._metrics import CIRCUIT_STATES, LABELS, PREFIX, SPECS, outcome_of_exception, outcome_of_status
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
 
@@ -30,7 +30,7 @@ def exported() -> dict[str, frozenset[str]]:
     """Every series name the library exports, with the label names it may carry."""
     names: dict[str, frozenset[str]] = {}
     for _, kind, name, _, label in SPECS:
-        labels = frozenset({"host"} if label is None else {"host", label}) | TARGET_LABELS
+        labels = frozenset(LABELS if label is None else (*LABELS, label)) | TARGET_LABELS
         full = PREFIX + name
         if kind == "counter":
             names[full + "_total"] = labels
@@ -92,6 +92,15 @@ def check_expression(expr: str) -> set[str]:
     return used
 
 
+def check_breakers_stay_apart(expr: str) -> None:
+    """An expression that groups breaker series keeps ``transport``: two transports' breakers never merge."""
+    if "resilient_http_circuit_" not in expr:
+        return
+    for grouping in GROUPING.findall(expr):
+        labels = {label.strip() for label in grouping.split(",")}
+        assert {"transport", "host"} <= labels, f"grouping by {sorted(labels)} merges transports' breakers: {expr!r}"
+
+
 def base_names(used: set[str]) -> set[str]:
     """The SPECS names behind exported series names."""
     return {re.sub(r"_(total|bucket|sum|count)$", "", name).removeprefix(PREFIX) for name in used}
@@ -114,7 +123,7 @@ def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def test_dashboard_is_a_grafana_dashboard(dashboard: dict[str, Any]) -> None:
-    """Schema version, a Prometheus data source variable, a host variable, unique panel ids."""
+    """Schema version, a Prometheus data source variable, transport and host variables, unique panel ids."""
     assert 36 <= dashboard["schemaVersion"] <= 41
     assert dashboard["uid"] and dashboard["title"]
     variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
@@ -122,12 +131,14 @@ def test_dashboard_is_a_grafana_dashboard(dashboard: dict[str, Any]) -> None:
     host = variables["host"]
     assert host["type"] == "query" and host["query"]["query"].startswith("label_values(resilient_http_requests_total")
     assert host["query"]["query"].endswith(", host)")
+    transport = variables["transport"]
+    assert transport["type"] == "query" and transport["query"]["query"].endswith(", transport)")
     ids = [panel["id"] for panel in panels(dashboard)]
     assert len(ids) == len(set(ids))
 
 
 def test_every_panel_queries_the_chosen_data_source_and_hosts(dashboard: dict[str, Any]) -> None:
-    """Each query goes to ``${datasource}`` and is filtered by the ``$host`` variable."""
+    """Each query goes to ``${datasource}`` and is filtered by the ``$transport`` and ``$host`` variables."""
     for panel in panels(dashboard):
         if panel["type"] == "row":
             continue
@@ -137,6 +148,7 @@ def test_every_panel_queries_the_chosen_data_source_and_hosts(dashboard: dict[st
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
             for found in SELECTOR.finditer(target["expr"]):
                 assert 'host=~"$host"' in (found.group(2) or ""), f"{panel['title']!r}: {found.group(0)}"
+                assert 'transport=~"$transport"' in (found.group(2) or ""), f"{panel['title']!r}: {found.group(0)}"
 
 
 def test_dashboard_queries_reference_only_exported_metrics(dashboard: dict[str, Any]) -> None:
@@ -145,6 +157,7 @@ def test_dashboard_queries_reference_only_exported_metrics(dashboard: dict[str, 
     for panel in panels(dashboard):
         for target in panel.get("targets", []):
             used |= check_expression(target["expr"])
+            check_breakers_stay_apart(target["expr"])
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
             used |= check_expression(variable["query"]["query"])
@@ -160,7 +173,7 @@ def test_dashboard_has_the_panels_operators_need(dashboard: dict[str, Any]) -> N
         "sum by (host) (rate(resilient_http_attempts_total{" in exprs
         and ")/sumby(host)(rate(resilient_http_requests_total{" in compact
     )
-    assert 'resilient_http_circuit_state{job=~"$job", host=~"$host", state="open"}' in exprs
+    assert 'resilient_http_circuit_state{job=~"$job", transport=~"$transport", host=~"$host", state="open"}' in exprs
     assert 'outcome="stale"' in exprs
     for histogram in ("request_duration_seconds", "attempt_duration_seconds", "rate_limit_wait_seconds"):
         for quantile in ("0.5", "0.99"):
@@ -197,6 +210,7 @@ def test_alert_expressions_reference_only_exported_metrics(rules: list[dict[str,
     """Every expression names real series and labels, and keeps the host label its annotations use."""
     for rule in rules:
         check_expression(rule["expr"])
+        check_breakers_stay_apart(rule["expr"])
         for grouping in GROUPING.findall(rule["expr"]):
             assert "host" in (label.strip() for label in grouping.split(",")), f"{rule['alert']} drops the host"
 
@@ -228,3 +242,6 @@ def test_the_checks_catch_a_renamed_metric() -> None:
     ):
         with pytest.raises(AssertionError):
             check_expression(wrong)
+    check_breakers_stay_apart('max by (transport, host) (resilient_http_circuit_state{state="open"})')
+    with pytest.raises(AssertionError):
+        check_breakers_stay_apart('max by (host) (resilient_http_circuit_state{state="open"})')

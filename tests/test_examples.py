@@ -155,7 +155,8 @@ def test_starlette_service_runs_under_uvicorn(runs: dict[str, subprocess.Popen[s
     assert "'stale': True" in answers[4]
     source = "every worker's" if run == "starlette_multiprocess" else "this process's"
     assert f"metrics ({source}" in text
-    assert re.search(r'resilient_http_requests_total\{host="127\.0\.0\.1:\d+",outcome="stale"\} 1\.0', text), text
+    stale = r'resilient_http_requests_total\{host="127\.0\.0\.1:\d+",outcome="stale",transport="default"\} 1\.0'
+    assert re.search(stale, text), text
 
 
 def test_policies_toml_resolves_as_its_comments_say() -> None:
@@ -224,7 +225,7 @@ async def test_starlette_service_in_process(monkeypatch: pytest.MonkeyPatch) -> 
     assert stale.status_code == 200 and stale.json()["stale"] is True and stale.json()["attempts"] == 3
     assert "age" in stale.headers
     assert missing.status_code == 503
-    host = {("host", "pricing.internal:80")}
+    host = {("transport", "default"), ("host", "pricing.internal:80")}
     found = samples(scraped.text)
 
     def value(name: str, **labels: str) -> float | None:

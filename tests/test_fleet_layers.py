@@ -7,6 +7,7 @@ does with the answer or without one.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from resilient_http import (
     ResilientTransport,
     RetryBudget,
     RetryPolicy,
+    call_info,
 )
 from resilient_http.store import UNAVAILABLE, Admission, Circuit, Maybe, MemoryStore, RedisStore, Unavailable
 from resilient_http.testing import FakeClock
@@ -215,6 +217,31 @@ async def test_when_the_store_cannot_answer_a_worker_keeps_its_share_of_the_rate
     assert store.admits == 6  # every call asked; the unanswered ones were decided locally
 
 
+async def test_a_dry_run_limiter_asks_the_fleet_for_a_slot_free_now_and_never_waits(
+    workers: Workers, clock: FakeClock
+) -> None:
+    """Dry run: B finds the fleet's slot taken, is sent at once all the same, and is reported."""
+    policy = only(rate_limit=RateLimitPolicy(rate=2, burst=1, max_wait=2, dry_run=True))
+    a, b = workers(2, policy, Script(200), MemoryStore(clock=clock))
+    start = clock.now()
+    assert call_info(await a.get("/")).dry_run == ()  # type: ignore[union-attr]
+    assert call_info(await b.get("/")).dry_run == ("rate_limit",)  # type: ignore[union-attr]
+    assert clock.now() == start
+
+
+async def test_a_new_policy_asks_the_fleet_by_its_rate_and_forgets_old_refusals(
+    workers: Workers, clock: FakeClock
+) -> None:
+    """B refused at 2 a second; both take 4 a second with a burst of 3: B's next call goes at once."""
+    a, b = workers(2, RATE, Script(200), MemoryStore(clock=clock))
+    await a.get("/")
+    with pytest.raises(RateLimitedError):
+        await b.get("/")
+    for client in (a, b):
+        client._transport.update_policies(default=only(rate_limit=RateLimitPolicy(rate=4, burst=3, max_wait=0)))  # type: ignore[attr-defined]
+    assert (await b.get("/")).status_code == 200
+
+
 # The circuit breaker
 
 
@@ -359,6 +386,17 @@ async def test_when_the_store_cannot_answer_the_breaker_decides_alone(workers: W
         await a.get("/")
     clock.advance(6.1)
     assert (await a.get("/")).status_code == 200
+
+
+async def test_a_dry_run_breaker_does_not_open_the_fleets_circuit(workers: Workers, clock: FakeClock) -> None:
+    """A's breaker runs dry and opens on its failures; B, a real breaker, is not stopped by it."""
+    script = Script(503)
+    dry = only(circuit_breaker=dataclasses.replace(BREAKER.circuit_breaker, dry_run=True))  # type: ignore[type-var]
+    a, b = workers(2, dry, script, MemoryStore(clock=clock))
+    b._transport.update_policies(default=BREAKER)  # type: ignore[attr-defined]
+    await _open_a(a)
+    assert (await b.get("/")).status_code == 503
+    assert script.calls == 3
 
 
 # The retry budget

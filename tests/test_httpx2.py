@@ -82,13 +82,100 @@ def test_shared_modules_import_no_http_package() -> None:
     from resilient_http import _flavours
 
     root = Path(resilient_http.__file__).parent
+
+    def imports(nodes: list[ast.stmt]) -> list[ast.Import | ast.ImportFrom]:
+        found: list[ast.Import | ast.ImportFrom] = []
+        for node in nodes:
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+                continue  # for the type checker only: never run
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                found.append(node)
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.stmt):
+                    found.extend(imports([child]))
+        return found
+
     for name in _flavours.SHARED:
-        tree = ast.parse((root / f"{name}.py").read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                assert not any(alias.name.split(".")[0] in _flavours.RENAMES for alias in node.names), name
-            elif isinstance(node, ast.ImportFrom):
-                if node.level == 0:
-                    assert (node.module or "").split(".")[0] not in _flavours.RENAMES, name
-                else:
-                    assert node.level == 1 and node.module in _flavours.SHARED, (name, node.module)
+        package = (root / name).is_dir()  # a shared package: each of its modules, which may import each other
+        for path in sorted((root / name).glob("*.py")) if package else [root / f"{name}.py"]:
+            for node in imports(ast.parse(path.read_text()).body):
+                if isinstance(node, ast.Import):
+                    assert not any(alias.name.split(".")[0] in _flavours.RENAMES for alias in node.names), path
+                elif node.level == 0:
+                    assert (node.module or "").split(".")[0] not in _flavours.RENAMES, path
+                elif not (package and node.level == 1):
+                    assert node.level == 1 + package, (path, node.module)
+                    assert (node.module or "").split(".")[0] in _flavours.SHARED, (path, node.module)
+
+
+async def test_both_flavours_share_one_registry() -> None:
+    """An httpx transport and an httpx2 transport, named apart, export side by side on one registry."""
+    registry = CollectorRegistry()
+    plain = resilient_http.ResilientTransport(
+        inner=httpx.MockTransport(lambda request: httpx.Response(200)), registry=registry, name="plain"
+    )
+    second = rh2.ResilientTransport(
+        inner=httpx2.MockTransport(lambda request: httpx2.Response(200)), registry=registry, name="second"
+    )
+    async with httpx.AsyncClient(transport=plain) as one, httpx2.AsyncClient(transport=second) as two:
+        await one.get("https://api.example.com/")
+        await two.get("https://api.example.com/")
+        for name in ("plain", "second"):
+            labels = {"transport": name, "host": "api.example.com:443", "outcome": "2xx"}
+            assert registry.get_sample_value("resilient_http_requests_total", labels) == 1.0
+
+
+_BLOCK = """
+import sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, Block())
+"""
+
+_CALL = """
+import asyncio
+import {package} as http
+from {library} import Policy, ResilientTransport, call_info
+
+async def main():
+    answers = iter([503, 200])
+    transport = ResilientTransport(
+        default=Policy(),
+        inner=http.MockTransport(lambda request: http.Response(next(answers), headers={{"Retry-After": "0"}})),
+    )
+    async with http.AsyncClient(transport=transport) as client:
+        response = await client.get("https://api.example.com/")
+    print(response.status_code, call_info(response).attempts)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("blocked", "package", "library"),
+    [(("httpx", "httpcore"), "httpx2", "resilient_http.httpx2"), (("httpx2", "httpcore2"), "httpx", "resilient_http")],
+)
+def test_either_package_works_installed_alone(blocked: tuple[str, ...], package: str, library: str) -> None:
+    """With the other HTTP package missing from the process, each flavour still imports and retries."""
+    import subprocess
+
+    code = _BLOCK.format(blocked=set(blocked)) + _CALL.format(package=package, library=library)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["200", "2"]
+
+
+def test_a_missing_http_package_is_named_with_its_extra() -> None:
+    """``resilient_http.ResilientTransport`` without httpx says which extra to install."""
+    import subprocess
+
+    code = _BLOCK.format(blocked={"httpx", "httpcore"}) + "import resilient_http\nresilient_http.ResilientTransport\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0
+    assert "pip install 'resilient-http-transport[httpx]'" in done.stderr
+    assert "resilient_http.httpx2" in done.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import anyio
 import httpx
 import pytest
+from conftest import LeftOpen
 from prometheus_client import CollectorRegistry
 
 from resilient_http import (
@@ -40,12 +41,17 @@ async def test_a_deadline_spent_queueing_does_not_count_against_the_host() -> No
         registry=registry,
     )
     tight = {"resilient_http": {"timeout": TimeoutPolicy(attempt=0.05, total=0.05)}}
-    async with httpx.AsyncClient(transport=transport) as client, anyio.create_task_group() as tg:
+    async with httpx.AsyncClient(transport=LeftOpen(transport)) as client, anyio.create_task_group() as tg:
         tg.start_soon(client.get, URL)
         await anyio.wait_all_tasks_blocked()
         with pytest.raises(DeadlineExceededError) as caught:
             await client.get(URL, extensions=tight)
         assert caught.value.kind == "total"
         release.set()
-    assert registry.get_sample_value("resilient_http_circuit_state", {"host": HOST, "state": "closed"}) == 1
-    assert registry.get_sample_value("resilient_http_circuit_opened_total", {"host": HOST}) == 0
+    assert (
+        registry.get_sample_value(
+            "resilient_http_circuit_state", {"transport": "default", "host": HOST, "state": "closed"}
+        )
+        == 1
+    )
+    assert registry.get_sample_value("resilient_http_circuit_opened_total", {"transport": "default", "host": HOST}) == 0

@@ -11,6 +11,7 @@ that the arrival times the server records are the times the calls were sent.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import random
@@ -21,6 +22,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from conftest import LeftOpen
 from prometheus_client import CollectorRegistry
 
 from resilient_http import (
@@ -173,7 +175,7 @@ def client(
         clock=server.clock,
         random=random.Random(0),
     )
-    return httpx.AsyncClient(transport=transport, base_url="https://api.example.com")
+    return httpx.AsyncClient(transport=LeftOpen(transport), base_url="https://api.example.com")
 
 
 def most_in_one_second(times: Sequence[float]) -> int:
@@ -194,7 +196,7 @@ def within_bucket(times: Sequence[float], rate: float, burst: int) -> bool:
 
 
 def value(registry: CollectorRegistry, name: str) -> float:
-    found = registry.get_sample_value(name, {"host": HOST})
+    found = registry.get_sample_value(name, {"transport": "default", "host": HOST})
     return 0.0 if found is None else found
 
 
@@ -1017,6 +1019,119 @@ async def test_cancelled_calls_never_let_the_host_exceed_its_bound(registry: Col
     assert most_in_one_second(server.times) <= 4 + 2
 
 
+# A new policy, and dry run: for calls in line and retries booked
+
+
+def limit_to(http: httpx.AsyncClient, **limit: Any) -> None:
+    """Give the client's transport a new rate limit, all else unchanged."""
+    left_open = http._transport
+    assert isinstance(left_open, LeftOpen)
+    transport = left_open.transport
+    assert isinstance(transport, ResilientTransport)
+    policy = transport.policy_for("api.example.com")
+    transport.update_policies(default=dataclasses.replace(policy, rate_limit=RateLimitPolicy(**limit)))
+
+
+def line_of(http: httpx.AsyncClient, clock: SteppedClock, *paths: str, update: Callable[[], None]) -> list[Job]:
+    """Jobs: ``paths`` requested at once, in order, and ``update`` made 0.5 s later."""
+
+    def job(path: str) -> Job:
+        async def run() -> None:
+            await http.get(path)
+
+        return run
+
+    async def updater() -> None:
+        await clock.sleep(0.5)
+        update()
+
+    return [*(job(path) for path in paths), updater]
+
+
+async def test_a_larger_burst_sends_the_waiting_calls_at_once(registry: CollectorRegistry) -> None:
+    """A new policy re-plans the line: calls waiting for the old rate go as soon as the new burst has room."""
+    clock = SteppedClock()
+    server = Server(clock)
+    async with client(server, registry, rate=1) as http:
+        await clock.run(*line_of(http, clock, "/0", "/1", "/2", "/3", update=lambda: limit_to(http, rate=1, burst=4)))
+    assert server.sent == [(START, "/0"), (START + 0.5, "/1"), (START + 0.5, "/2"), (START + 0.5, "/3")]
+
+
+async def test_a_lower_rate_refuses_the_waiting_calls_it_pushes_past_their_max_wait(
+    registry: CollectorRegistry,
+) -> None:
+    """Turns taken stay; the line is spaced by the new rate, and a call that can no longer go in time fails then."""
+    clock = SteppedClock()
+    server = Server(clock)
+    refused: list[tuple[float, RateLimitedError]] = []
+    async with client(server, registry, rate=1, max_wait=3) as http:
+        jobs = line_of(http, clock, "/0", "/1", "/2", update=lambda: limit_to(http, rate=0.5, max_wait=3))
+
+        async def last() -> None:
+            try:
+                await http.get("/3")  # its turn, at +3, becomes +5
+            except RateLimitedError as exc:
+                refused.append((clock.now(), exc))
+
+        await clock.run(*jobs, last)
+    assert server.sent == [(START, "/0"), (START + 1.0, "/1"), (START + 3.0, "/2")]
+    [(when, error)] = refused
+    assert when == START + 0.5
+    assert error.retry_after == pytest.approx(4.5)
+
+
+async def test_a_retry_booked_before_a_new_rate_keeps_its_turn(registry: CollectorRegistry) -> None:
+    """A booked retry goes when it was promised; a call that would take its token goes after it, at the new rate."""
+    clock = SteppedClock()
+    server = Server(clock, {"/a": [(502, {"Retry-After": "5"})]})
+    retry = RetryPolicy(attempts=2, backoff=0.01, budget=None)
+    async with client(server, registry, rate=1, retry=retry) as http:
+
+        async def first() -> None:
+            await http.get("/a")
+
+        async def later() -> None:
+            await clock.sleep(1.0)
+            limit_to(http, rate=2)
+            await clock.sleep(3.9)
+            await http.get("/c")
+
+        await clock.run(first, later)
+    assert server.paths == ["/a", "/a", "/c"]
+    retried = server.times[1]
+    assert START + 5.0 <= retried <= START + 5.01
+    assert server.times[2] == pytest.approx(retried + 0.5)
+
+
+async def test_dry_run_turned_on_sends_the_waiting_calls_at_once(registry: CollectorRegistry) -> None:
+    """Calls in line go when dry run begins, each reported as over the rate, with the wait they had."""
+    clock = SteppedClock()
+    server = Server(clock)
+    responses: dict[str, httpx.Response] = {}
+    async with client(server, registry, rate=1) as http:
+
+        def job(path: str) -> Job:
+            async def run() -> None:
+                responses[path] = await http.get(path)
+
+            return run
+
+        async def updater() -> None:
+            await clock.sleep(0.5)
+            limit_to(http, rate=1, dry_run=True)
+
+        await clock.run(job("/0"), job("/1"), job("/2"), updater)
+    assert server.sent == [(START, "/0"), (START + 0.5, "/1"), (START + 0.5, "/2")]
+    assert [info(responses[path]).dry_run for path in ("/0", "/1", "/2")] == [(), ("rate_limit",), ("rate_limit",)]
+    assert info(responses["/2"]).waits == (Wait("rate_limit", 0.5),)
+    assert (
+        registry.get_sample_value(
+            "resilient_http_dry_run_blocked_total", {"transport": "default", "host": HOST, "layer": "rate_limit"}
+        )
+        == 2
+    )
+
+
 # Metrics and wiring
 
 
@@ -1036,7 +1151,7 @@ async def test_metrics_count_waits_refusals_and_cooldown(registry: CollectorRegi
     wait = "resilient_http_rate_limit_wait_seconds"
     assert value(registry, f"{wait}_count") == 4
     assert value(registry, f"{wait}_sum") == pytest.approx(3.5)
-    assert registry.get_sample_value(f"{wait}_bucket", {"host": HOST, "le": "0.005"}) == 1
+    assert registry.get_sample_value(f"{wait}_bucket", {"transport": "default", "host": HOST, "le": "0.005"}) == 1
     assert value(registry, "resilient_http_rate_limited_total") == 1
     assert value(registry, "resilient_http_cooldown_seconds_total") == pytest.approx(2.0 + 10.0)
 

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
+from conftest import LeftOpen
 from prometheus_client import CollectorRegistry
 
 from resilient_http import (
@@ -74,7 +75,7 @@ def client(
         registry=registry,
         clock=clock,
     )
-    return httpx.AsyncClient(transport=transport)
+    return httpx.AsyncClient(transport=LeftOpen(transport))
 
 
 async def test_fresh_calls_always_go_to_the_network(clock: FakeClock, registry: CollectorRegistry) -> None:
@@ -101,8 +102,18 @@ async def test_connection_error_is_answered_from_the_stale_copy(clock: FakeClock
     info = stale.extensions["resilient_http"]
     assert info.stale is True
     assert info.age == pytest.approx(42)
-    assert registry.get_sample_value("resilient_http_stale_served_total", {"host": HOST, "reason": "error"}) == 1
-    assert registry.get_sample_value("resilient_http_requests_total", {"host": HOST, "outcome": "stale"}) == 1
+    assert (
+        registry.get_sample_value(
+            "resilient_http_stale_served_total", {"transport": "default", "host": HOST, "reason": "error"}
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "resilient_http_requests_total", {"transport": "default", "host": HOST, "outcome": "stale"}
+        )
+        == 1
+    )
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
@@ -115,7 +126,9 @@ async def test_final_server_errors_are_answered_from_the_stale_copy(
         await c.get(URL)
         stale = await c.get(URL)
     assert (stale.status_code, stale.content) == (200, b"good")
-    assert registry.get_sample_value("resilient_http_stale_served_total", {"host": HOST, "reason": "server_error"})
+    assert registry.get_sample_value(
+        "resilient_http_stale_served_total", {"transport": "default", "host": HOST, "reason": "server_error"}
+    )
 
 
 @pytest.mark.parametrize("status", [400, 404, 429, 501])
@@ -150,7 +163,9 @@ async def test_open_circuit_is_answered_from_the_stale_copy(clock: FakeClock, re
     assert len(upstream.requests) == sent
     assert response.extensions["resilient_http"].stale is True
     assert response.extensions["resilient_http"].circuit_state == "open"
-    assert registry.get_sample_value("resilient_http_stale_served_total", {"host": HOST, "reason": "circuit_open"})
+    assert registry.get_sample_value(
+        "resilient_http_stale_served_total", {"transport": "default", "host": HOST, "reason": "circuit_open"}
+    )
 
 
 async def test_open_circuit_without_a_copy_still_raises(clock: FakeClock, registry: CollectorRegistry) -> None:
@@ -212,7 +227,7 @@ async def test_responses_that_forbid_stale_use_are_never_served(
         await c.get(URL)
         with pytest.raises(httpx.ConnectError):
             await c.get(URL)
-    assert registry.get_sample_value("resilient_http_cache_entries", {"host": HOST}) == 0
+    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 0
 
 
 async def test_request_no_store_is_neither_stored_nor_answered(clock: FakeClock, registry: CollectorRegistry) -> None:
@@ -232,7 +247,7 @@ async def test_private_answers_are_never_kept(directive: str, clock: FakeClock, 
         await c.get(URL)
         with pytest.raises(httpx.ConnectError):
             await c.get(URL)
-    assert registry.get_sample_value("resilient_http_cache_entries", {"host": HOST}) == 0
+    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 0
 
 
 @pytest.mark.parametrize("credential", [{"authorization": "Bearer alice"}, {"cookie": "session=alice"}])
@@ -248,7 +263,7 @@ async def test_answers_to_credentials_are_not_kept_unless_the_answer_is_shareabl
         for caller in (credential, {"authorization": "Bearer bob"}, {}):
             with pytest.raises(httpx.ConnectError):
                 await c.get(URL, headers=caller)
-    assert registry.get_sample_value("resilient_http_cache_entries", {"host": HOST}) == 0
+    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 0
 
 
 @pytest.mark.parametrize("credential", [{"authorization": "Bearer alice"}, {"cookie": "session=alice"}])
@@ -319,7 +334,7 @@ async def test_an_answer_already_too_old_is_not_kept(clock: FakeClock, registry:
     upstream = Upstream(ok(age="400"), down())
     async with client(upstream, clock, registry, StaleCachePolicy(max_stale=300)) as c:
         await c.get(URL)
-        assert registry.get_sample_value("resilient_http_cache_entries", {"host": HOST}) == 0
+        assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 0
         with pytest.raises(httpx.ConnectError):
             await c.get(URL)
 
@@ -331,7 +346,7 @@ async def test_an_answer_that_sets_a_cookie_is_not_kept(clock: FakeClock, regist
         await c.get(URL)
         with pytest.raises(httpx.ConnectError):
             await c.get(URL)
-    assert registry.get_sample_value("resilient_http_cache_entries", {"host": HOST}) == 0
+    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 0
 
 
 async def test_set_cookie_is_never_replayed(clock: FakeClock, registry: CollectorRegistry) -> None:
@@ -552,7 +567,7 @@ async def test_entries_per_host_are_bounded_least_recently_used_first(
             assert (await c.get(url)).extensions["resilient_http"].stale is True
         with pytest.raises(httpx.ConnectError):
             await c.get(b)
-    assert registry.get_sample_value("resilient_http_cache_entries", {"host": HOST}) == 3
+    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 3
 
 
 async def test_bytes_are_bounded_per_host_and_across_hosts(clock: FakeClock, registry: CollectorRegistry) -> None:
@@ -564,7 +579,7 @@ async def test_bytes_are_bounded_per_host_and_across_hosts(clock: FakeClock, reg
         for host in ("a.example", "b.example", "c.example"):
             await c.get(f"https://{host}/item")
         total = sum(
-            registry.get_sample_value("resilient_http_cache_bytes", {"host": f"{h}:443"}) or 0
+            registry.get_sample_value("resilient_http_cache_bytes", {"transport": "default", "host": f"{h}:443"}) or 0
             for h in ("a.example", "b.example", "c.example")
         )
         assert 0 < total <= 1000
@@ -589,13 +604,13 @@ async def test_the_newest_good_answer_replaces_the_stored_one(clock: FakeClock, 
     upstream = Upstream(ok(b"old"), ok(b"newer"), down())
     async with client(upstream, clock, registry) as c:
         await c.get(URL)
-        before = registry.get_sample_value("resilient_http_cache_bytes", {"host": HOST})
+        before = registry.get_sample_value("resilient_http_cache_bytes", {"transport": "default", "host": HOST})
         await c.get(URL)
-        after = registry.get_sample_value("resilient_http_cache_bytes", {"host": HOST})
+        after = registry.get_sample_value("resilient_http_cache_bytes", {"transport": "default", "host": HOST})
         stale = await c.get(URL)
     assert stale.content == b"newer"
     assert before is not None and after == before + 2
-    assert registry.get_sample_value("resilient_http_cache_entries", {"host": HOST}) == 1
+    assert registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": HOST}) == 1
 
 
 async def test_the_same_answer_again_restarts_its_age(clock: FakeClock, registry: CollectorRegistry) -> None:
@@ -648,7 +663,7 @@ async def test_a_small_policy_evicts_only_its_own_entries(clock: FakeClock, regi
         default=StaleCachePolicy(max_entries=100),
         small_example=StaleCachePolicy(max_entries=2),
     )
-    async with httpx.AsyncClient(transport=transport) as c:
+    async with httpx.AsyncClient(transport=LeftOpen(transport)) as c:
         for i in range(5):
             await c.get(f"https://big.example/{i}")
         for i in range(10):
@@ -656,8 +671,14 @@ async def test_a_small_policy_evicts_only_its_own_entries(clock: FakeClock, regi
         upstream.behaviours = [down()]
         for i in range(5):
             assert (await c.get(f"https://big.example/{i}")).extensions["resilient_http"].stale is True
-    assert registry.get_sample_value("resilient_http_cache_entries", {"host": "big.example:443"}) == 5
-    assert registry.get_sample_value("resilient_http_cache_entries", {"host": "small.example:443"}) == 2
+    assert (
+        registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": "big.example:443"})
+        == 5
+    )
+    assert (
+        registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": "small.example:443"})
+        == 2
+    )
 
 
 async def test_all_hosts_together_are_bounded_by_the_largest_policy(
@@ -684,7 +705,7 @@ async def test_a_hosts_bookkeeping_leaves_with_its_last_entry(clock: FakeClock, 
     """Evicted by other hosts, or found too old, a host's last entry takes its shelf along: nothing per host remains."""
     upstream = Upstream(ok(b"x"))
     transport = transport_for(upstream, clock, registry, default=StaleCachePolicy(max_entries=2, max_stale=60))
-    async with httpx.AsyncClient(transport=transport) as c:
+    async with httpx.AsyncClient(transport=LeftOpen(transport)) as c:
         for host in ("a", "b", "c", "d"):
             await c.get(f"https://{host}.example/")
         store = store_of(transport)
@@ -695,7 +716,10 @@ async def test_a_hosts_bookkeeping_leaves_with_its_last_entry(clock: FakeClock, 
             with pytest.raises(httpx.ConnectError):
                 await c.get(f"https://{host}.example/")
     assert (store.shelves, store.entries, store.by_key, store.total_bytes) == ({}, {}, {}, 0)
-    assert registry.get_sample_value("resilient_http_cache_entries", {"host": "d.example:443"}) == 0
+    assert (
+        registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": "d.example:443"})
+        == 0
+    )
 
 
 async def test_a_host_made_again_reports_the_entries_it_still_has(
@@ -704,9 +728,12 @@ async def test_a_host_made_again_reports_the_entries_it_still_has(
     """After the host table evicted a host, its entries survive, and its new gauges count them at once."""
     upstream = Upstream(ok(b"x"))
     transport = transport_for(upstream, clock, registry, max_hosts=1)
-    async with httpx.AsyncClient(transport=transport) as c:
+    async with httpx.AsyncClient(transport=LeftOpen(transport)) as c:
         await c.get("https://a.example/")
         await c.get("https://b.example/")  # evicts a.example's host state and its series
         upstream.behaviours = [down()]
         assert (await c.get("https://a.example/")).extensions["resilient_http"].stale is True
-    assert registry.get_sample_value("resilient_http_cache_entries", {"host": "a.example:443"}) == 1
+    assert (
+        registry.get_sample_value("resilient_http_cache_entries", {"transport": "default", "host": "a.example:443"})
+        == 1
+    )

@@ -415,6 +415,7 @@ def test_the_same_calls_work_under_trio() -> None:
             default=only(retry=RetryPolicy(backoff=0.001, max_backoff=0.001, budget=None)),
             inner=httpx.MockTransport(Script(503, 200)),
             registry=registry,
+            name="real",  # the harness's first transport is "default"
         )
         async with httpx.AsyncClient(transport=real) as real_client:
             assert (await real_client.get("https://real.example/")).status_code == 200

@@ -36,6 +36,7 @@ from resilient_http import (
     Wait,
     call_info,
 )
+from resilient_http.events import RetryScheduled
 from resilient_http.store import MemoryStore
 from resilient_http.testing import FakeClock
 
@@ -86,6 +87,9 @@ def every_policy() -> Policy:
     assert_type(stale_cache.max_bytes, int)
     coalesce = CoalescePolicy(max_body_bytes=1 << 20, identity_headers=["X-Api-Key"])
     assert_type(coalesce.max_body_bytes, int)
+    CircuitBreakerPolicy(dry_run=True)
+    RateLimitPolicy(rate=1, dry_run=True)
+    assert_type(BulkheadPolicy(dry_run=True).dry_run, bool)
     Policy(timeout=None, retry=None, circuit_breaker=None, rate_limit=None, bulkhead=None, stale_cache=None)
     policy = Policy(
         timeout=timeout,
@@ -111,12 +115,15 @@ async def the_transport(policy: Policy) -> None:
         max_hosts=100,
         clock=FakeClock(),
         random=random.Random(1),
+        name="payments",
     )
     ResilientTransport()
     ResilientTransport(None, default=None, inner=None, registry=None, clock=None, random=None)
     ResilientTransport(store="redis://127.0.0.1:6379/0")
     ResilientTransport(store={"url": "redis://127.0.0.1:6379/0", "timeout": 0.02})
     ResilientTransport(store=MemoryStore(), max_hosts=10)
+    ResilientTransport(on_event=print, tracer_provider=None)
+    ResilientTransport(on_event=lambda event: event.host if isinstance(event, RetryScheduled) else None)
     assert_type(ResilientTransport.from_file("policies.toml"), ResilientTransport)
     ResilientTransport.from_file(Path("policies.toml"), registry=CollectorRegistry(), max_hosts=10)
     assert_type(transport.policy_for("api.example.com"), Policy)
@@ -185,6 +192,9 @@ def the_story(info: CallInfo) -> None:
     assert_type(info.circuit_state, str | None)
     assert_type(info.retry_stop, str | None)
     assert_type(info.coalesced, bool)
+    assert_type(info.stale_reason, str | None)
+    assert_type(info.dry_run, tuple[str, ...])
+    assert_type(info.fallback, bool)
     for wait in info.waits:
         assert_type(wait.reason, str)
         assert_type(wait.seconds, float)
@@ -198,7 +208,30 @@ def the_story(info: CallInfo) -> None:
         circuit_state="closed",
         retry_stop=None,
         coalesced=False,
+        dry_run=("bulkhead",),
+        fallback=False,
     )
+
+
+def a_fallback(request: httpx.Request, failure: Exception | httpx.Response, info: CallInfo) -> httpx.Response:
+    if isinstance(failure, Exception):
+        raise failure
+    return httpx.Response(200, json={"default": True}, request=request)
+
+
+async def an_async_fallback(
+    request: httpx.Request, failure: Exception | httpx.Response, info: CallInfo
+) -> httpx.Response:
+    return httpx.Response(503, text="try again later")
+
+
+async def policies_at_run_time(policy: Policy) -> None:
+    transport = ResilientTransport(fallback=a_fallback)
+    ResilientTransport(fallback=an_async_fallback)
+    ResilientTransport(fallback=lambda request, failure, info: httpx.Response(204))
+    assert_type(transport.update_policies({"api.example.com": policy}, default=policy), None)
+    transport.update_policies()
+    assert_type(ResilientTransport.from_file("policies.toml", fallback=a_fallback).reload(), None)
 
 
 def the_exceptions(request: httpx.Request) -> None:

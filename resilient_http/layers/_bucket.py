@@ -33,14 +33,18 @@ class Bucket:
     __slots__ = ("bookings", "floor", "interval", "last", "pace", "pace_end", "tat", "tolerance")
 
     def __init__(self, rate: float, burst: int) -> None:
-        self.interval = 1.0 / rate
-        self.tolerance = (burst - 1) * self.interval
+        self.limit(rate, burst)
         self.tat = NEVER  # the bucket is full while this is in the past
         self.last = NEVER  # the latest send, from which pacing is measured
         self.bookings: list[float] = []  # retries' send times, in order
         self.floor = NEVER  # nothing is sent before this (a cooldown's end)
         self.pace = 0.0  # sends at least this far apart ...
         self.pace_end = NEVER  # ... until then
+
+    def limit(self, rate: float, burst: int) -> None:
+        """Space the sends to come by ``rate`` and ``burst``; the sends made and the bookings stay where they are."""
+        self.interval = 1.0 / rate
+        self.tolerance = (burst - 1) * self.interval
 
     @property
     def now(self) -> State:

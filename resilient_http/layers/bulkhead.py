@@ -40,13 +40,21 @@ compare and an increment. Only a call that must wait pays for an
 ``anyio.Event`` and a timer. A slot passes from hand to hand without ever
 being counted free, and every way out of the queue (granted, shed, timed out,
 cancelled before or after being granted) settles the counts exactly once.
+
+A new policy (:meth:`Bulkhead.reconfigure`) keeps the slots and the queue:
+attempts in flight are never cancelled and waiters keep their place. A
+lower ``max_concurrent`` works as a shrunk adaptive limit (slots given back
+are not handed on until the count is under it); a higher one grants waiters
+at once. An adaptive limit whose settings are unchanged keeps what it
+learnt; a changed one starts again from its ``initial``. In dry-run mode an
+attempt that finds no free slot is sent anyway, counted in flight, and
+reported as blocked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
@@ -56,12 +64,12 @@ import httpx
 
 from .._call import PRIORITIES, Call, Host, Next, Wait
 from .._clock import Clock
+from .._config import BulkheadPolicy
+from .._events import DEBUG, CallRejected, LimitChanged, Waited
 from .._exceptions import BulkheadFullError, DeadlineExceededError
 from .._metrics import HostMetrics
 from .adaptive import AdaptiveSlots
 from .timeout import IN_MEMORY, expired
-
-logger = logging.getLogger("resilient_http.bulkhead")
 
 _RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 _WAITING, _GRANTED, _SHED = 0, 1, 2
@@ -136,12 +144,15 @@ class Bulkhead:
         "_clock",
         "_closing",
         "_drop_statuses",
+        "_dry_run",
+        "_events",
         "_in_flight",
         "_in_flight_gauge",
         "_limit",
         "_limit_gauge",
         "_max_queue",
         "_metrics",
+        "_policy",
         "_queue_timeout",
         "_queued",
         "_queued_gauge",
@@ -151,30 +162,55 @@ class Bulkhead:
     def __init__(self, host: Host) -> None:
         policy = host.policy.bulkhead
         assert policy is not None
-        self._limit = policy.max_concurrent
-        self._adaptive: AdaptiveSlots | None = None
-        self._drop_statuses: frozenset[int] = frozenset()
-        if policy.adaptive is not None:
-            self._adaptive = AdaptiveSlots(policy.adaptive, policy.max_concurrent)
-            self._drop_statuses = frozenset(policy.adaptive.drop_statuses)
-            self._limit = self._adaptive.limit
         self._limit_gauge = host.metrics.bulkhead_limit
-        self._limit_gauge.set(self._limit)
-        self._max_queue = policy.max_queue
-        self._queue_timeout = policy.queue_timeout
         self._clock: Clock = host.clock
         self._metrics: HostMetrics = host.metrics
+        self._events = host.events
         self._in_flight_gauge = host.metrics.bulkhead_in_flight
         self._queued_gauge = host.metrics.bulkhead_queued
         self._in_flight = 0
         self._queued = 0
         self._queues: tuple[deque[_Waiter], ...] = tuple(deque() for _ in PRIORITIES)
         self._closing: set[asyncio.Task[None]] = set()  # dropped bodies being closed (asyncio keeps weak refs)
+        self._adaptive: AdaptiveSlots | None = None
+        self._policy: BulkheadPolicy | None = None
+        self.reconfigure(policy)
+
+    def reconfigure(self, policy: BulkheadPolicy) -> None:
+        """Take ``policy``'s limits for the attempts to come, keeping slots and queue (see the module docstring)."""
+        old, self._policy = self._policy, policy
+        adaptive = policy.adaptive
+        if adaptive is None:
+            self._adaptive = None
+            self._drop_statuses: frozenset[int] = frozenset()
+        elif old is None or old.adaptive != adaptive or old.max_concurrent != policy.max_concurrent:
+            self._adaptive = AdaptiveSlots(adaptive, policy.max_concurrent)
+            self._drop_statuses = frozenset(adaptive.drop_statuses)
+        self._max_queue = policy.max_queue
+        self._queue_timeout = policy.queue_timeout
+        self._dry_run = policy.dry_run
+        self._set_limit(policy.max_concurrent if self._adaptive is None else self._adaptive.limit)
+
+    def _set_limit(self, limit: int) -> None:
+        """Take ``limit`` as the number of slots: waiters are granted at once when it grew."""
+        self._limit = limit
+        self._limit_gauge.set(limit)
+        while self._queued and self._in_flight < limit:
+            for queue in self._queues:
+                if queue:
+                    self._wake(queue.popleft(), _GRANTED)
+                    self._in_flight += 1
+                    self._in_flight_gauge.inc()
+                    break
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         # A slot is free only when nobody waits: a freed slot is handed to the
         # head of the queue rather than counted free.
         if self._in_flight < self._limit:
+            self._in_flight += 1
+            self._in_flight_gauge.inc()
+        elif self._dry_run:  # no slot, but sent: counted in flight, so the gauges show how far over it goes
+            call.blocked_in_dry_run("bulkhead")
             self._in_flight += 1
             self._in_flight_gauge.inc()
         else:
@@ -197,16 +233,16 @@ class Bulkhead:
         except BaseException as exc:
             try:
                 if isinstance(exc, httpx.TimeoutException | httpx.ConnectError) and not _total_ran_out(exc):
-                    self._adapt(slots.drop(number), "drop", exc)
+                    self._adapt(slots, slots.drop(number), "drop", exc)
             finally:
                 self._release()
             raise
         try:
             status = response.status_code
             if status in self._drop_statuses:
-                self._adapt(slots.drop(number), "drop", status)
+                self._adapt(slots, slots.drop(number), "drop", status)
             elif status < 500:  # other server errors say nothing of load, and are often fast
-                self._adapt(slots.success(in_flight, self._clock.now() - started), "success", None)
+                self._adapt(slots, slots.success(in_flight, self._clock.now() - started), "success", None)
         except BaseException:
             self._release()
             raise
@@ -221,30 +257,42 @@ class Bulkhead:
             response.stream = _SlotStream(stream, self)
         return response
 
-    def _adapt(self, changed: bool, why: str, cause: object) -> None:
-        """Follow the adaptive limit after a sample: grant waiters when it grew."""
-        if not changed:
+    def _adapt(self, slots: AdaptiveSlots, changed: bool, why: str, cause: object) -> None:
+        """Follow the adaptive limit after a sample: grant waiters when it grew.
+
+        ``slots`` is the limit the attempt was sent under: one a new policy
+        replaced since moves nothing.
+        """
+        if not changed or slots is not self._adaptive:
             return
-        assert self._adaptive is not None
-        old, new = self._limit, self._adaptive.limit
-        self._limit = new
-        self._limit_gauge.set(new)
-        while self._queued and self._in_flight < new:
-            for queue in self._queues:
-                if queue:
-                    self._wake(queue.popleft(), _GRANTED)
-                    self._in_flight += 1
-                    self._in_flight_gauge.inc()
-                    break
+        old, new = self._limit, slots.limit
+        self._set_limit(new)
         self._limit_changed(old, new, why, cause)
 
     def _limit_changed(self, old: int, new: int, why: str, cause: object) -> None:
-        """The one place the "limit changed" event is emitted (logged at DEBUG until hooks exist)."""
-        if logger.isEnabledFor(logging.DEBUG):
+        """The one place the "limit changed" event is emitted."""
+        events = self._events
+        if events.wants(DEBUG, "bulkhead"):
             if isinstance(cause, BaseException):
                 cause = type(cause).__name__
-            detail = "" if cause is None else f" ({cause})"
-            logger.debug("bulkhead of %s: limit %d -> %d after a %s%s", self._metrics.host, old, new, why, detail)
+            events.emit(
+                LimitChanged(
+                    transport=events.transport,
+                    host=events.host,
+                    old=old,
+                    new=new,
+                    why=why,
+                    cause=None if cause is None else str(cause),
+                )
+            )
+
+    def _rejected(self, call: Call, reason: str) -> None:
+        events = self._events
+        if events.wants(DEBUG, "bulkhead", call):
+            event = CallRejected(
+                transport=events.transport, host=events.host, layer="bulkhead", retry_after=None, reason=reason
+            )
+            events.emit(event, call)
 
     def _dropped(self, body: httpx.AsyncByteStream, home: Any) -> None:
         """A streamed body was dropped unclosed: close it and free its slot on its own event loop.
@@ -304,8 +352,9 @@ class Bulkhead:
         self._queued -= 1
         self._queued_gauge.dec()
 
-    def _reject(self, call: Call, priority: str, why: str) -> BulkheadFullError:
+    def _reject(self, call: Call, priority: str, why: str, reason: str) -> BulkheadFullError:
         self._metrics.labelled("bulkhead_rejected", priority).inc()
+        self._rejected(call, reason)
         host = self._metrics.host
         return BulkheadFullError(f"bulkhead of {host} {why}", host=host, retry_after=None, request=call.request)
 
@@ -317,7 +366,7 @@ class Bulkhead:
                 self._wake(queue.pop(), _SHED)
                 self._metrics.labelled("bulkhead_rejected", PRIORITIES[lower]).inc()
                 return
-        raise self._reject(call, call.priority, f"is full ({self._limit} in flight, {self._max_queue} waiting)")
+        raise self._reject(call, call.priority, f"is full ({self._limit} in flight, {self._max_queue} waiting)", "full")
 
     async def _wait(self, call: Call) -> None:
         """Queue until a slot is handed over; return holding it, or raise."""
@@ -351,11 +400,17 @@ class Bulkhead:
             waited = clock.now() - started
             if waited > 0:
                 call.waits.append(Wait("bulkhead", waited))
+                events = self._events
+                if events.wants(DEBUG, "bulkhead", call):
+                    events.emit(
+                        Waited(transport=events.transport, host=events.host, reason="bulkhead", seconds=waited), call
+                    )
         # The state, not the timer, decides: a slot handed over as the timer
         # fired is still the call's to use.
         if waiter.state == _GRANTED:
             return
         if waiter.state == _SHED:
+            self._rejected(call, "shed")
             host = self._metrics.host
             raise BulkheadFullError(
                 f"bulkhead of {host} shed this {call.priority} call for a higher-priority one",
@@ -366,4 +421,4 @@ class Bulkhead:
         self._leave(waiter)
         if by_deadline:
             raise expired(call, "total", " while waiting for a bulkhead slot")
-        raise self._reject(call, call.priority, f"had no free slot within {self._queue_timeout}s")
+        raise self._reject(call, call.priority, f"had no free slot within {self._queue_timeout}s", "queue_timeout")

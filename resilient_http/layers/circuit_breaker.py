@@ -29,6 +29,15 @@ closed again is not counted in the new window (it cannot re-open a host that
 has recovered), and a trial of an earlier half-open round neither frees a
 slot nor decides the next round.
 
+A new policy (:meth:`CircuitBreaker.reconfigure`) keeps the state: an open
+circuit stays open until the time it was given, a half-open round goes on
+with its trials, and closed counts stay, unless ``window`` changed (counts
+bucketed by the old window say nothing about the new one: they restart).
+The new thresholds apply from the next outcome. In dry-run mode the breaker
+decides as usual, but a call it would have refused goes through, without a
+period: its outcome is not counted, since a real breaker would not have
+seen it.
+
 With a shared store (``ResilientTransport(store=...)``), an open circuit
 and the half-open trials are the fleet's: see :mod:`.fleet_circuit`.
 """
@@ -43,6 +52,7 @@ import httpx
 from .._call import Call, Host, Next
 from .._clock import Clock
 from .._config import CircuitBreakerPolicy
+from .._events import DEBUG, INFO, BreakerStateChanged, CallRejected, HostEvents
 from .._exceptions import CircuitOpenError, DeadlineExceededError, ResilienceError
 from .._headers import retry_after
 from .._metrics import HostMetrics
@@ -60,6 +70,7 @@ class CircuitBreaker:
     __slots__ = (
         "_break",
         "_epochs",
+        "_events",
         "_failures",
         "_metrics",
         "_opened_until",
@@ -75,8 +86,11 @@ class CircuitBreaker:
         "state",
     )
 
-    def __init__(self, policy: CircuitBreakerPolicy, rng: random.Random, metrics: HostMetrics) -> None:
+    def __init__(
+        self, policy: CircuitBreakerPolicy, rng: random.Random, metrics: HostMetrics, events: HostEvents | None = None
+    ) -> None:
         self.policy = policy
+        self._events = events
         self._random = rng
         self._metrics = metrics
         self._width = policy.window / _BUCKETS
@@ -92,10 +106,31 @@ class CircuitBreaker:
         self.state = CLOSED
         metrics.circuit(CLOSED)
 
-    def _set(self, state: str) -> None:
+    def reconfigure(self, policy: CircuitBreakerPolicy) -> None:
+        """Take ``policy``'s thresholds from the next outcome on, keeping the state (see the module docstring)."""
+        old, self.policy = self.policy, policy
+        if policy.window != old.window:
+            self._width = policy.window / _BUCKETS
+            self._epochs = [-1] * _BUCKETS
+            self._successes = [0] * _BUCKETS
+            self._failures = [0] * _BUCKETS
+        if self.state == CLOSED:
+            self._break = policy.break_duration
+        else:
+            self._break = min(max(self._break, policy.break_duration), policy.max_break_duration)
+
+    def _set(self, state: str, break_seconds: float | None = None) -> None:
+        old = self.state
         self.state = state
         self._period += 1
         self._metrics.circuit(state)
+        events = self._events
+        if events is not None and events.wants(INFO, "circuit_breaker"):
+            events.emit(
+                BreakerStateChanged(
+                    transport=events.transport, host=events.host, old=old, new=state, break_seconds=break_seconds
+                )
+            )
 
     def acquire(self, now: float) -> int:
         """Let a call through, returning the number of the period it starts in; raise if refused."""
@@ -128,7 +163,7 @@ class CircuitBreaker:
         """Be open for ``retry_after`` more seconds because the fleet's circuit is (its break, not this one's)."""
         if self.state != OPEN:
             self._trials_out = self._trial_successes = 0
-            self._set(OPEN)
+            self._set(OPEN, retry_after)
         self._opened_until = now + retry_after
 
     def close(self) -> None:
@@ -181,7 +216,7 @@ class CircuitBreaker:
             duration = max(duration, min(hinted, self.policy.max_break_duration))
         self._opened_until = now + duration
         self._trials_out = self._trial_successes = 0
-        self._set(OPEN)
+        self._set(OPEN, duration)
         self._metrics.circuit_opened.inc()
         if self.on_open is not None:
             self.on_open(duration)
@@ -208,21 +243,42 @@ def _is_host_failure(exc: Exception, call: Call) -> bool:
 class CircuitBreakerLayer:
     """The breaker layer of one host."""
 
-    __slots__ = ("_clock", "_fleet", "breaker")
+    __slots__ = ("_clock", "_events", "_fleet", "breaker")
 
     def __init__(self, host: Host) -> None:
         policy = host.policy.circuit_breaker
         assert policy is not None
         self._clock: Clock = host.clock
-        self.breaker = CircuitBreaker(policy, host.random, host.metrics)
+        self._events = host.events
+        self.breaker = CircuitBreaker(policy, host.random, host.metrics, host.events)
         fleet = host.shared.get(FLEET)
         self._fleet = None if fleet is None else FleetCircuit(fleet, host.label, self.breaker, host.clock)
+
+    def reconfigure(self, policy: CircuitBreakerPolicy) -> None:
+        self.breaker.reconfigure(policy)
+
+    def _rejected(self, call: Call, exc: CircuitOpenError) -> None:
+        events = self._events
+        if events.wants(DEBUG, "circuit_breaker", call):
+            event = CallRejected(
+                transport=events.transport,
+                host=events.host,
+                layer="circuit_breaker",
+                retry_after=exc.retry_after,
+                reason=self.breaker.state,
+            )
+            events.emit(event, call)
+
+    def detach(self, host: Host) -> None:
+        """The host's policy dropped the breaker: its state gauge no longer says anything."""
+        host.metrics.circuit("")
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         breaker = self.breaker
         clock = self._clock
         fleet = self._fleet
         trial: int | None = None  # the fleet's round, when this call is one of its trials
+        period: int | None
         try:
             now = clock.now()
             if fleet is None:
@@ -233,8 +289,16 @@ class CircuitBreakerLayer:
                     period, trial = await fleet.acquire(call)
                 else:
                     period = breaker.acquire(now)
-        finally:
+        except CircuitOpenError as exc:
             call.circuit_state = breaker.state
+            if not breaker.policy.dry_run:
+                self._rejected(call, exc)
+                raise
+            call.blocked_in_dry_run("circuit_breaker")
+            period = None
+        call.circuit_state = breaker.state
+        if period is None:  # sent only because the breaker runs dry: its outcome is not counted
+            return await self._unseen(call, call_next)
         try:
             response = await call_next(call)
         except Exception as exc:
@@ -261,3 +325,10 @@ class CircuitBreakerLayer:
             fleet.succeeded(trial)
         call.circuit_state = breaker.state
         return response
+
+    async def _unseen(self, call: Call, call_next: Next) -> httpx.Response:
+        """A call a dry-run breaker would have refused: sent, and its outcome not counted."""
+        try:
+            return await call_next(call)
+        finally:
+            call.circuit_state = self.breaker.state

@@ -36,7 +36,9 @@ A leader that ends for a reason of its own (its caller cancelled it, or its
 own total deadline ran out) does not pass that on: its followers start
 over, the first of them leading with its own deadline. A flight lives
 exactly as long as its leader's call (its entry is removed as the leader
-leaves, however it leaves), and nothing else is kept.
+leaves, however it leaves), and nothing else is kept. A new policy makes
+the layer afresh: a flight in progress lands for the calls that joined it,
+and calls after the change start flights of their own.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import anyio
 import httpx
 
 from .._call import Call, Host, Next
+from .._events import DEBUG, Coalesced
 from .._exceptions import DeadlineExceededError
 from .._headers import pick
 from .cache_key import request_key, vary_names
@@ -119,7 +122,7 @@ def copy_error(error: Exception, request: httpx.Request) -> Exception:
 class Coalesce:
     """The coalescing layer of one host: its flights in progress, by key."""
 
-    __slots__ = ("_clock", "_flights", "_identity", "_max_body", "_metrics", "_picked")
+    __slots__ = ("_clock", "_events", "_flights", "_identity", "_max_body", "_metrics", "_picked")
 
     def __init__(self, host: Host) -> None:
         policy = host.policy.coalesce
@@ -129,6 +132,7 @@ class Coalesce:
         self._picked = frozenset({b"host", *_BODY, *self._identity})
         self._clock = host.clock
         self._metrics = host.metrics
+        self._events = host.events
         self._flights: dict[Hashable, _Flight] = {}
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
@@ -150,6 +154,7 @@ class Coalesce:
             if all(request.headers.get(name) == value for name, value in outcome.vary):
                 call.coalesced = True
                 self._metrics.labelled("coalesced", "response").inc()
+                self._coalesced(call, "response")
                 return outcome.response_for(request)
         elif isinstance(outcome, Exception):
             try:
@@ -159,9 +164,16 @@ class Coalesce:
             if error is not None:
                 call.coalesced = True
                 self._metrics.labelled("coalesced", "error").inc()
+                self._coalesced(call, "error")
                 raise error
         self._metrics.labelled("coalesced", "unshared").inc()
+        self._coalesced(call, "unshared")
         return await call_next(call)
+
+    def _coalesced(self, call: Call, result: str) -> None:
+        events = self._events
+        if events.wants(DEBUG, "coalesce", call):
+            events.emit(Coalesced(transport=events.transport, host=events.host, result=result), call)
 
     async def _lead(self, call: Call, call_next: Next, key: Hashable) -> httpx.Response:
         flight = self._flights[key] = _Flight()

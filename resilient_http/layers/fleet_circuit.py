@@ -95,6 +95,8 @@ class FleetCircuit:
 
     def _opened(self, duration: float) -> None:
         """The local breaker opened on this worker's outcomes: open the fleet's circuit too."""
+        if self._breaker.policy.dry_run:  # a breaker running dry must not stop the real ones
+            return
         self._pending = True
         self._fleet.soon(self._publish(duration, self.round))
 

@@ -58,14 +58,25 @@ class FleetQuota:
         self.fleet = fleet
         self._store = fleet.store
         self._upstream = upstream
-        self._rate = policy.rate
-        self._burst = policy.burst
-        self._max_wait = MAX_SECONDS if policy.max_wait is None else min(policy.max_wait, MAX_SECONDS)
-        self._clock = clock
         self._denied_until = -math.inf  # on the host's clock: no slot is free before this
+        self.reconfigure(policy)
+        self._clock = clock
         self._debt = 0  # retries booked locally, not yet charged to the fleet
         self._to_publish = -math.inf  # the end of a hold not yet published
         self._publishing = False
+
+    def reconfigure(self, policy: RateLimitPolicy) -> None:
+        """Ask by ``policy`` from now on; in a dry run, only for a slot free now (nothing waits).
+
+        A refusal remembered under the old policy is forgotten: the new one may have a slot sooner.
+        """
+        self._denied_until = -math.inf
+        self._rate = policy.rate
+        self._burst = policy.burst
+        if policy.dry_run:
+            self._max_wait = 0.0
+        else:
+            self._max_wait = MAX_SECONDS if policy.max_wait is None else min(policy.max_wait, MAX_SECONDS)
 
     async def admit(self, call: Call, now: float) -> Admission | None:
         """A slot for ``call`` (taken when ``allowed``), a refusal, or ``None``: the store cannot answer.

@@ -51,10 +51,23 @@ was paused, however many calls waited); every refusal counts in
 ``rate_limited``.
 A retry's wait for its turn is recorded by the retry layer, in ``CallInfo.waits``.
 
+A new policy (:meth:`RateLimiter.reconfigure`) keeps the bucket (the sends
+made, the retries booked, the cooldown and pacing in force) and spaces the
+turns to come by its rate and burst. The line is planned again: a call in
+line that can no longer go within the ``max_wait`` it came with fails then.
+The new ``max_cooldown`` bounds what the server says next.
+
+In dry-run mode nothing waits and nothing is refused (a policer, not a
+shaper): a call that finds a turn free takes it; one that does not (during
+a cooldown too) is sent without taking one, and reported in
+``CallInfo.dry_run`` and ``dry_run_blocked``. A retry is policed at the end
+of its backoff, and booked if its turn is free then; no cooldown holds it
+back. Turning dry run on sends the calls in line at once.
+
 With a shared store (``ResilientTransport(store=...)``), the quota is the
 fleet's: see :mod:`.fleet_quota`. Each call then asks the store, and uses
 the line above only while the store cannot answer, at this worker's share
-of the rate.
+of the rate. In dry-run mode the store is asked for a slot free now only.
 """
 
 from __future__ import annotations
@@ -68,6 +81,8 @@ import httpx
 
 from .._call import Call, Host, Next, Wait
 from .._clock import Clock
+from .._config import RateLimitPolicy
+from .._events import DEBUG, INFO, CallRejected, CooldownStarted, Waited
 from .._exceptions import RateLimitedError
 from .._headers import mentions, quota, retry_after
 from ..store._fleet import FLEET
@@ -105,6 +120,8 @@ class RateLimiter:
         "_clock",
         "_cooldown",
         "_cooldown_until",
+        "_dry_run",
+        "_events",
         "_hold_until",
         "_label",
         "_line",
@@ -127,9 +144,11 @@ class RateLimiter:
         self._clock: Clock = host.clock
         self._label = host.label
         self._policy = policy
+        self._events = host.events
         self._bucket = Bucket(policy.rate, policy.burst)
         self._max_wait = policy.max_wait
         self._max_cooldown = policy.max_cooldown
+        self._dry_run = policy.dry_run
         self._line: deque[_Waiter] = deque()  # in arrival order; those gone are dropped when they reach the front
         self._waiting = 0  # calls in line and not gone
         self._plan: tuple[State, float] | None = None  # the bucket once the line has gone, and the last turn in it
@@ -148,6 +167,30 @@ class RateLimiter:
         host.retry_gates.append(self._gate)
         host.holds.append(self._hold)
 
+    def reconfigure(self, policy: RateLimitPolicy) -> None:
+        """Space the turns to come by ``policy``, keeping the bucket and the line (see the module docstring)."""
+        self._policy = policy
+        self._limit()
+        if self._quota is not None:
+            self._quota.reconfigure(policy)
+        self._max_wait = policy.max_wait
+        self._max_cooldown = policy.max_cooldown
+        self._dry_run = policy.dry_run
+        if not self._waiting:
+            return
+        if self._dry_run:  # nothing waits: every call in line goes now
+            for waiter in self._line:
+                waiter.scope.cancel()
+            return
+        self._replan(self._clock.now())
+        self._wake_head()
+
+    def detach(self, host: Host) -> None:
+        """The host's policy dropped the limiter: it no longer reads answers nor holds retries back."""
+        host.observers.remove(self._observe if self._quota is None else self._observe_shared)
+        host.retry_gates.remove(self._gate)
+        host.holds.remove(self._hold)
+
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         quota = self._quota
         if quota is not None and await self._fleet_turn(call, quota):
@@ -161,8 +204,26 @@ class RateLimiter:
             bucket.last = virtual
             self._wait_seconds.observe(0.0)
             return await call_next(call)
+        if self._dry_run:
+            self._police(call, now, now)
+            self._wait_seconds.observe(0.0)
+            return await call_next(call)
         await self._wait_turn(call, now)
         return await call_next(call)
+
+    def _police(self, call: Call, now: float, send: float) -> None:
+        """Dry run: take the turn at ``send`` if it is free (booked if ahead); if not, take none and report the call."""
+        shift, bucket = self._shift, self._bucket
+        self._settle(now - shift)
+        virtual = send - shift
+        if bucket.fit(bucket.now, virtual)[0] > virtual:
+            call.blocked_in_dry_run("rate_limit")
+            return
+        if send > now:
+            bucket.book(virtual)
+        else:
+            bucket.send(virtual)
+        self._plan = None
 
     # The fleet
 
@@ -177,6 +238,11 @@ class RateLimiter:
         now = clock.now()
         if answer.hold > 0:  # the fleet's hold: this worker's retries wait it out too
             self._cool(now, now + answer.hold)
+        if self._dry_run:  # the store was asked for a slot free now only
+            if not answer.allowed or self._cooldown_until > now:
+                call.blocked_in_dry_run("rate_limit")
+            self._wait_seconds.observe(0.0)
+            return True
         if not answer.allowed:
             self._refuse(call, answer.wait)
         # This worker's own cooldown may not have reached the store yet.
@@ -185,10 +251,7 @@ class RateLimiter:
             self._refuse(call, wait)
         if wait > 0:
             await clock.sleep(wait)
-        waited = clock.now() - arrival
-        self._wait_seconds.observe(waited)
-        if wait > 0:
-            call.waits.append(Wait("rate_limit", waited))
+        self._waited(call, clock.now() - arrival)
         return True
 
     def _reshare(self, workers: int) -> None:
@@ -196,11 +259,14 @@ class RateLimiter:
         if workers == self._share:
             return
         self._share = workers
-        bucket, policy = self._bucket, self._policy
-        bucket.interval = workers / policy.rate
-        bucket.tolerance = (max(1, policy.burst // workers) - 1) * bucket.interval
+        self._limit()
         self._plan = None
         self._wake_head()
+
+    def _limit(self) -> None:
+        """Space the local bucket's sends by the policy, at this worker's share of it."""
+        policy, share = self._policy, self._share
+        self._bucket.limit(policy.rate / share, max(1, policy.burst // share))
 
     # The line
 
@@ -270,10 +336,17 @@ class RateLimiter:
             self._waiting += 1
             self._plan = (state, turn)
             now = await self._wait_in_line(call, waiter, now)
-        waited = now - arrival
+        self._waited(call, now - arrival)
+
+    def _waited(self, call: Call, waited: float) -> None:
         self._wait_seconds.observe(waited)
         if waited > 0:
             call.waits.append(Wait("rate_limit", waited))
+            events = self._events
+            if events.wants(DEBUG, "rate_limit", call):
+                events.emit(
+                    Waited(transport=events.transport, host=self._label, reason="rate_limit", seconds=waited), call
+                )
 
     async def _wait_in_line(self, call: Call, waiter: _Waiter, now: float) -> float:
         """Wait until ``waiter`` is first in line and the bucket holds a token; count its send; return the time."""
@@ -281,6 +354,9 @@ class RateLimiter:
         sent = False
         try:
             while waiter.refused is None:
+                if self._dry_run:  # turned on while this call waited
+                    self._police(call, now, now)
+                    return now
                 if self._head() is waiter:
                     virtual = now - self._shift
                     self._settle(virtual)
@@ -319,6 +395,16 @@ class RateLimiter:
 
     def _refuse(self, call: Call, retry_after: float | None) -> NoReturn:
         self._rate_limited.inc()
+        events = self._events
+        if events.wants(DEBUG, "rate_limit", call):
+            event = CallRejected(
+                transport=events.transport,
+                host=self._label,
+                layer="rate_limit",
+                retry_after=retry_after,
+                reason="no_turn",
+            )
+            events.emit(event, call)
         raise RateLimitedError(
             f"rate limit of {self._label}: no turn within the time this call may wait",
             host=self._label,
@@ -329,14 +415,17 @@ class RateLimiter:
     # Retries
 
     def _hold(self) -> float:
-        """The end of the server's current cooldown (in the past when there is none)."""
-        return self._cooldown_until
+        """The end of the server's current cooldown (in the past when there is none, or in a dry run)."""
+        return NEVER if self._dry_run else self._cooldown_until
 
     def _gate(self, call: Call, earliest: float) -> float | None:
         """Book a retry's turn at or after ``earliest``: its send time, or ``None`` when too late."""
         if call.policy.rate_limit is None:  # this call turned the limiter off
             return earliest
         now = self._clock.now()
+        if self._dry_run:
+            self._police(call, now, earliest)
+            return earliest
         shift = self._shift
         self._settle(now - shift)
         state, tail = self._planned(now)
@@ -364,17 +453,17 @@ class RateLimiter:
         if status == 429 or status == 503:
             hinted = retry_after(headers, self._clock.wall())
             if hinted is not None:  # Retry-After wins over the RateLimit fields
-                self._cool(now, now + hinted)
+                self._cool(now, now + hinted, status)
                 return
         found = quota(headers)
         if found is not None:
             remaining, reset = found
             if remaining == 0:
-                self._cool(now, now + max(reset, self._bucket.interval if status == 429 else 0.0))
+                self._cool(now, now + max(reset, self._bucket.interval if status == 429 else 0.0), status)
                 return
             self._pace_for(now, reset / remaining, now + reset)
         if status == 429:
-            self._cool(now, now + self._bucket.interval)
+            self._cool(now, now + self._bucket.interval, status)
 
     def _observe_shared(self, response: httpx.Response, now: float) -> None:
         """:meth:`_observe`, and a cooldown that begins here is published to the fleet."""
@@ -398,12 +487,21 @@ class RateLimiter:
             self._plan = None  # turns may come earlier (a later one is found on waking)
             self._wake_head()
 
-    def _cool(self, now: float, until: float) -> None:
-        """Send nothing before ``until`` (at most ``max_cooldown`` away): pause the schedule, and wake the line."""
+    def _cool(self, now: float, until: float, status: int | None = None) -> None:
+        """Send nothing before ``until`` (at most ``max_cooldown`` away): pause the schedule, and wake the line.
+
+        ``status`` is the answer that asked for it; ``None`` for the fleet's hold, which the worker that saw
+        the answer reports.
+        """
         until = min(until, now + self._max_cooldown)
         start = max(now, self._cooldown_until)
         if until <= start:
             return
+        events = self._events
+        if status is not None and events.wants(INFO, "rate_limit"):
+            events.emit(
+                CooldownStarted(transport=events.transport, host=self._label, seconds=until - now, status=status)
+            )
         self._shift += until - start
         self._cooldown.inc(until - start)  # the host's time in cooldown, however many calls wait it out
         self._cooldown_until = until

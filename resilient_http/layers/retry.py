@@ -43,6 +43,7 @@ from httpx._multipart import FileField, MultipartStream  # httpx's form body; no
 from .._call import Call, Host, Next, Wait
 from .._clock import Clock
 from .._config import IDEMPOTENT_METHODS, RetryBudget, RetryPolicy
+from .._events import DEBUG, INFO, BudgetRefused, CallRejected, RetryScheduled, RetryStopped, Waited
 from .._exceptions import DeadlineExceededError, RateLimitedError, ResilienceError
 from .._headers import quota, retry_after
 from ..store._fleet import FLEET
@@ -169,10 +170,15 @@ async def discard(response: httpx.Response) -> None:
         await response.aclose()
 
 
+def _window(policy: RetryPolicy | None) -> float:
+    budget = None if policy is None else policy.budget
+    return RetryBudget().window if budget is None else budget.window
+
+
 class Retry:
     """The retry layer of one host."""
 
-    __slots__ = ("_budget", "_clock", "_fleet", "_gates", "_holds", "_label", "_metrics", "_random")
+    __slots__ = ("_budget", "_clock", "_events", "_fleet", "_gates", "_holds", "_label", "_metrics", "_random")
 
     def __init__(self, host: Host) -> None:
         self._clock: Clock = host.clock
@@ -182,9 +188,13 @@ class Retry:
         self._gates = host.retry_gates
         self._holds = host.holds
         self._fleet = host.shared.get(FLEET)
-        policy = host.policy.retry
-        budget = None if policy is None else policy.budget
-        self._budget = Budget(RetryBudget().window if budget is None else budget.window)
+        self._events = host.events
+        self._budget = Budget(_window(host.policy.retry))
+
+    def reconfigure(self, policy: RetryPolicy) -> None:
+        """Keep the budget's history, unless its window changed (the counts are per slice of the old window)."""
+        if _window(policy) != self._budget.window:
+            self._budget = Budget(_window(policy))
 
     def _backoff(self, policy: RetryPolicy, attempt: int) -> float:
         # 2.0**1023 is the largest power of two a float holds; the product may be inf, which min() caps.
@@ -206,6 +216,9 @@ class Retry:
                 receipt = self._budget.withdraw(now, budget, fleet.workers)
             if receipt is None:
                 self._metrics.budget_exhausted.inc()
+                events = self._events
+                if events.wants(INFO, "retry", call):
+                    events.emit(BudgetRefused(transport=events.transport, host=self._label), call)
                 return "budget"
         earliest = when = now + delay
         for gate in self._gates:
@@ -240,16 +253,16 @@ class Retry:
                 reason = _error_reason(exc, retry_safe)
                 if reason is None:
                     if _error_reason(exc, True) is not None:
-                        call.retry_stop = "not_idempotent"
+                        self._stopped(call, "not_idempotent", attempt)
                     raise
                 stop = self._stop(call, policy, attempt, can_replay)
                 if stop is not None:
-                    call.retry_stop = stop
+                    self._stopped(call, stop, attempt)
                     raise
                 backoff = self._backoff(policy, attempt)
                 scheduled = self._schedule(call, clock.now(), backoff)
                 if isinstance(scheduled, str):
-                    call.retry_stop = scheduled
+                    self._stopped(call, scheduled, attempt)
                     raise
                 wait = "backoff"
             else:
@@ -257,21 +270,21 @@ class Retry:
                 if status not in policy.statuses:
                     return response
                 if not retry_safe and status != 429:  # a 429 is a refusal: nothing was done
-                    call.retry_stop = "not_idempotent"
+                    self._stopped(call, "not_idempotent", attempt)
                     return response
                 stop = self._stop(call, policy, attempt, can_replay)
                 if stop is not None:
-                    call.retry_stop = stop
+                    self._stopped(call, stop, attempt)
                     return response
                 now = clock.now()
                 hinted = _server_wait(response.headers, clock.wall())
                 if hinted is not None and hinted > policy.max_retry_after:
-                    call.retry_stop = "retry_after_too_long"
+                    self._stopped(call, "retry_after_too_long", attempt)
                     return response
                 backoff = self._backoff(policy, attempt) + (hinted or 0.0)
                 scheduled = self._schedule(call, now, backoff)
                 if isinstance(scheduled, str):
-                    call.retry_stop = scheduled
+                    self._stopped(call, scheduled, attempt)
                     return response
                 reason = f"status_{status}"
                 try:
@@ -284,6 +297,9 @@ class Retry:
             call.waits.append(Wait(wait, backoff))
             if delay > backoff:
                 call.waits.append(Wait("rate_limit", delay - backoff))
+            events = self._events
+            if events.wants(DEBUG, "retry", call):
+                self._scheduled(call, reason, wait, attempt, backoff, delay)
             try:
                 await clock.sleep(delay)
                 if self._holds:
@@ -311,8 +327,21 @@ class Retry:
         until = max(hold() for hold in self._holds)
         if until <= now:
             return
+        events = self._events
         if call.deadline is not None and until >= call.deadline:
             call.retry_stop = "rate_limit"
+            self._metrics.rate_limited.inc()  # refused for the rate limit, as the limiter's own refusals
+            if events.wants(DEBUG, "rate_limit", call):
+                events.emit(
+                    CallRejected(
+                        transport=events.transport,
+                        host=self._label,
+                        layer="rate_limit",
+                        retry_after=until - now,
+                        reason="cooldown",
+                    ),
+                    call,
+                )
             raise RateLimitedError(
                 f"rate limit of {self._label}: the server's cooldown outlasts this call",
                 host=self._label,
@@ -320,7 +349,29 @@ class Retry:
                 request=call.request,
             )
         call.waits.append(Wait("rate_limit", until - now))
+        if events.wants(DEBUG, "rate_limit", call):
+            events.emit(
+                Waited(transport=events.transport, host=self._label, reason="rate_limit", seconds=until - now), call
+            )
         await clock.sleep(until - now)
+
+    def _stopped(self, call: Call, stop: str, attempt: int) -> None:
+        """No further attempt, for ``stop`` (``CallInfo.retry_stop``)."""
+        call.retry_stop = stop
+        events = self._events
+        if events.wants(DEBUG, "retry", call):
+            events.emit(RetryStopped(transport=events.transport, host=self._label, reason=stop, attempts=attempt), call)
+
+    def _scheduled(self, call: Call, reason: str, wait: str, attempt: int, backoff: float, delay: float) -> None:
+        """Tell the listeners of a retry scheduled (and of the rate limiter's share of its wait)."""
+        events = self._events
+        transport, host = events.transport, self._label
+        events.emit(
+            RetryScheduled(transport=transport, host=host, reason=reason, delay=backoff, attempt=attempt, wait=wait),
+            call,
+        )
+        if delay > backoff:
+            events.emit(Waited(transport=transport, host=host, reason="rate_limit", seconds=delay - backoff), call)
 
     @staticmethod
     def _stop(call: Call, policy: RetryPolicy, attempt: int, can_replay: bool) -> str | None:

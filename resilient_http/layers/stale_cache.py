@@ -42,7 +42,7 @@ How long: until ``max_stale`` seconds old or, when the answer says
 ``s-maxage`` forbid serving the answer once stale (RFC 9111 §4.2.4): such an
 answer is served only while fresh, younger than its ``s-maxage`` (or else
 its ``max-age``); ``Expires`` is not read. Served answers carry an ``Age``
-header and ``CallInfo.stale`` / ``CallInfo.age``. An answer that arrives
+header and ``CallInfo.stale`` / ``CallInfo.age`` / ``CallInfo.stale_reason``. An answer that arrives
 already too old is not stored, and an entry found too old is dropped. How
 memory is bounded is :mod:`.stale_store`'s story.
 """
@@ -55,6 +55,8 @@ from collections.abc import AsyncIterator
 import httpx
 
 from .._call import Call, Host, Next
+from .._config import StaleCachePolicy
+from .._events import DEBUG, StaleServed
 from .._headers import age_value, delta_seconds, pick
 from .._metrics import outcome_of_exception
 from .cache_key import Key, request_key, vary_names
@@ -125,25 +127,47 @@ class _TeeStream(httpx.AsyncByteStream):
 class StaleCache:
     """The stale-cache layer of one host."""
 
-    __slots__ = ("_clock", "_credentials", "_identity", "_metrics", "_policy", "_request_headers", "_store")
+    __slots__ = (
+        "_clock",
+        "_credentials",
+        "_detached",
+        "_events",
+        "_identity",
+        "_metrics",
+        "_policy",
+        "_request_headers",
+        "_store",
+    )
 
     def __init__(self, host: Host) -> None:
         policy = host.policy.stale_cache
         assert policy is not None
-        self._policy = policy
         self._clock = host.clock
         self._metrics = host.metrics
+        self._events = host.events
+        self._detached = False
         store = host.shared.get("stale_cache")
         if store is None:
             store = host.shared["stale_cache"] = Store()
         self._store: Store = store
         store.adopt(host.label, host.metrics)
+        self.reconfigure(policy)
+
+    def reconfigure(self, policy: StaleCachePolicy) -> None:
+        """Store and serve by ``policy`` from now on; stored answers stay (each keeps the age it may be served to)."""
+        self._policy = policy
         self._identity = tuple(name.encode("ascii") for name in policy.identity_headers)
         self._credentials = frozenset(_CREDENTIALS).difference(self._identity)
         self._request_headers = frozenset({b"cache-control", b"host", *_CREDENTIALS, *self._identity})
 
+    def detach(self, host: Host) -> None:
+        """The host's policy dropped the stale cache: its answers go, and calls still in flight store nothing."""
+        self._detached = True
+        self._store.forget(host.label)
+
     def keep(self, entry: Entry) -> None:
-        self._store.put(entry, self._policy, self._metrics)
+        if not self._detached:
+            self._store.put(entry, self._policy, self._metrics)
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         request = call.request
@@ -245,7 +269,11 @@ class StaleCache:
         headers = [*entry.headers, (b"Age", str(int(age)).encode())]
         call.stale = True
         call.age = age
+        call.stale_reason = reason
         self._metrics.labelled("stale_served", reason).inc()
+        events = self._events
+        if events.wants(DEBUG, "stale_cache", call):
+            events.emit(StaleServed(transport=events.transport, host=events.host, reason=reason, age=age), call)
         return httpx.Response(
             entry.status,
             headers=headers,

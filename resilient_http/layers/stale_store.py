@@ -135,6 +135,13 @@ class Store:
         if not shelf.entries:
             del self.shelves[entry.host]
 
+    def forget(self, host: str) -> None:
+        """Forget every entry of ``host`` (its policy no longer has a stale cache)."""
+        shelf = self.shelves.get(host)
+        if shelf is not None:
+            for entry in list(shelf.entries.values()):
+                self.remove(entry)
+
     def _touch(self, entry: Entry) -> None:
         slot = (entry.key, entry.vary)
         self.entries.move_to_end(slot)

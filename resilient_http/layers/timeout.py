@@ -39,6 +39,7 @@ import httpx
 
 from .._call import Call
 from .._deadline import Operations, derive, operations
+from .._events import DEBUG, TimedOut
 from .._exceptions import DeadlineExceededError, Phase, TimeoutKind, deadline_error
 from .._headers import non_negative
 from .._metrics import outcome_of_status
@@ -143,9 +144,16 @@ class BodyStream(httpx.AsyncByteStream):
 
 def expired(call: Call, kind: TimeoutKind, during: str = "", *, phase: Phase | None = None) -> DeadlineExceededError:
     """The error for a timeout of the call's policy that ran out during ``phase`` (and count it)."""
-    call.host.metrics.timeout(kind)
+    host = call.host
+    host.metrics.timeout(kind)
     timeouts = call.policy.timeout
     timeout = None if timeouts is None else getattr(timeouts, kind)
+    events = host.events
+    if events.wants(DEBUG, "timeout", call):
+        event = TimedOut(
+            transport=events.transport, host=events.host, timeout_kind=kind, seconds=timeout or 0.0, phase=phase
+        )
+        events.emit(event, call)
     if phase and not during:
         during = f" ({phase})"
     return deadline_error(
@@ -205,8 +213,14 @@ async def _send(inner: httpx.AsyncBaseTransport, request: httpx.Request, timeout
     return response
 
 
-async def attempt(call: Call) -> httpx.Response:
-    """One try on the network, inside one timer: the end of every chain."""
+async def attempt(call: Call, traced: bool = False) -> httpx.Response:
+    """One try on the network, inside one timer: the end of every chain.
+
+    A traced call's attempt runs inside its span (``traced``), and sends
+    the span's trace context (see :mod:`resilient_http._tracing`).
+    """
+    if call.span is not None and not traced:
+        return await call.host.tracing.attempt(call, attempt)  # type: ignore[no-any-return]
     host = call.host
     clock = host.clock
     metrics = host.metrics
@@ -228,6 +242,8 @@ async def attempt(call: Call) -> httpx.Response:
             scope = anyio.CancelScope(deadline=current_time() + remaining)
         ops = operations(request.extensions.get("timeout"))
         sent = derive(request, ops)
+    if traced:
+        sent = host.tracing.carry(sent, derived=sent is not request)
     call.attempts += 1
     try:
         if scope is None:
