@@ -37,6 +37,9 @@ if os.environ.get("RESILIENT_HTTP_FLAVOUR") == "httpx2":
     # ``import resilient_http.httpx2``.
     cloned = [name for name in names if name != "httpx2" and name.split(".")[0] not in _flavours.SHARED]
     modules = {"": clone, **{name: _flavours.load(name) for name in cloned}}
+    # A shared package is the original under the clone too (``import resilient_http.store``).
+    for name in {name.split(".")[0] for name in names if "." in name} & _flavours.SHARED:
+        setattr(clone, name, importlib.import_module(prefix + name))
     sys.modules["httpx"] = httpx2
     sys.modules["httpcore"] = httpcore2
     for name, module in modules.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,28 @@ def test_hedge_benchmark_reports_tails_and_load_for_every_subject(tmp_path: Path
     if importlib.util.find_spec("matplotlib") is not None:
         hedge.plot(data, str(tmp_path / "hedge.png"))
         assert (tmp_path / "hedge.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="redis-server is not installed (Debian: apt-get install redis-server)"
+)
+def test_fleet_benchmark_reports_every_scenario(tmp_path: Path) -> None:
+    """Smoke mode: two worker processes on the benchmark's own redis-server, every scenario, and a verdict each."""
+    from benchmarks import fleet
+
+    path = tmp_path / "fleet.json"
+    assert fleet.main(["--smoke", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    shared, alone = data["quota"]
+    assert shared["shared"] and not alone["shared"] and shared["arrivals"] > 0 and alone["arrivals"] > 0
+    assert _number(data["hold"]["arrivals_during_hold"])
+    assert [r["shared"] for r in data["outage"]] == [True, False]
+    assert _number(data["redis_down"]["latency_max"]) and _number(data["redis_down"]["errors"])
+    assert [row["store"] for row in data["cost"]] == ["no store (in memory)", "Redis store"]
+    assert len(data["targets"]) == 10 and all(isinstance(t["met"], bool) for t in data["targets"])
+    if importlib.util.find_spec("matplotlib") is not None:
+        fleet.plot(data, str(tmp_path / "fleet.png"))
+        assert (tmp_path / "fleet.png").stat().st_size > 0
 
 
 @pytest.mark.skipif(_cachegrind.missing() is not None, reason=f"no instruction counts: {_cachegrind.missing()}")

@@ -12,8 +12,9 @@ is never touched (``httpx2.alias_httpx()`` is for applications, not
 libraries), so an application may use both packages side by side.
 
 Modules that never touch HTTP objects (:data:`SHARED`: policies, the clock,
-host patterns, TOML loading, ``ConfigurationError``) are not loaded twice:
-one ``Policy`` serves both flavours, and a policy file is read once.
+host patterns, TOML loading, the fleet's store, ``ConfigurationError``) are
+not loaded twice: one ``Policy`` serves both flavours, a policy file is read
+once, and one store object may be given to transports of either flavour.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ CLONE = f"{PACKAGE}._httpx2"
 
 #: Modules of the package that do not import httpx, directly or through another module, and are shared.
 SHARED = frozenset(
-    {"_checks", "_clock", "_config", "_errors", "_events", "_flavours", "_hosts", "_series", "_toml", "events"}
+    {"_checks", "_clock", "_config", "_errors", "_events", "_flavours", "_hosts", "_series", "_toml", "events", "store"}
 )
 
 #: What the modules of the httpx2 flavour import instead.

@@ -105,7 +105,6 @@ through every layer and checks each of these.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +125,7 @@ from ._series import (
     attach,
     checked_buckets,
     detach,
+    multiprocess,
     plain,
 )
 
@@ -154,10 +154,6 @@ DEFAULT_NAME = "default"
 SHED = ("circuit_open", "rate_limited", "bulkhead_full")
 
 
-def _multiprocess() -> bool:
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"))
-
-
 class TransportMetrics:
     """The series of one transport: made with it, gone from the registry when it is closed.
 
@@ -174,7 +170,7 @@ class TransportMetrics:
         self.buckets = checked_buckets(buckets)
         self.hosts: set[HostMetrics] = set()
         self.closed = False
-        self._multiprocess = _multiprocess()
+        self._multiprocess = multiprocess()
         registry = REGISTRY if registry is None else registry
         self._exporter = attach(registry, name, self, self._multiprocess, self.buckets)
 

@@ -30,6 +30,7 @@ called ``server_address`` or ``server_port``.
 from __future__ import annotations
 
 import gc
+import os
 import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
@@ -84,6 +85,11 @@ SPECS: tuple[tuple[str, str, str, str, str | None], ...] = (
     ("fallbacks", "counter", "fallbacks", "Calls the fallback function answered, by what failed.", "reason"),
 )
 KINDS = {attribute: kind for attribute, kind, *_ in SPECS}
+
+
+def multiprocess() -> bool:
+    """Whether prometheus-client's multiprocess mode is on (its directory is set)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"))
 
 
 def label_names(label: str | None) -> tuple[str, ...]:

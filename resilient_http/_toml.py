@@ -19,12 +19,18 @@
     max_concurrent = 50
     adaptive = { min = 2 }         # a limit that adapts (AIMD) from 2 to 50
 
+    [store]                        # fleet state shared through Redis (see resilient_http.store)
+    url = "redis://127.0.0.1:6379/0"
+    timeout = 0.05                 # seconds per store operation
+
 Keys mirror the dataclasses. A host table is laid over ``[default]`` key by
 key: what the host does not say, it inherits. ``layer = false`` turns a
 layer off, ``layer = true`` turns it on (with ``[default]``'s settings for
 it, or the dataclass defaults). Unknown keys and
 bad values raise :class:`ConfigurationError` naming the key path and value.
-Host patterns are checked as in code: two host tables that name the same
+The ``[store]`` table (read by :func:`load_store`) is handed to
+:func:`resilient_http.store.open_store_table`, which checks it when the
+transport is made. Host patterns are checked as in code: two host tables that name the same
 host however spelt (``"api.example.com"`` and ``"API.example.com."``,
 ``"bücher.example"`` and ``"xn--bcher-kva.example"``) are an error at the
 line of the second.
@@ -94,11 +100,43 @@ def _policy(table: Any, path: str) -> Policy:
     return Policy(**layers)
 
 
+#: The keys of a ``[store]`` table: ``url`` and the settings of ``resilient_http.store.open_store``.
+STORE_KEYS = ("url", "prefix", "timeout", "failures", "cooldown", "circuit_ttl", "cluster", "worker_id")
+
+
+def _check_store(table: Any) -> None:
+    """The ``[store]`` table's shape; its values are checked when the store is opened."""
+    if not isinstance(table, dict):
+        raise ConfigurationError("store", table, "must be a table")
+    for key, value in table.items():
+        if key not in STORE_KEYS:
+            raise ConfigurationError(f"store.{key}", value, "is not a store setting")
+    if not isinstance(table.get("url"), str):
+        raise ConfigurationError("store.url", table.get("url"), "must be a URL string (redis://, rediss://, unix://)")
+
+
+def load_store(path: str | PathLike[str]) -> dict[str, Any] | None:
+    """The ``[store]`` table of the policy file at ``path``, or ``None`` when it has none.
+
+    Call it after :func:`load_policies`, which reports the file's errors.
+    """
+    data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    table = data.get("store")
+    if table is None:
+        return None
+    _check_store(table)
+    return dict(table)
+
+
 def parse_policies(data: dict[str, Any]) -> tuple[dict[str, Policy], Policy]:
     """``(policies, default)`` from the parsed TOML document ``data``."""
     for key in data:
-        if key not in ("default", "hosts"):
-            raise ConfigurationError(key, data[key], 'is not a top-level table (use [default] or [hosts."pattern"])')
+        if key not in ("default", "hosts", "store"):
+            raise ConfigurationError(
+                key, data[key], 'is not a top-level table (use [default], [hosts."pattern"] or [store])'
+            )
+    if "store" in data:
+        _check_store(data["store"])
     default_table = data.get("default", {})
     default = _policy(default_table, "default")
     hosts = data.get("hosts", {})

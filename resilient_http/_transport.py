@@ -27,6 +27,8 @@ from ._series import abandon
 from ._tracing import AVAILABLE as TRACING_AVAILABLE
 from ._tracing import Tracing
 from .layers.timeout import IN_MEMORY, guard_body
+from .store import Store, open_store, open_store_table
+from .store._fleet import FLEET, Fleet
 
 #: What a single call may change through ``request.extensions["resilient_http"]``.
 OVERRIDABLE = {"timeout": TimeoutPolicy, "retry": RetryPolicy}
@@ -115,6 +117,17 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     spans go to ``tracer_provider``, or to the global provider when it is
     omitted (see :mod:`resilient_http._tracing`), named after ``name``.
 
+    ``store`` shares the fleet-wide state (the rate limit, the server's
+    back-off, the breaker's verdicts and trials, the live workers) with every
+    worker using the same store: a ``redis://``, ``rediss://`` or ``unix://``
+    URL, a ``[store]`` table (``{"url": ..., "timeout": 0.02}``), or a store
+    object (:class:`~resilient_http.store.RedisStore`, or a
+    :class:`~resilient_http.store.MemoryStore` shared by the transports of
+    one process). Without it (or with ``"memory://"``) every layer decides
+    alone, in memory, and never awaits a store. A store this transport opened
+    from a URL or a table is closed by :meth:`aclose`; a store object belongs
+    to its giver. See :mod:`resilient_http.store`.
+
     A single call may override its host's ``timeout`` and ``retry``, turn
     any layer off, and set its bulkhead priority (``critical``, ``high``,
     ``normal``, ``low``) through request extensions, e.g.
@@ -166,6 +179,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         retries: int = 0,
         socket_options: Iterable[SocketOption] | None = None,
         fallback: Fallback | None = None,
+        store: str | Store | Mapping[str, Any] | None = None,
     ) -> None:
         network: dict[str, Any] = {
             "verify": verify,
@@ -198,18 +212,33 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._clock: Clock = SystemClock() if clock is None else clock
         self._random = default_random() if random is None else random
         self._hosts: HostTable[Host] = HostTable(self._make_host, self._evict_host, max_hosts)
-        self._shared: dict[str, Any] = {}  # state layers keep across hosts (the stale cache's store)
+        self._shared: dict[str, Any] = {}  # state layers keep across hosts (the stale cache's store, the fleet)
+        self._fleet = self._open_fleet(store, registry)
         # Last, once nothing else can refuse the arguments: the name is taken until closed.
         self._metrics = TransportMetrics(registry, name, buckets)
         self._abandoned = weakref.finalize(self, abandon, self._metrics)  # dropped unclosed: released later
         self._abandoned.atexit = False
 
+    def _open_fleet(
+        self, store: str | Store | Mapping[str, Any] | None, registry: CollectorRegistry | None
+    ) -> Fleet | None:
+        if store is None or store == "memory://":
+            return None
+        if isinstance(store, Mapping):
+            opened = open_store_table(store, registry=registry, clock=self._clock)
+        else:
+            opened = open_store(store, registry=registry, clock=self._clock)
+        fleet = self._shared[FLEET] = Fleet(opened, clock=self._clock, owned=opened is not store)
+        return fleet
+
     @classmethod
     def from_file(cls, path: str | PathLike[str], **kwargs: Any) -> ResilientTransport:
-        """A transport whose ``policies`` and ``default`` come from a TOML file."""
-        from ._toml import load_policies
+        """A transport whose ``policies``, ``default`` and ``store`` (a ``[store]`` table) come from a TOML file."""
+        from ._toml import load_policies, load_store
 
         policies, default = load_policies(path)
+        if kwargs.get("store") is None:
+            kwargs["store"] = load_store(path)
         transport = cls(policies, default=default, **kwargs)
         transport._source = path
         return transport
@@ -327,9 +356,13 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         try:
-            await self._inner.aclose()
+            if self._fleet is not None:
+                await self._fleet.aclose()
         finally:
-            self._close_metrics()
+            try:
+                await self._inner.aclose()
+            finally:
+                self._close_metrics()
 
     async def __aenter__(self) -> ResilientTransport:
         await self._inner.__aenter__()
@@ -342,9 +375,13 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         traceback: TracebackType | None = None,
     ) -> None:
         try:
-            await self._inner.__aexit__(exc_type, exc_value, traceback)
+            if self._fleet is not None:
+                await self._fleet.aclose()
         finally:
-            self._close_metrics()
+            try:
+                await self._inner.__aexit__(exc_type, exc_value, traceback)
+            finally:
+                self._close_metrics()
 
     def _close_metrics(self) -> None:
         """Take this transport's series off the registry and free its name."""

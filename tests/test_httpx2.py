@@ -97,13 +97,16 @@ def test_shared_modules_import_no_http_package() -> None:
         return found
 
     for name in _flavours.SHARED:
-        for node in imports(ast.parse((root / f"{name}.py").read_text()).body):
-            if isinstance(node, ast.Import):
-                assert not any(alias.name.split(".")[0] in _flavours.RENAMES for alias in node.names), name
-            elif node.level == 0:
-                assert (node.module or "").split(".")[0] not in _flavours.RENAMES, name
-            else:
-                assert node.level == 1 and node.module in _flavours.SHARED, (name, node.module)
+        package = (root / name).is_dir()  # a shared package: each of its modules, which may import each other
+        for path in sorted((root / name).glob("*.py")) if package else [root / f"{name}.py"]:
+            for node in imports(ast.parse(path.read_text()).body):
+                if isinstance(node, ast.Import):
+                    assert not any(alias.name.split(".")[0] in _flavours.RENAMES for alias in node.names), path
+                elif node.level == 0:
+                    assert (node.module or "").split(".")[0] not in _flavours.RENAMES, path
+                elif not (package and node.level == 1):
+                    assert node.level == 1 + package, (path, node.module)
+                    assert (node.module or "").split(".")[0] in _flavours.SHARED, (path, node.module)
 
 
 async def test_both_flavours_share_one_registry() -> None:

@@ -38,6 +38,7 @@ from resilient_http import (
     call_info,
 )
 from resilient_http.events import RetryScheduled
+from resilient_http.store import MemoryStore
 from resilient_http.testing import FakeClock
 
 
@@ -124,6 +125,9 @@ async def the_transport(policy: Policy) -> None:
     )
     ResilientTransport()
     ResilientTransport(None, default=None, inner=None, registry=None, clock=None, random=None)
+    ResilientTransport(store="redis://127.0.0.1:6379/0")
+    ResilientTransport(store={"url": "redis://127.0.0.1:6379/0", "timeout": 0.02})
+    ResilientTransport(store=MemoryStore(), max_hosts=10)
     ResilientTransport(on_event=print, tracer_provider=None)
     ResilientTransport(on_event=lambda event: event.host if isinstance(event, RetryScheduled) else None)
     assert_type(ResilientTransport.from_file("policies.toml"), ResilientTransport)

@@ -37,11 +37,15 @@ The new thresholds apply from the next outcome. In dry-run mode the breaker
 decides as usual, but a call it would have refused goes through, without a
 period: its outcome is not counted, since a real breaker would not have
 seen it.
+
+With a shared store (``ResilientTransport(store=...)``), an open circuit
+and the half-open trials are the fleet's: see :mod:`.fleet_circuit`.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import httpx
 
@@ -52,6 +56,8 @@ from .._events import DEBUG, INFO, BreakerStateChanged, CallRejected, HostEvents
 from .._exceptions import CircuitOpenError, DeadlineExceededError, ResilienceError
 from .._headers import retry_after
 from .._metrics import HostMetrics
+from ..store._fleet import FLEET
+from .fleet_circuit import FleetCircuit
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 _BUCKETS = 10
@@ -75,6 +81,7 @@ class CircuitBreaker:
         "_trial_successes",
         "_trials_out",
         "_width",
+        "on_open",
         "policy",
         "state",
     )
@@ -95,6 +102,7 @@ class CircuitBreaker:
         self._trials_out = 0
         self._trial_successes = 0
         self._period = 1  # numbers the states the breaker has been in (see the module docstring)
+        self.on_open: Callable[[float], None] | None = None  # told the break's length when the counts open it
         self.state = CLOSED
         metrics.circuit(CLOSED)
 
@@ -147,6 +155,22 @@ class CircuitBreaker:
         self._trials_out += 1
         return self._period
 
+    def trial_due(self, now: float) -> bool:
+        """Whether the next call would be a half-open trial."""
+        return self.state == HALF_OPEN or (self.state == OPEN and now >= self._opened_until)
+
+    def adopt(self, now: float, retry_after: float) -> None:
+        """Be open for ``retry_after`` more seconds because the fleet's circuit is (its break, not this one's)."""
+        if self.state != OPEN:
+            self._trials_out = self._trial_successes = 0
+            self._set(OPEN, retry_after)
+        self._opened_until = now + retry_after
+
+    def close(self) -> None:
+        """Close now: the fleet's trials succeeded."""
+        if self.state != CLOSED:
+            self._close()
+
     def release(self, period: int) -> None:
         """A call ended without a verdict on the host: give back its trial slot if it is a trial."""
         if period == self._period and self.state == HALF_OPEN:
@@ -194,6 +218,8 @@ class CircuitBreaker:
         self._trials_out = self._trial_successes = 0
         self._set(OPEN, duration)
         self._metrics.circuit_opened.inc()
+        if self.on_open is not None:
+            self.on_open(duration)
 
     def _close(self) -> None:
         self._break = self.policy.break_duration
@@ -217,7 +243,7 @@ def _is_host_failure(exc: Exception, call: Call) -> bool:
 class CircuitBreakerLayer:
     """The breaker layer of one host."""
 
-    __slots__ = ("_clock", "_events", "breaker")
+    __slots__ = ("_clock", "_events", "_fleet", "breaker")
 
     def __init__(self, host: Host) -> None:
         policy = host.policy.circuit_breaker
@@ -225,6 +251,8 @@ class CircuitBreakerLayer:
         self._clock: Clock = host.clock
         self._events = host.events
         self.breaker = CircuitBreaker(policy, host.random, host.metrics, host.events)
+        fleet = host.shared.get(FLEET)
+        self._fleet = None if fleet is None else FleetCircuit(fleet, host.label, self.breaker, host.clock)
         host.hedge_gates.append(self._hedge_gate)
 
     def _hedge_gate(self, call: Call) -> str | None:
@@ -256,8 +284,19 @@ class CircuitBreakerLayer:
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         breaker = self.breaker
         clock = self._clock
+        fleet = self._fleet
+        trial: int | None = None  # the fleet's round, when this call is one of its trials
+        period: int | None
         try:
-            period: int | None = breaker.acquire(clock.now())
+            now = clock.now()
+            if fleet is None:
+                period = breaker.acquire(now)
+            else:
+                fleet.tick(now)
+                if fleet.fresh or breaker.trial_due(now):
+                    period, trial = await fleet.acquire(call)
+                else:
+                    period = breaker.acquire(now)
         except CircuitOpenError as exc:
             call.circuit_state = breaker.state
             if not breaker.policy.dry_run:
@@ -275,10 +314,14 @@ class CircuitBreakerLayer:
                 breaker.record(clock.now(), period, failure=True)
             else:
                 breaker.release(period)
+                if fleet is not None and trial is not None:
+                    fleet.released(trial)
             call.circuit_state = breaker.state
             raise
         except BaseException:  # cancelled: no verdict on the host
             breaker.release(period)
+            if fleet is not None and trial is not None:
+                fleet.released(trial)
             raise
         status = response.status_code
         failure = status in breaker.policy.failure_statuses
@@ -286,6 +329,8 @@ class CircuitBreakerLayer:
         if failure and status == 503:
             hinted = retry_after(response.headers, clock.wall())
         breaker.record(clock.now(), period, failure, hinted)
+        if fleet is not None and trial is not None and not failure:
+            fleet.succeeded(trial)
         call.circuit_state = breaker.state
         return response
 

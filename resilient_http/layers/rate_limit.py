@@ -63,6 +63,11 @@ a cooldown too) is sent without taking one, and reported in
 ``CallInfo.dry_run`` and ``dry_run_blocked``. A retry is policed at the end
 of its backoff, and booked if its turn is free then; no cooldown holds it
 back. Turning dry run on sends the calls in line at once.
+
+With a shared store (``ResilientTransport(store=...)``), the quota is the
+fleet's: see :mod:`.fleet_quota`. Each call then asks the store, and uses
+the line above only while the store cannot answer, at this worker's share
+of the rate. In dry-run mode the store is asked for a slot free now only.
 """
 
 from __future__ import annotations
@@ -80,7 +85,9 @@ from .._config import RateLimitPolicy
 from .._events import DEBUG, INFO, CallRejected, CooldownStarted, Waited
 from .._exceptions import RateLimitedError
 from .._headers import mentions, quota, retry_after
+from ..store._fleet import FLEET
 from ._bucket import NEVER, Bucket, State
+from .fleet_quota import FleetQuota
 
 
 class _Waiter:
@@ -122,7 +129,10 @@ class RateLimiter:
         "_max_wait",
         "_pace_until",
         "_plan",
+        "_policy",
+        "_quota",
         "_rate_limited",
+        "_share",
         "_shift",
         "_wait_seconds",
         "_waiting",
@@ -133,6 +143,7 @@ class RateLimiter:
         assert policy is not None
         self._clock: Clock = host.clock
         self._label = host.label
+        self._policy = policy
         self._events = host.events
         self._bucket = Bucket(policy.rate, policy.burst)
         self._max_wait = policy.max_wait
@@ -149,13 +160,19 @@ class RateLimiter:
         self._wait_seconds = metrics.rate_limit_wait
         self._rate_limited = metrics.rate_limited
         self._cooldown = metrics.cooldown
-        host.observers.append(self._observe)
+        fleet = host.shared.get(FLEET)
+        self._quota = None if fleet is None else FleetQuota(fleet, host.label, policy, host.clock)
+        self._share = 1  # the live workers the local bucket's rate is divided among
+        host.observers.append(self._observe if self._quota is None else self._observe_shared)
         host.retry_gates.append(self._gate)
         host.holds.append(self._hold)
 
     def reconfigure(self, policy: RateLimitPolicy) -> None:
         """Space the turns to come by ``policy``, keeping the bucket and the line (see the module docstring)."""
-        self._bucket.limit(policy.rate, policy.burst)
+        self._policy = policy
+        self._limit()
+        if self._quota is not None:
+            self._quota.reconfigure(policy)
         self._max_wait = policy.max_wait
         self._max_cooldown = policy.max_cooldown
         self._dry_run = policy.dry_run
@@ -170,11 +187,14 @@ class RateLimiter:
 
     def detach(self, host: Host) -> None:
         """The host's policy dropped the limiter: it no longer reads answers nor holds retries back."""
-        host.observers.remove(self._observe)
+        host.observers.remove(self._observe if self._quota is None else self._observe_shared)
         host.retry_gates.remove(self._gate)
         host.holds.remove(self._hold)
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
+        quota = self._quota
+        if quota is not None and await self._fleet_turn(call, quota):
+            return await call_next(call)
         now = self._clock.now()
         virtual = now - self._shift
         bucket = self._bucket
@@ -204,6 +224,49 @@ class RateLimiter:
         else:
             bucket.send(virtual)
         self._plan = None
+
+    # The fleet
+
+    async def _fleet_turn(self, call: Call, quota: FleetQuota) -> bool:
+        """Wait for the slot the fleet's store gives; ``False`` when it cannot answer (the local line decides)."""
+        clock = self._clock
+        arrival = clock.now()
+        answer = await quota.admit(call, arrival)
+        if answer is None:
+            self._reshare(quota.fleet.workers)
+            return False
+        now = clock.now()
+        if answer.hold > 0:  # the fleet's hold: this worker's retries wait it out too
+            self._cool(now, now + answer.hold)
+        if self._dry_run:  # the store was asked for a slot free now only
+            if not answer.allowed or self._cooldown_until > now:
+                call.blocked_in_dry_run("rate_limit")
+            self._wait_seconds.observe(0.0)
+            return True
+        if not answer.allowed:
+            self._refuse(call, answer.wait)
+        # This worker's own cooldown may not have reached the store yet.
+        wait = max(answer.wait, self._cooldown_until - now)
+        if call.deadline is not None and now + wait >= call.deadline:
+            self._refuse(call, wait)
+        if wait > 0:
+            await clock.sleep(wait)
+        self._waited(call, clock.now() - arrival)
+        return True
+
+    def _reshare(self, workers: int) -> None:
+        """Run the local bucket at this worker's share of the fleet's quota: ``rate / workers``, ``burst / workers``."""
+        if workers == self._share:
+            return
+        self._share = workers
+        self._limit()
+        self._plan = None
+        self._wake_head()
+
+    def _limit(self) -> None:
+        """Space the local bucket's sends by the policy, at this worker's share of it."""
+        policy, share = self._policy, self._share
+        self._bucket.limit(policy.rate / share, max(1, policy.burst // share))
 
     # The line
 
@@ -273,7 +336,9 @@ class RateLimiter:
             self._waiting += 1
             self._plan = (state, turn)
             now = await self._wait_in_line(call, waiter, now)
-        waited = now - arrival
+        self._waited(call, now - arrival)
+
+    def _waited(self, call: Call, waited: float) -> None:
         self._wait_seconds.observe(waited)
         if waited > 0:
             call.waits.append(Wait("rate_limit", waited))
@@ -373,6 +438,8 @@ class RateLimiter:
             return None
         self._bucket.book(turn)
         self._plan = None
+        if self._quota is not None:
+            self._quota.retry_booked()
         return send
 
     # What the server says
@@ -398,6 +465,13 @@ class RateLimiter:
         if status == 429:
             self._cool(now, now + self._bucket.interval, status)
 
+    def _observe_shared(self, response: httpx.Response, now: float) -> None:
+        """:meth:`_observe`, and a cooldown that begins here is published to the fleet."""
+        before = self._cooldown_until
+        self._observe(response, now)
+        if self._cooldown_until > before and self._quota is not None:
+            self._quota.publish_hold(self._cooldown_until)
+
     def _pace_for(self, now: float, spacing: float, until: float) -> None:
         """Space calls ``spacing`` apart (at most ``max_cooldown``) until ``until``; wake the line if that is looser."""
         bucket = self._bucket
@@ -413,14 +487,18 @@ class RateLimiter:
             self._plan = None  # turns may come earlier (a later one is found on waking)
             self._wake_head()
 
-    def _cool(self, now: float, until: float, status: int) -> None:
-        """Send nothing before ``until`` (at most ``max_cooldown`` away): pause the schedule, and wake the line."""
+    def _cool(self, now: float, until: float, status: int | None = None) -> None:
+        """Send nothing before ``until`` (at most ``max_cooldown`` away): pause the schedule, and wake the line.
+
+        ``status`` is the answer that asked for it; ``None`` for the fleet's hold, which the worker that saw
+        the answer reports.
+        """
         until = min(until, now + self._max_cooldown)
         start = max(now, self._cooldown_until)
         if until <= start:
             return
         events = self._events
-        if events.wants(INFO, "rate_limit"):
+        if status is not None and events.wants(INFO, "rate_limit"):
             events.emit(
                 CooldownStarted(transport=events.transport, host=self._label, seconds=until - now, status=status)
             )

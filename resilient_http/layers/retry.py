@@ -16,7 +16,10 @@ Responsible: exponential backoff with full jitter; a server's
 time of a ``RateLimit`` quota the answer says is spent (``r=0``) when it
 has no Retry-After; a per-host retry budget caps the extra load retries
 may add, so a failing dependency sees at most ``1 + ratio`` times its
-normal traffic instead of ``attempts`` times. A
+normal traffic instead of ``attempts`` times. The budget is this
+process's (a ratio that holds per process holds for the fleet); with a
+shared store, only its floor, ``min_per_second``, is divided among the live
+workers the store counts, since floors add up across workers. A
 retry takes its share of the budget when it is scheduled and gives it back
 if it is never sent (a rate limiter refused it, the call was cancelled
 during the backoff, the bulkhead shed it); ``retries_total`` counts a retry
@@ -45,6 +48,7 @@ from .._config import IDEMPOTENT_METHODS, RetryBudget, RetryPolicy
 from .._events import DEBUG, INFO, BudgetRefused, CallRejected, RetryScheduled, RetryStopped, Waited
 from .._exceptions import DeadlineExceededError, RateLimitedError, ResilienceError
 from .._headers import quota, retry_after
+from ..store._fleet import FLEET
 from .timeout import IN_MEMORY
 
 _NOTHING_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
@@ -86,8 +90,11 @@ class Budget:
         else:
             self._calls[self._slot(now)] += 1
 
-    def withdraw(self, now: float, policy: RetryBudget) -> int | None:
-        """Take one retry if ``policy`` allows it and return a receipt for :meth:`refund`; ``None`` when spent."""
+    def withdraw(self, now: float, policy: RetryBudget, workers: int = 1) -> int | None:
+        """Take one retry if ``policy`` allows it and return a receipt for :meth:`refund`; ``None`` when spent.
+
+        The floor is shared by ``workers`` live workers.
+        """
         slot = self._slot(now)
         oldest = int(now / self._width) - len(self._epochs)
         calls = retries = 0
@@ -95,7 +102,7 @@ class Budget:
             if epoch > oldest:
                 calls += self._calls[i]
                 retries += self._retries[i]
-        if retries + 1 > policy.ratio * calls + policy.min_per_second * self.window:
+        if retries + 1 > policy.ratio * calls + policy.min_per_second / workers * self.window:
             return None
         self._retries[slot] += 1
         return self._epochs[slot]
@@ -173,7 +180,7 @@ def _window(policy: RetryPolicy | None) -> float:
 class Retry:
     """The retry layer of one host."""
 
-    __slots__ = ("_budget", "_clock", "_events", "_gates", "_holds", "_label", "_metrics", "_random")
+    __slots__ = ("_budget", "_clock", "_events", "_fleet", "_gates", "_holds", "_label", "_metrics", "_random")
 
     def __init__(self, host: Host) -> None:
         self._clock: Clock = host.clock
@@ -182,6 +189,7 @@ class Retry:
         self._label = host.label
         self._gates = host.retry_gates
         self._holds = host.holds
+        self._fleet = host.shared.get(FLEET)
         self._events = host.events
         self._budget = Budget(_window(host.policy.retry))
         host.hedge_gates.append(self._hedge_gate)
@@ -215,7 +223,12 @@ class Retry:
         budget = call.policy.retry.budget if call.policy.retry is not None else None
         receipt = None
         if budget is not None:
-            receipt = self._budget.withdraw(now, budget)
+            fleet = self._fleet
+            if fleet is None:
+                receipt = self._budget.withdraw(now, budget)
+            else:
+                fleet.tick(now)
+                receipt = self._budget.withdraw(now, budget, fleet.workers)
             if receipt is None:
                 self._metrics.budget_exhausted.inc()
                 events = self._events

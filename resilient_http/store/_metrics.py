@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .._metrics import PREFIX, Value, _multiprocess
+from .._series import PREFIX, Value, multiprocess
 
 _FALLBACKS = (PREFIX + "store_fallbacks", "Store operations answered locally because the store could not answer.")
 _UP = (PREFIX + "store_up", "1 while the shared store is used, 0 while it is skipped after failures.")
@@ -56,7 +56,7 @@ class _Shared:
         self.collector: _Collector | None = None
         self.fallbacks: Any = None
         self.up: Any = None
-        if _multiprocess():
+        if multiprocess():
             self.fallbacks = Counter(_FALLBACKS[0], _FALLBACKS[1], ("operation", "reason"), registry=registry)
             self.up = Gauge(_UP[0], _UP[1], registry=registry, multiprocess_mode="livemin")
         else:

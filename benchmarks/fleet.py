@@ -1,0 +1,606 @@
+"""A fleet of worker processes on one Redis: quota, server back-off, breaker trials, Redis killed, cost.
+
+    python -m benchmarks.fleet [--smoke] [--json PATH] [--plot PATH]
+
+Every worker is a process of its own (``tests/fleet_worker.py``: its own
+event loop, its own ``ResilientTransport(store=...)``) offering calls open
+loop to one real HTTP/1.1 server on 127.0.0.1 (the demo's
+``resilient_http._upstream``), which records every arrival on
+``time.monotonic()``, the clock all the machine's processes share. The
+benchmark starts its own ``redis-server`` on a free loopback port.
+
+1. **Quota**: ``workers`` workers share ``rate`` calls a second (burst
+   ``burst``, ``max_wait=0``), each offered ``2 x rate``; arrivals at the
+   server, with the shared store and without (each worker then has the whole
+   rate).
+2. **Hold**: a generous limit; one worker hears ``429 Retry-After: 3``;
+   arrivals from every worker during those seconds.
+3. **Outage**: the server answers 503 to everything; breakers with
+   ``half_open_calls=2`` and one-second breaks; trials per break, counted at
+   the server, with the shared store and without.
+4. **Redis killed** for a few seconds in a quota run: errors that reach the
+   callers, the longest call, the aggregate rate meanwhile, and when the
+   workers use Redis again after it returns.
+5. **Cost**: one process, sequential calls to the server with a rate limiter
+   and a breaker, without a store and with the Redis store: Redis commands
+   per call (from Redis's own ``INFO commandstats``), and the latency per
+   call at p50 and p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+from prometheus_client import CollectorRegistry
+
+from resilient_http import CircuitBreakerPolicy, Policy, RateLimitPolicy, ResilientTransport
+from resilient_http._upstream import Upstream
+
+from ._common import HERE, machine, percentile, table, verdict, write_json
+
+WORKER = HERE.parent / "tests" / "fleet_worker.py"
+REDIS_SERVER = shutil.which("redis-server")
+OFF = {"timeout": {"attempt": 5, "total": 10}, "retry": False, "bulkhead": False, "circuit_breaker": False}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    workers: int = 8
+    rate: int = 20
+    burst: int = 3
+    seconds: float = 10.0
+    retry_after: float = 3.0
+    outage: float = 8.0
+    down: tuple[float, float] = (3.0, 6.0)
+    cost_calls: int = 2000
+    #: The store's timeout per operation in the quota, hold and outage runs (the store's default: 50 ms).
+    store_timeout: float = 0.05
+
+
+SMOKE = Settings(workers=2, rate=20, burst=2, seconds=1.5, retry_after=1.0, outage=2.0, down=(0.3, 0.6), cost_calls=50)
+
+
+class RedisProcess:
+    """This benchmark's own ``redis-server`` on a free loopback port, keeping nothing on disk."""
+
+    def __init__(self, directory: str) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port: int = sock.getsockname()[1]
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert REDIS_SERVER is not None
+        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen([*args, "--dir", self.directory], stdout=subprocess.DEVNULL)
+        for _ in range(500):
+            if self.command("PING") == "+PONG":
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+    def command(self, *words: str) -> str:
+        """One inline command's reply as text; empty when the server cannot be reached."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(" ".join(words).encode() + b"\r\n")
+                reply = b""
+                while not reply.endswith(b"\r\n") or (reply.startswith(b"$") and reply.count(b"\r\n") < 2):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    reply += chunk
+                return reply.decode().strip()
+        except OSError:
+            return ""
+
+    def commands(self) -> int:
+        """Round trips the server has answered for the stores: scripts run (the commands inside them not counted)."""
+        total = 0
+        for line in self.command("INFO", "commandstats").splitlines():
+            if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:", "cmdstat_script|load:", "cmdstat_pttl:")):
+                total += int(line.split("calls=")[1].split(",")[0])
+        return total
+
+
+async def workers(
+    count: int, on_start: Callable[[float], Awaitable[None]] | None = None, **settings: Any
+) -> tuple[list[dict[str, Any]], float]:
+    """Run ``count`` workers started together; their reports and the moment they started.
+
+    ``on_start``, given that moment, runs beside them.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE.parent / "tests")])}
+    processes = []
+    for i in range(count):
+        config = {**settings, "phase": i / (count * settings["rate"])}
+        if i and config.get("inject_429"):
+            config["inject_429"] = None
+        processes.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(WORKER),
+                json.dumps(config),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+            )
+        )
+    for process in processes:
+        assert process.stdout is not None
+        if await process.stdout.readline() != b"ready\n":
+            raise RuntimeError("a worker did not start")
+    start = time.monotonic() + 0.3
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write(f"{start!r}\n".encode())
+        await process.stdin.drain()
+    beside = None if on_start is None else asyncio.ensure_future(on_start(start))
+    reports = [json.loads((await process.communicate())[0]) for process in processes]
+    if beside is not None:
+        await beside
+    return reports, start
+
+
+def _outcomes(reports: list[dict[str, Any]]) -> dict[str, int]:
+    counted: dict[str, int] = {}
+    for report in reports:
+        for _, _, outcome in report["calls"]:
+            counted[outcome] = counted.get(outcome, 0) + 1
+    return counted
+
+
+def _most_in_one_second(times: list[float]) -> int:
+    ordered = sorted(times)
+    best, j = 0, 0
+    for i, t in enumerate(ordered):
+        while ordered[j] < t - 1.0:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+def _timeline(arrivals: list[float], start: float, seconds: float, width: float) -> list[int]:
+    bins = [0] * max(1, round(seconds / width))
+    for t in arrivals:
+        i = int((t - start) / width)
+        if 0 <= i < len(bins):
+            bins[i] += 1
+    return bins
+
+
+async def quota(upstream: Upstream, redis: RedisProcess, s: Settings, shared: bool) -> dict[str, Any]:
+    policy = {**OFF, "rate_limit": {"rate": s.rate, "burst": s.burst, "max_wait": 0}}
+    before, commands = len(upstream.arrivals), redis.commands()
+    store = {"url": redis.url, "timeout": s.store_timeout} if shared else None
+    reports, start = await workers(
+        s.workers, url=upstream.url + "/search", store=store, policy=policy, duration=s.seconds, rate=2 * s.rate
+    )
+    arrivals = upstream.arrivals[before:]
+    calls = sum(len(r["calls"]) for r in reports)
+    latencies = [end - began for r in reports for began, end, _ in r["calls"]]
+    return {
+        "shared": shared,
+        "offered_per_second": 2 * s.rate * s.workers,
+        "arrivals": len(arrivals),
+        "arrivals_per_second": len(arrivals) / s.seconds,
+        "most_in_one_second": _most_in_one_second(arrivals),
+        "after_first_second_per_second": sum(1 for t in arrivals if t >= start + 1) / (s.seconds - 1),
+        "most_in_one_second_after_first": _most_in_one_second([t for t in arrivals if t >= start + 1]),
+        "outcomes": _outcomes(reports),
+        "redis_commands_per_call": (redis.commands() - commands) / calls if shared else 0.0,
+        "fallbacks": sum(r["fallbacks"] for r in reports),
+        "latency_p99": percentile(latencies, 99),
+        "latency_max": max(latencies),
+        "late_seconds": max(began for r in reports for began, _, _ in r["calls"]) - (start + s.seconds),
+        "timeline": _timeline(arrivals, start, s.seconds, 0.25),
+        "bin": 0.25,
+    }
+
+
+async def hold(upstream: Upstream, redis: RedisProcess, s: Settings) -> dict[str, Any]:
+    policy = {**OFF, "rate_limit": {"rate": 100 * s.rate, "burst": s.rate, "max_wait": 0}}
+    before = len(upstream.arrivals)
+    seconds = 2 * s.retry_after + 1
+    reports, start = await workers(
+        s.workers,
+        url=upstream.url + "/search",
+        store={"url": redis.url, "timeout": s.store_timeout},
+        policy=policy,
+        duration=seconds,
+        rate=s.rate / 2,
+        inject_429=[1.0, s.retry_after],
+    )
+    arrivals = upstream.arrivals[before:]
+    heard = reports[0]["injected"]
+    during = [t for t in arrivals if heard + 0.005 <= t < heard + s.retry_after]
+    return {
+        "retry_after": s.retry_after,
+        "heard_at": heard - start,
+        "arrivals_during_hold": len(during),
+        "first_after_hold": min((t - heard for t in arrivals if t >= heard + s.retry_after), default=None),
+        "fallbacks": sum(r["fallbacks"] for r in reports),
+        "outcomes": _outcomes(reports),
+        "timeline": _timeline(arrivals, start, seconds, 0.1),
+        "bin": 0.1,
+    }
+
+
+async def outage(upstream: Upstream, redis: RedisProcess, s: Settings, shared: bool) -> dict[str, Any]:
+    breaker = {"minimum_calls": 5, "failure_ratio": 0.5, "break_duration": 1.0, "max_break_duration": 1.0}
+    policy = {**OFF, "circuit_breaker": {**breaker, "half_open_calls": 2}}
+    upstream.reset_share = 0.0
+    upstream.set_mode("outage")
+    before = len(upstream.arrivals)
+    try:
+        reports, start = await workers(
+            s.workers,
+            url=upstream.url + "/search",
+            store={"url": redis.url, "timeout": s.store_timeout} if shared else None,
+            policy=policy,
+            duration=s.outage,
+            rate=s.rate / 2,
+        )
+    finally:
+        upstream.set_mode("healthy")
+    arrivals = sorted(upstream.arrivals[before:])
+    groups: list[list[float]] = [[arrivals[0]]] if arrivals else []
+    for t in arrivals[1:]:
+        if t - groups[-1][-1] > 0.4:  # a break is 0.8 s at least
+            groups.append([])
+        groups[-1].append(t)
+    trials = [len(g) for g in groups[1:]]
+    return {
+        "shared": shared,
+        "before_first_break": len(groups[0]) if groups else 0,
+        "trials_per_break": trials,
+        "max_trials_per_break": max(trials, default=0),
+        "fallbacks": sum(r["fallbacks"] for r in reports),
+        "arrivals": [t - start for t in arrivals],
+        "outcomes": _outcomes(reports),
+    }
+
+
+async def redis_down(upstream: Upstream, redis: RedisProcess, s: Settings) -> dict[str, Any]:
+    policy = {**OFF, "rate_limit": {"rate": s.rate, "burst": s.burst, "max_wait": 0}}
+    timeout, cooldown = 0.05, 1.0
+    store = {"url": redis.url, "timeout": timeout, "failures": 3, "cooldown": cooldown}
+    before = len(upstream.arrivals)
+    down, up = s.down
+    marks: dict[str, float] = {}
+
+    async def kill_and_restart(start: float) -> None:
+        await asyncio.sleep(start + down - time.monotonic())
+        await asyncio.to_thread(redis.stop)  # not on the loop that serves the workers' calls
+        marks["killed"] = time.monotonic()
+        await asyncio.sleep(up - down)
+        await asyncio.to_thread(redis.start)
+        marks["back"] = time.monotonic()
+        for _ in range(1000):
+            if await asyncio.to_thread(redis.commands) > 0:
+                marks["resumed"] = time.monotonic()
+                return
+            await asyncio.sleep(0.01)
+
+    reports, start = await workers(
+        s.workers,
+        kill_and_restart,
+        url=upstream.url + "/search",
+        store=store,
+        policy=policy,
+        duration=s.seconds,
+        rate=2 * s.rate / s.workers,
+    )
+    arrivals = upstream.arrivals[before:]
+    latencies = [end - began for r in reports for began, end, _ in r["calls"]]
+    killed, back = marks["killed"], marks["back"]
+    outage = [t for t in arrivals if killed <= t < back]
+    outcomes = _outcomes(reports)
+    return {
+        "store_timeout": timeout,
+        "cooldown": cooldown,
+        "killed_at": killed - start,
+        "back_at": back - start,
+        "resumed_after": marks.get("resumed", float("nan")) - back,
+        "errors": sum(n for outcome, n in outcomes.items() if outcome not in ("200", "RateLimitedError")),
+        "outcomes": outcomes,
+        "latency_max": max(latencies),
+        "latency_p99": percentile(latencies, 99),
+        "latency_p50": percentile(latencies, 50),
+        "arrivals_per_second_while_down": len(outage) / (back - killed),
+        "most_in_one_second_while_down": _most_in_one_second(outage),
+        "fallbacks": sum(r["fallbacks"] for r in reports),
+        "timeline": _timeline(arrivals, start, s.seconds, 0.25),
+        "bin": 0.25,
+    }
+
+
+async def cost(upstream: Upstream, redis: RedisProcess, s: Settings) -> list[dict[str, Any]]:
+    """Sequential calls in this process: no store, then the Redis store; commands and latency per call."""
+    policy = Policy(
+        retry=None,
+        bulkhead=None,
+        rate_limit=RateLimitPolicy(rate=100_000, burst=1000),
+        circuit_breaker=CircuitBreakerPolicy(),
+    )
+    rows = []
+    for name, store in (("no store (in memory)", None), ("Redis store", redis.url)):
+        transport = ResilientTransport(default=policy, registry=CollectorRegistry(), store=store)
+        async with httpx.AsyncClient(transport=transport, base_url=upstream.url) as client:
+            for _ in range(50):
+                await client.get("/search")
+            commands = redis.commands()
+            latencies = []
+            for _ in range(s.cost_calls):
+                began = time.perf_counter()
+                await client.get("/search")
+                latencies.append(time.perf_counter() - began)
+            per_call = (redis.commands() - commands) / s.cost_calls
+        rows.append(
+            {
+                "store": name,
+                "calls": s.cost_calls,
+                "redis_commands_per_call": per_call,
+                "p50_ms": percentile(latencies, 50) * 1e3,
+                "p99_ms": percentile(latencies, 99) * 1e3,
+            }
+        )
+    return rows
+
+
+def targets(result: dict[str, Any], s: Settings) -> list[dict[str, Any]]:
+    shared, alone = result["quota"]
+    h, down = result["hold"], result["redis_down"]
+    trials = result["outage"][0]["max_trials_per_break"]
+    costs = result["cost"]
+    return [
+        {
+            "target": f"shared quota: arrivals within ±5 % of {s.rate}/s",
+            "measured": f"{shared['arrivals_per_second']:.1f}/s",
+            "met": abs(shared["arrivals_per_second"] - s.rate) <= 0.05 * s.rate,
+        },
+        {
+            "target": f"shared quota: never more than {s.rate} + {s.burst} in one second",
+            "measured": shared["most_in_one_second"],
+            "met": shared["most_in_one_second"] <= s.rate + s.burst,
+        },
+        {
+            "target": f"without a shared store: about {s.workers} x {s.rate}/s",
+            "measured": f"{alone['arrivals_per_second']:.1f}/s",
+            "met": alone["arrivals_per_second"] >= 0.9 * s.workers * s.rate,
+        },
+        {
+            "target": f"429 Retry-After: {s.retry_after:g} heard by one worker: no arrival from any worker meanwhile",
+            "measured": h["arrivals_during_hold"],
+            "met": h["arrivals_during_hold"] == 0,
+        },
+        {
+            "target": "outage: at most half_open_calls (2) trials per break, fleet-wide",
+            "measured": trials,
+            "met": trials <= 2,
+        },
+        {
+            "target": "Redis killed: no error reaches a caller",
+            "measured": down["errors"],
+            "met": down["errors"] == 0,
+        },
+        {
+            "target": "Redis killed: no call longer than the store timeout plus a few ms (+ 20 ms)",
+            "measured": f"{down['latency_max'] * 1e3:.1f} ms",
+            "met": down["latency_max"] <= down["store_timeout"] + 0.02,
+        },
+        {
+            "target": f"Redis killed: aggregate rate within the local shares ({s.rate}/s + bursts)",
+            "measured": down["most_in_one_second_while_down"],
+            "met": down["most_in_one_second_while_down"] <= s.rate + s.workers,
+        },
+        {
+            "target": "Redis back: sharing resumes within the store's cooldown",
+            "measured": f"{down['resumed_after']:.2f} s (cooldown {down['cooldown']:g} s)",
+            "met": down["resumed_after"] <= down["cooldown"] + 0.1,
+        },
+        {
+            "target": "at most one Redis round trip on a call's path (plus, per worker, 1 heartbeat"
+            " and 1 breaker read a second in the background); fewer when saturated",
+            "measured": f"{costs[1]['redis_commands_per_call']:.3f} unsaturated, "
+            f"{shared['redis_commands_per_call']:.3f} saturated",
+            "met": costs[1]["redis_commands_per_call"] <= 1.05 and shared["redis_commands_per_call"] < 1.0,
+        },
+    ]
+
+
+async def run(s: Settings) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as directory:
+        redis = RedisProcess(directory)
+        redis.start()
+        try:
+            async with Upstream("fleet-bench") as upstream:
+                result: dict[str, Any] = {
+                    "quota": [await quota(upstream, redis, s, True), await quota(upstream, redis, s, False)],
+                    "hold": await hold(upstream, redis, s),
+                    "outage": [await outage(upstream, redis, s, True), await outage(upstream, redis, s, False)],
+                    "redis_down": await redis_down(upstream, redis, s),
+                    "cost": await cost(upstream, redis, s),
+                }
+        finally:
+            redis.stop()
+    result["settings"] = dataclasses.asdict(s)
+    result["targets"] = targets(result, s)
+    return result
+
+
+def report(result: dict[str, Any]) -> str:
+    q = table(
+        [
+            "store",
+            "offered/s",
+            "arrivals/s",
+            "most in 1 s",
+            "after 1 s: /s",
+            "after 1 s: most in 1 s",
+            "round trips per call",
+            "fallbacks",
+            "p99 ms",
+            "max ms",
+        ],
+        [
+            [
+                "shared" if r["shared"] else "none",
+                r["offered_per_second"],
+                r["arrivals_per_second"],
+                r["most_in_one_second"],
+                r["after_first_second_per_second"],
+                r["most_in_one_second_after_first"],
+                r["redis_commands_per_call"],
+                r["fallbacks"],
+                r["latency_p99"] * 1e3,
+                r["latency_max"] * 1e3,
+            ]
+            for r in result["quota"]
+        ],
+    )
+    o = table(
+        ["store", "calls before the first break", "trials per break"],
+        [
+            ["shared" if r["shared"] else "none", r["before_first_break"], r["trials_per_break"]]
+            for r in result["outage"]
+        ],
+    )
+    d = result["redis_down"]
+    down = table(
+        ["errors", "p50 ms", "p99 ms", "max ms", "arrivals/s while down", "most in 1 s while down", "resumed after s"],
+        [
+            [
+                d["errors"],
+                d["latency_p50"] * 1e3,
+                d["latency_p99"] * 1e3,
+                d["latency_max"] * 1e3,
+                d["arrivals_per_second_while_down"],
+                d["most_in_one_second_while_down"],
+                d["resumed_after"],
+            ]
+        ],
+    )
+    c = table(
+        ["store", "calls", "Redis round trips per call", "p50 ms", "p99 ms"],
+        [[r["store"], r["calls"], r["redis_commands_per_call"], r["p50_ms"], r["p99_ms"]] for r in result["cost"]],
+    )
+    h = result["hold"]
+    goals = table(
+        ["target", "measured", "verdict"], [[t["target"], t["measured"], verdict(t["met"])] for t in result["targets"]]
+    )
+    held = (
+        f"Retry-After {h['retry_after']:g} s heard at {h['heard_at']:.2f} s: {h['arrivals_during_hold']} arrivals "
+        f"during the hold; the first after it {h['first_after_hold']} s after the 429; "
+        f"{h['fallbacks']} store fallbacks."
+    )
+    return (
+        f"## Quota\n\n{q}\n\n## Hold\n\n{held}\n\n## Outage\n\n{o}\n\n## Redis killed\n\n{down}\n\n"
+        f"## Cost per call (sequential, one process)\n\n{c}\n\n## Targets\n\n{goals}\n"
+    )
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """Four panels: the quota, the hold, the trials of an outage, Redis killed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = result["settings"]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+    ax = axes[0][0]
+    for r, colour in zip(result["quota"], ("#1f77b4", "#d62728"), strict=True):
+        xs = [i * r["bin"] for i in range(len(r["timeline"]))]
+        label = "shared store" if r["shared"] else "no shared store"
+        ax.step(xs, [n / r["bin"] for n in r["timeline"]], where="post", color=colour, label=label)
+    ax.axhline(s["rate"], color="black", linestyle=":", label=f"quota {s['rate']}/s")
+    ax.set(title=f"{s['workers']} workers offered 2 x quota each", xlabel="s", ylabel="arrivals/s at the server")
+    ax.legend()
+    ax = axes[0][1]
+    h = result["hold"]
+    xs = [i * h["bin"] for i in range(len(h["timeline"]))]
+    ax.step(xs, [n / h["bin"] for n in h["timeline"]], where="post", color="#1f77b4")
+    ax.axvspan(h["heard_at"], h["heard_at"] + h["retry_after"], color="#ff7f0e", alpha=0.2, label="Retry-After")
+    ax.set(title="one worker hears 429 Retry-After", xlabel="s", ylabel="arrivals/s at the server")
+    ax.legend()
+    ax = axes[1][0]
+    for row, r in enumerate(result["outage"]):
+        ax.plot(r["arrivals"], [row] * len(r["arrivals"]), "|", markersize=14, color=("#1f77b4", "#d62728")[row])
+    ax.set_yticks([0, 1], ["shared store", "no shared store"])
+    ax.set(title="outage: every arrival (half_open_calls=2)", xlabel="s")
+    ax = axes[1][1]
+    d = result["redis_down"]
+    xs = [i * d["bin"] for i in range(len(d["timeline"]))]
+    ax.step(xs, [n / d["bin"] for n in d["timeline"]], where="post", color="#1f77b4")
+    ax.axvspan(d["killed_at"], d["back_at"], color="#7f7f7f", alpha=0.25, label="Redis down")
+    ax.axhline(s["rate"], color="black", linestyle=":", label=f"quota {s['rate']}/s")
+    ax.set(title="Redis killed mid-run", xlabel="s", ylabel="arrivals/s at the server")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--smoke", action="store_true", help="two workers, seconds each: every path once")
+    parser.add_argument("--json", metavar="PATH", help="write the results there")
+    parser.add_argument("--plot", metavar="PATH", help="draw the figure there (needs matplotlib)")
+    parser.add_argument("--store-timeout", type=float, help="the store's timeout in the quota, hold and outage runs")
+    parser.add_argument("--replot", metavar="JSON", help="report and draw an earlier run's results, without running")
+    args = parser.parse_args(argv)
+    if args.replot:  # the targets are judged again: their wording may have changed since
+        result = json.loads(open(args.replot, encoding="utf-8").read())
+        result["targets"] = targets(
+            result, Settings(**{**result["settings"], "down": tuple(result["settings"]["down"])})
+        )
+        if args.json:
+            write_json(args.json, result)
+        print(report(result))
+        if args.plot:
+            plot(result, args.plot)
+        return 0
+    if REDIS_SERVER is None:
+        print("redis-server is not installed (Debian: apt-get install redis-server)", file=sys.stderr)
+        return 2
+    settings = SMOKE if args.smoke else Settings()
+    if args.store_timeout is not None:
+        settings = dataclasses.replace(settings, store_timeout=args.store_timeout)
+    result = asyncio.run(run(settings))
+    result["machine"] = machine()
+    result["command"] = "python -m benchmarks.fleet " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.json:
+        write_json(args.json, result)
+    print(report(result))
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
