@@ -23,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
@@ -415,3 +417,28 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
             return bytes(body)
         body += await reader.readexactly(size)
         await reader.readexactly(2)
+
+
+@contextmanager
+def server_on_its_own_thread() -> Iterator[FlakyServer]:
+    """A started :class:`FlakyServer` whose event loop runs on a thread of its own."""
+    server = FlakyServer()
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run() -> None:
+        loop.run_until_complete(server.start())
+        started.set()
+        loop.run_forever()
+        loop.run_until_complete(server.stop())
+        loop.close()
+
+    thread = threading.Thread(target=run, name="flaky-server", daemon=True)
+    thread.start()
+    if not started.wait(10):
+        raise RuntimeError("the server did not start")
+    try:
+        yield server
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

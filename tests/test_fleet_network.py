@@ -11,20 +11,17 @@ eight-worker runs are benchmarks/fleet.py's.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flaky_server import FlakyServer, respond
+from flaky_server import respond, server_on_its_own_thread
 from redis_server import RedisServer, needs_redis, redis_cluster
 
 pytestmark = needs_redis
@@ -36,31 +33,6 @@ LEAD = 0.3
 #: The store for the tests that are not about its timeout: a loaded machine must not make them fall back.
 PATIENT = 1.0
 OFF = {"timeout": {"attempt": 5, "total": 10}, "retry": False, "bulkhead": False, "circuit_breaker": False}
-
-
-@contextmanager
-def server_on_its_own_thread() -> Iterator[FlakyServer]:
-    """A started :class:`FlakyServer` whose event loop runs on a thread of its own."""
-    server = FlakyServer()
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-
-    def run() -> None:
-        loop.run_until_complete(server.start())
-        started.set()
-        loop.run_forever()
-        loop.run_until_complete(server.stop())
-        loop.close()
-
-    thread = threading.Thread(target=run, name="flaky-server", daemon=True)
-    thread.start()
-    if not started.wait(10):
-        raise RuntimeError("the server did not start")
-    try:
-        yield server
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
 
 
 def start_workers(count: int, **settings: Any) -> tuple[list[subprocess.Popen[str]], float]:

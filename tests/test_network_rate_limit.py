@@ -9,43 +9,14 @@ bunch.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import anyio
 import httpx
-from flaky_server import FlakyServer, respond
+from flaky_server import respond, server_on_its_own_thread
 from prometheus_client import CollectorRegistry
 
 from resilient_http import Policy, RateLimitPolicy, ResilientTransport, TimeoutPolicy
-
-
-@contextmanager
-def server_on_its_own_thread() -> Iterator[FlakyServer]:
-    """A started :class:`FlakyServer` whose event loop runs on a thread of its own."""
-    server = FlakyServer()
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-
-    def run() -> None:
-        loop.run_until_complete(server.start())
-        started.set()
-        loop.run_forever()
-        loop.run_until_complete(server.stop())
-        loop.close()
-
-    thread = threading.Thread(target=run, name="flaky-server", daemon=True)
-    thread.start()
-    if not started.wait(10):
-        raise RuntimeError("the server did not start")
-    try:
-        yield server
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
 
 
 def most_in_one_second(times: list[float]) -> int:
