@@ -14,7 +14,7 @@ the same whichever way its requests travel.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from os import PathLike
 from types import TracebackType
 from typing import Any
@@ -25,11 +25,14 @@ from prometheus_client import CollectorRegistry
 
 from ._clock import Clock
 from ._config import Policy
+from ._events import Event
 from ._exceptions import ConfigurationError
 from ._fallback import Fallback
 from ._hosts import DEFAULT_MAX_HOSTS
+from ._metrics import DEFAULT_NAME
 from ._network import CertTypes, ProxyTypes, VerifyTypes, default_inner
 from ._transport import ResilientTransport
+from .store import Store
 
 
 class Routes(httpx.AsyncBaseTransport):
@@ -101,7 +104,9 @@ class ResilientClient(httpx.AsyncClient):
     """An ``httpx.AsyncClient`` over a :class:`ResilientTransport`, keeping all of a client's usual arguments.
 
     ``policies``, ``default``, ``registry``, ``max_hosts``, ``clock``,
-    ``random`` and ``fallback`` are :class:`ResilientTransport`'s. ``verify``, ``cert``,
+    ``random``, ``fallback``, ``name``, ``buckets``, ``on_event``,
+    ``tracer_provider`` and ``store`` are :class:`ResilientTransport`'s, which
+    is ``client.resilient_transport``. ``verify``, ``cert``,
     ``http1``, ``http2``, ``proxy``, ``mounts``, ``limits`` and ``trust_env``
     mean what they mean to ``httpx.AsyncClient``, proxies from the
     environment (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``,
@@ -133,6 +138,11 @@ class ResilientClient(httpx.AsyncClient):
         limits: httpx.Limits | None = None,
         trust_env: bool = True,
         fallback: Fallback | None = None,
+        name: str = DEFAULT_NAME,
+        buckets: Iterable[float] | None = None,
+        on_event: Callable[[Event], object] | None = None,
+        tracer_provider: Any = None,
+        store: str | Store | Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if "transport" in kwargs:
@@ -169,13 +179,24 @@ class ResilientClient(httpx.AsyncClient):
             clock=clock,
             random=random,
             fallback=fallback,
+            name=name,
+            buckets=buckets,
+            on_event=on_event,
+            tracer_provider=tracer_provider,
+            store=store,
         )
+        #: The transport under the client: for ``policy_for``, ``update_policies`` and ``reload``.
+        self.resilient_transport = transport
         super().__init__(transport=transport, trust_env=trust_env, **kwargs)
 
     @classmethod
     def from_file(cls, path: str | PathLike[str], **kwargs: Any) -> ResilientClient:
-        """A client whose ``policies`` and ``default`` come from a TOML file."""
-        from ._toml import load_policies
+        """A client whose ``policies``, ``default`` and ``store`` come from a TOML file (its transport reloads it)."""
+        from ._toml import load_policies, load_store
 
         policies, default = load_policies(path)
-        return cls(policies, default=default, **kwargs)
+        if kwargs.get("store") is None:
+            kwargs["store"] = load_store(path)
+        client = cls(policies, default=default, **kwargs)
+        client.resilient_transport._source = path
+        return client

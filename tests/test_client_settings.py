@@ -505,3 +505,29 @@ async def test_a_client_from_a_policy_file(registry: CollectorRegistry, policy_f
         other = call_info(await client.get("https://other.test/"))
     assert plain is not None and other is not None
     assert (plain.circuit_state, other.circuit_state) == (None, "closed")
+
+
+async def test_the_client_passes_on_every_transport_setting(tmp_path: Path) -> None:
+    """name, on_event and the policy file reach the client's transport, which can then reload the file."""
+    from resilient_http.events import Event, RetryScheduled
+
+    answers = iter([503, 200])
+    seen: list[Event] = []
+    registry = CollectorRegistry()
+    policies = tmp_path / "policies.toml"
+    policies.write_text('[hosts."api.example.com".retry]\nattempts = 2\nbackoff = 0.001\n')
+    mock = httpx.MockTransport(lambda request: httpx.Response(next(answers)))
+    client = ResilientClient.from_file(
+        policies, name="settings", on_event=seen.append, registry=registry, mounts={"all://": mock}
+    )
+    async with client:
+        response = await client.get("https://api.example.com/")
+        assert response.status_code == 200
+        assert [type(event) for event in seen] == [RetryScheduled]
+        labels = {"transport": "settings", "server_address": "api.example.com", "server_port": "443", "outcome": "2xx"}
+        assert registry.get_sample_value("resilient_http_requests_total", labels) == 1.0
+        transport = client.resilient_transport
+        policies.write_text('[hosts."api.example.com".retry]\nattempts = 3\n')
+        transport.reload()
+        retry = transport.policy_for("api.example.com").retry
+        assert retry is not None and retry.attempts == 3
