@@ -36,11 +36,10 @@ def shed_by(outcome: str, stale_reason: str | None = None) -> str | None:
     ``outcome`` is the call's outcome label (``outcome_of_exception`` of the
     exception it raised, or the status class of its answer) and
     ``stale_reason`` is ``CallInfo.stale_reason`` for a stale answer. The
-    same two labels are on the metrics, so the dashboard and the alerts count
-    shed calls the same way::
-
-        sum(rate(resilient_http_requests_total{outcome=~"circuit_open|rate_limited|bulkhead_full"}[1m]))
-      + sum(rate(resilient_http_stale_served_total{reason=~"circuit_open|rate_limited|bulkhead_full"}[1m]))
+    transport counts each shed call the same way, once, in
+    ``resilient_http_shed_total{reason}``, which the dashboard and the alerts
+    read (``sum(rate(resilient_http_shed_total[1m]))``); a test checks the
+    two agree call by call.
     """
     if outcome in SHED:
         return outcome
