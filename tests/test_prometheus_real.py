@@ -41,6 +41,7 @@ NO_EVENT = {
     "resilient_http_coalesced_total": "the demo's policies do not coalesce, and a layer that is off exports no series",
     "resilient_http_dry_run_blocked_total": "no layer of the demo's policies is in dry run",
     "resilient_http_fallbacks_total": "the demo's transport has no fallback function",
+    "resilient_http_hedges_total": "the demo's policies do not hedge, and a layer that is off exports no series",
 }
 
 
