@@ -259,21 +259,6 @@ class Hedged(Event):
         return f"hedge {self.attempt} to {self.host} after {self.delay:.3f}s"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StoreFallback(Event):
-    """The fleet store failed (``error``, a class name) and ``layer`` fell back to local state."""
-
-    kind: ClassVar[str] = "store_fallback"
-    source: ClassVar[str] = "store"
-    level: ClassVar[int] = WARNING
-
-    layer: str
-    error: str
-
-    def describe(self) -> str:
-        return f"store failed for the {self.layer} of {self.host} ({self.error}): local state used"
-
-
 Hook = Callable[[Event], object]
 
 

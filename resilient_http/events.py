@@ -33,7 +33,6 @@ from ._events import LimitChanged as LimitChanged
 from ._events import RetryScheduled as RetryScheduled
 from ._events import RetryStopped as RetryStopped
 from ._events import StaleServed as StaleServed
-from ._events import StoreFallback as StoreFallback
 from ._events import TimedOut as TimedOut
 from ._events import Waited as Waited
 
@@ -49,7 +48,6 @@ __all__ = [
     "RetryScheduled",
     "RetryStopped",
     "StaleServed",
-    "StoreFallback",
     "TimedOut",
     "Waited",
 ]
