@@ -12,6 +12,7 @@ from ._clock import Clock
 from ._config import Policy
 from ._events import Events, HostEvents
 from ._metrics import HostMetrics
+from ._watchdog import Watchdog
 
 Next = Callable[["Call"], Awaitable[httpx.Response]]
 
@@ -105,6 +106,7 @@ class Host:
         "retry_gates",
         "shared",
         "tracing",
+        "watchdog",
     )
 
     def __init__(
@@ -120,6 +122,7 @@ class Host:
         shared: dict[str, Any] | None = None,
         events: Events | None = None,
         tracing: Any = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -133,6 +136,7 @@ class Host:
         # is the transport's resilient_http._tracing.Tracing, or None.
         self.events: HostEvents = (Events("", None, None) if events is None else events).host(self.label)
         self.tracing = tracing
+        self.watchdog = Watchdog() if watchdog is None else watchdog  # the attempts' timers: the transport's
         self.layers: dict[str, Any] = {}
         self.calls = 0  # calls in flight, counted by the host table: a busy host is never evicted
         self.shared: dict[str, Any] = {} if shared is None else shared  # one dict for all hosts of a transport

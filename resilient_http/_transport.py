@@ -26,6 +26,7 @@ from ._pipeline import chain_for, update
 from ._series import abandon
 from ._tracing import AVAILABLE as TRACING_AVAILABLE
 from ._tracing import Tracing
+from ._watchdog import Watchdog
 from .layers.timeout import IN_MEMORY, guard_body
 from .store import Store, open_store, open_store_table
 from .store._fleet import FLEET, Fleet
@@ -212,6 +213,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._clock: Clock = SystemClock() if clock is None else clock
         self._random = default_random() if random is None else random
         self._hosts: HostTable[Host] = HostTable(self._make_host, self._evict_host, max_hosts)
+        self._watchdog = Watchdog()  # every attempt's timer, whatever its host
         self._shared: dict[str, Any] = {}  # state layers keep across hosts (the stale cache's store, the fleet)
         self._fleet = self._open_fleet(store, registry)
         # Last, once nothing else can refuse the arguments: the name is taken until closed.
@@ -291,6 +293,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             shared=self._shared,
             events=self._events,
             tracing=self._tracing,
+            watchdog=self._watchdog,
         )
         state.chain = chain_for(state, state.policy)
         return state
