@@ -110,10 +110,11 @@ class Timer:
         self._deadline = deadline
         self._done = False
         self._delivered = False
+        self._task: asyncio.Task[Any] | None = None
         self.cancelled_caught = False
 
     def __enter__(self) -> Timer:
-        task = _current_task()
+        task: asyncio.Task[Any] | None = _current_task()
         if task is None:
             raise RuntimeError("an attempt timer must be entered in a task")
         state = TASK_STATES.get(task)

@@ -9,6 +9,7 @@ import pytest
 
 from resilient_http._watchdog import TASK_STATES, Timer, Watchdog
 
+
 def timer(watchdog: Watchdog, seconds: float) -> Timer:
     scope = watchdog.scope(seconds)
     assert isinstance(scope, Timer)
