@@ -136,6 +136,7 @@ __all__ = [
     "CIRCUIT_STATES",
     "DURATION_BUCKETS",
     "LABELS",
+    "OUTCOMES",
     "PREFIX",
     "SHED",
     "SPECS",
@@ -429,8 +430,10 @@ def outcome_of_exception(exc: BaseException) -> str:
 
 
 _STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+#: The outcome label of every status from 0 to 599, for the hot path: ``OUTCOMES[status]``.
+OUTCOMES: tuple[str, ...] = tuple(_STATUS_CLASSES[status // 100] if status >= 100 else "other" for status in range(600))
 
 
 def outcome_of_status(status: int) -> str:
     """The outcome label of a response: its status class."""
-    return _STATUS_CLASSES[status // 100] if 100 <= status < 600 else "other"
+    return OUTCOMES[status] if 0 <= status < 600 else "other"

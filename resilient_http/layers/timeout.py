@@ -42,7 +42,7 @@ from .._deadline import Operations, derive, operations
 from .._events import DEBUG, TimedOut
 from .._exceptions import DeadlineExceededError, Phase, TimeoutKind, deadline_error
 from .._headers import non_negative
-from .._metrics import outcome_of_status
+from .._metrics import OUTCOMES
 from .._pool import reap
 from .._watchdog import TimerScope
 
@@ -205,13 +205,11 @@ async def _first_bytes(response: httpx.Response) -> None:
     response.stream = BufferedStream(body)
 
 
-async def _send(inner: httpx.AsyncBaseTransport, request: httpx.Request, timeouts: Operations | None) -> httpx.Response:
-    response = await inner.handle_async_request(request)
-    if not isinstance(response.stream, IN_MEMORY):
-        if timeouts is not None:
-            timeouts.phase = "read"
-        await _first_bytes(response)
-    return response
+async def _rest(response: httpx.Response, timeouts: Operations | None) -> None:
+    """After the headers, inside the attempt's timer: the first bytes of a body that is not in memory yet."""
+    if timeouts is not None:
+        timeouts.phase = "read"
+    await _first_bytes(response)
 
 
 async def attempt(call: Call, traced: bool = False) -> httpx.Response:
@@ -246,12 +244,17 @@ async def attempt(call: Call, traced: bool = False) -> httpx.Response:
     if traced:
         sent = host.tracing.carry(sent, derived=sent is not request)
     call.attempts += 1
+    inner = host.inner
     try:
         if scope is None:
-            response = await _send(host.inner, sent, ops)
+            response = await inner.handle_async_request(sent)
+            if not isinstance(response.stream, IN_MEMORY):
+                await _rest(response, ops)
         else:
             with scope:
-                response = await _send(host.inner, sent, ops)
+                response = await inner.handle_async_request(sent)
+                if not isinstance(response.stream, IN_MEMORY):
+                    await _rest(response, ops)
             if scope.cancelled_caught:
                 raise expired(call, kind, phase=None if ops is None else ops.phase)
     except httpx.TimeoutException:
@@ -267,7 +270,8 @@ async def attempt(call: Call, traced: bool = False) -> httpx.Response:
         raise
     response.request = request
     finished = clock.now()
-    metrics.attempt(outcome_of_status(response.status_code), finished - started)
+    status = response.status_code
+    metrics.attempt(OUTCOMES[status] if 0 <= status < 600 else "other", finished - started)
     for observe in host.observers:
         observe(response, finished)
     return response
