@@ -27,13 +27,15 @@ A :class:`Timer` keeps what is safe about the scope and drops the rest:
   every turn of the loop until it succeeds or the attempt ends, as anyio
   does. The check reads anyio's record of each task's scopes; where that
   record is not what this module expects (another anyio), and under trio,
-  :meth:`Watchdog.scope` returns a real ``anyio.CancelScope`` instead.
-- **Only its own cancellation is caught.** On exit, a timer that delivered
-  a cancellation takes it back (``Task.uncancel``), and swallows the
-  ``CancelledError`` only when no other cancellation arrived meanwhile, as
-  ``asyncio.timeout`` does: a caller's cancellation always goes through.
-  ``cancelled_caught`` then says the deadline ended the attempt, under the
-  same name as the scope's.
+  :meth:`Watchdog.start` says so, and the attempt uses a real
+  ``anyio.CancelScope`` instead.
+- **Only its own cancellation is caught.** When the attempt ends, a timer
+  that delivered a cancellation takes it back (``Task.uncancel``), and
+  counts the ``CancelledError`` as the deadline's only when no other
+  cancellation arrived meanwhile, as ``asyncio.timeout`` does: a caller's
+  cancellation always goes through.
+- **No context manager.** The attempt marks its timer done when it ends in
+  time (an attribute store), and asks it only when it ends in an exception.
 
 Lifecycle: the watchdog belongs to its transport and lives as long as it
 does; it serves the event loop it was first used in, and starts afresh,
@@ -48,14 +50,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import weakref
 from heapq import heappop, heappush
-from types import TracebackType
-from typing import Any, Protocol
-
-import anyio
+from typing import Any
 
 _get_running_loop = asyncio._get_running_loop
-_current_task = asyncio.current_task
 _Future = asyncio.Future
 _CancelledError = asyncio.CancelledError
 
@@ -85,60 +84,43 @@ def _anyio_task_states() -> Any:
 
 #: ``anyio._backends._asyncio._task_states``, checked; ``None`` makes every timer a real anyio scope.
 TASK_STATES = _anyio_task_states()
-
-
-class TimerScope(Protocol):
-    """What an attempt needs of its timer: a ``with`` block and whether the deadline ended it."""
-
-    @property
-    def cancelled_caught(self) -> bool: ...
-
-    def __enter__(self) -> object: ...
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None: ...
+#: The same, read without the weak dictionary's Python frame: ``_STATES.get(weakref.ref(task))``.
+_STATES = None if TASK_STATES is None else getattr(TASK_STATES, "data", None)
+_ref = weakref.ref
+#: The task running in each event loop; asyncio.current_task() is a Python function around it in 3.11.
+_current_tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] = asyncio.tasks._current_tasks  # type: ignore[attr-defined]
 
 
 class Timer:
-    """One attempt's deadline, kept by the transport's :class:`Watchdog` (see the module docstring)."""
+    """One attempt's deadline, kept by the transport's :class:`Watchdog` (see the module docstring).
 
-    __slots__ = ("_cancelling", "_deadline", "_delivered", "_done", "_outer", "_task", "_watchdog", "cancelled_caught")
+    Made by :meth:`Watchdog.start`, already running. The attempt sets
+    ``done`` when it ends in time, or calls :meth:`finish` when it ends in an
+    exception (or when ``delivered`` says a cancellation was sent).
+    """
 
-    def __init__(self, watchdog: Watchdog, deadline: float) -> None:
-        self._watchdog = watchdog
-        self._deadline = deadline
-        self._done = False
-        self._delivered = False
-        self._task: asyncio.Task[Any] | None = None
-        self.cancelled_caught = False
+    __slots__ = ("_cancelling", "_outer", "_task", "delivered", "done")
 
-    def __enter__(self) -> Timer:
-        task: asyncio.Task[Any] | None = _current_task()
-        if task is None:
-            raise RuntimeError("an attempt timer must be entered in a task")
-        state = TASK_STATES.get(task)
-        self._outer = None if state is None else state.cancel_scope  # the innermost anyio scope outside us
-        self._task = task
-        self._cancelling = task.cancelling()
-        self._watchdog.add(self, self._deadline)
-        return self
+    _task: asyncio.Task[Any] | None
+    _outer: Any
+    _cancelling: int
+    delivered: bool
+    done: bool
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool:
-        self._done = True
-        if not self._delivered:
-            self._task = None
-            return False
+    def finish(self, cancelled: bool) -> bool:
+        """The attempt ended (``cancelled``: by a ``CancelledError``); whether it was this timer's alone.
+
+        A cancellation this timer delivered is taken back (``Task.uncancel``);
+        it was the attempt's end only when no other cancellation arrived while
+        the attempt ran (``asyncio.timeout``'s rule): a caller's cancellation
+        always goes through.
+        """
+        self.done = True
         task = self._task
         self._task = None
-        assert task is not None
-        # Ours alone when no other cancellation arrived while the attempt ran (asyncio.timeout's rule).
-        if task.uncancel() <= self._cancelling and exc_type is not None and issubclass(exc_type, _CancelledError):
-            self.cancelled_caught = True
-            return True
-        return False
+        if not self.delivered or task is None:
+            return False
+        return task.uncancel() <= self._cancelling and cancelled
 
     def expire(self, loop: asyncio.AbstractEventLoop) -> None:
         """The deadline passed: cancel the attempt now if anyio would, or on a later turn of the loop."""
@@ -148,7 +130,7 @@ class Timer:
     def _deliver(self) -> bool:
         """Cancel the task if nothing forbids it now; ``False`` to be asked again on the next turn."""
         task = self._task
-        if self._done or task is None or task.done():
+        if self.done or task is None or task.done():
             return True
         if task._must_cancel:  # type: ignore[attr-defined]  # another cancellation is on its way: let it go first
             return False
@@ -163,8 +145,11 @@ class Timer:
                 return False
             scope = scope._parent_scope
         task.cancel(MESSAGE)
-        self._delivered = True
+        self.delivered = True
         return True
+
+
+_new_timer = object.__new__
 
 
 class Watchdog:
@@ -179,23 +164,35 @@ class Watchdog:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._order = 0  # breaks ties between equal deadlines
 
-    def scope(self, seconds: float) -> TimerScope:
-        """A timer that ends the attempt ``seconds`` from now: a :class:`Timer`, or an anyio scope under trio."""
+    def start(self, seconds: float) -> Timer | None:
+        """A timer of the running task that ends it ``seconds`` from now.
+
+        ``None`` where the attempt needs a real anyio cancel scope instead:
+        under trio, or with an anyio this module cannot read.
+        """
         loop = _get_running_loop()
-        if loop is None or TASK_STATES is None:
-            return anyio.CancelScope(deadline=anyio.current_time() + seconds)
+        if loop is None or _STATES is None:
+            return None
+        task = _current_tasks.get(loop)
+        if task is None:
+            return None
         if loop is not self._loop:
             self._start(loop)
-        return Timer(self, loop.time() + seconds)
-
-    def add(self, timer: Timer, deadline: float) -> None:
+        deadline = loop.time() + seconds
+        timer: Timer = _new_timer(Timer)
+        state = _STATES.get(_ref(task))
+        timer._outer = None if state is None else state.cancel_scope  # the innermost anyio scope outside us
+        timer._task = task
+        timer._cancelling = task.cancelling()
+        timer.delivered = timer.done = False
         heap = self._heap
-        while heap and heap[0][2]._done:  # ended in time: nothing to do for them
+        while heap and heap[0][2].done:  # ended in time: nothing to do for them
             heappop(heap)
         self._order += 1
         heappush(heap, (deadline, self._order, timer))
         if deadline < self._armed:
             self._arm(deadline)
+        return timer
 
     def _arm(self, when: float) -> None:
         if self._handle is not None:
@@ -213,7 +210,7 @@ class Watchdog:
         heap = self._heap
         while heap:
             deadline, _, timer = heap[0]
-            if not timer._done:
+            if not timer.done:
                 if deadline > now:
                     self._arm(deadline)
                     return

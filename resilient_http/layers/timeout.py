@@ -32,6 +32,7 @@ operation's class (``ConnectTimeout``, ``PoolTimeout``, ``WriteTimeout``,
 from __future__ import annotations
 
 import asyncio
+from asyncio import CancelledError
 from collections.abc import AsyncIterator
 
 import anyio
@@ -44,7 +45,7 @@ from .._exceptions import DeadlineExceededError, Phase, TimeoutKind, deadline_er
 from .._headers import non_negative
 from .._metrics import OUTCOMES
 from .._pool import reap
-from .._watchdog import TimerScope
+from .._watchdog import Timer
 
 PREREAD_LIMIT = 1 << 20
 _get_running_loop = asyncio._get_running_loop
@@ -226,7 +227,8 @@ async def attempt(call: Call, traced: bool = False) -> httpx.Response:
     request = call.request
     started = clock.now()
     timeouts = call.policy.timeout
-    scope: TimerScope | None = None
+    timer: Timer | None = None
+    scope: anyio.CancelScope | None = None
     kind: TimeoutKind = "attempt"
     sent = request
     ops: Operations | None = None
@@ -238,7 +240,9 @@ async def attempt(call: Call, traced: bool = False) -> httpx.Response:
             remaining = limit - started
             if remaining <= 0:
                 raise expired(call, kind)
-            scope = host.watchdog.scope(remaining)
+            timer = host.watchdog.start(remaining)
+            if timer is None:  # trio: a real cancel scope
+                scope = anyio.CancelScope(deadline=anyio.current_time() + remaining)
         ops = operations(request.extensions.get("timeout"))
         sent = derive(request, ops)
     if traced:
@@ -246,7 +250,19 @@ async def attempt(call: Call, traced: bool = False) -> httpx.Response:
     call.attempts += 1
     inner = host.inner
     try:
-        if scope is None:
+        if timer is not None:
+            try:
+                response = await inner.handle_async_request(sent)
+                if not isinstance(response.stream, IN_MEMORY):
+                    await _rest(response, ops)
+            except BaseException as exc:
+                if timer.finish(isinstance(exc, CancelledError)):
+                    raise expired(call, kind, phase=None if ops is None else ops.phase) from None
+                raise
+            timer.done = True
+            if timer.delivered:  # the deadline's cancellation came, and something swallowed it
+                timer.finish(False)
+        elif scope is None:
             response = await inner.handle_async_request(sent)
             if not isinstance(response.stream, IN_MEMORY):
                 await _rest(response, ops)
@@ -259,14 +275,14 @@ async def attempt(call: Call, traced: bool = False) -> httpx.Response:
                 raise expired(call, kind, phase=None if ops is None else ops.phase)
     except httpx.TimeoutException:
         metrics.attempt("timeout", clock.now() - started)
-        await reap(host.inner)
+        await reap(inner)
         raise
     except Exception:
         metrics.attempt("error", clock.now() - started)
         raise
     except BaseException:
         metrics.attempt("cancelled", clock.now() - started)
-        await reap(host.inner)
+        await reap(inner)
         raise
     response.request = request
     finished = clock.now()
