@@ -62,11 +62,7 @@ class Operations(dict[str, Any]):
     (an inner transport that ignores httpx's timeouts).
     """
 
-    __slots__ = ("phase",)
-
-    def __init__(self, values: Mapping[str, Any]) -> None:
-        super().__init__(values)
-        self.phase: Phase | None = None
+    phase: Phase | None = None  # on the instance once an operation is asked for
 
     def get(self, key: str, default: Any = None) -> Any:
         self.phase = _PHASE.get(key, self.phase)
@@ -82,7 +78,9 @@ _NONE: dict[str, float | None] = dict.fromkeys(PHASES)
 
 def operations(caller: object) -> Operations:
     """An attempt's httpx timeouts: the caller's explicit ones, or none for httpx's implicit default."""
-    if isinstance(caller, Mapping) and caller != IMPLICIT:
+    if caller == IMPLICIT:  # the usual case: httpx's default, a plain dict
+        return Operations(_NONE)
+    if isinstance(caller, Mapping):
         return Operations({key: caller.get(key) for key in PHASES})
     return Operations(_NONE)
 

@@ -309,7 +309,15 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         hosts = self._hosts
-        host = hosts.enter(host_of(url.raw_host), url.port or DEFAULT_PORTS.get(url.scheme, 0))
+        # HostTable.enter and .leave, inlined for a host already in the table (the usual case).
+        key = (host_of(url.raw_host), url.port or DEFAULT_PORTS.get(url.scheme, 0))
+        entries = hosts.entries
+        host = entries.get(key)
+        if host is None:
+            host = hosts.enter(*key)
+        else:
+            entries.move_to_end(key)
+            host.calls += 1
         try:
             override = request.extensions.get("resilient_http")
             if override is None:
@@ -336,7 +344,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             response.extensions["resilient_http"] = call.info()
             return response
         finally:
-            hosts.leave(host)
+            host.calls -= 1
+            if not host.calls and len(entries) > hosts.max_hosts:
+                hosts.shrink()
 
     async def _call_with_extras(self, call: Call, chain: Next) -> httpx.Response:
         """A call that is traced, or may get a fallback answer: the chain inside those, and the outcome counted."""
