@@ -12,6 +12,7 @@ from ._clock import Clock
 from ._config import Policy
 from ._events import Events, HostEvents
 from ._metrics import HostMetrics
+from ._watchdog import Watchdog
 
 Next = Callable[["Call"], Awaitable[httpx.Response]]
 
@@ -105,6 +106,7 @@ class Host:
         "retry_gates",
         "shared",
         "tracing",
+        "watchdog",
     )
 
     def __init__(
@@ -120,6 +122,7 @@ class Host:
         shared: dict[str, Any] | None = None,
         events: Events | None = None,
         tracing: Any = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -133,6 +136,7 @@ class Host:
         # is the transport's resilient_http._tracing.Tracing, or None.
         self.events: HostEvents = (Events("", None, None) if events is None else events).host(self.label)
         self.tracing = tracing
+        self.watchdog = Watchdog() if watchdog is None else watchdog  # the attempts' timers: the transport's
         self.layers: dict[str, Any] = {}
         self.calls = 0  # calls in flight, counted by the host table: a busy host is never evicted
         self.shared: dict[str, Any] = {} if shared is None else shared  # one dict for all hosts of a transport
@@ -157,30 +161,27 @@ class Host:
 
 
 class Call:
-    """One call's mutable state, read and written by the layers it passes."""
+    """One call's mutable state, read and written by the layers it passes.
 
-    __slots__ = (
-        "age",
-        "attempts",
-        "circuit_state",
-        "coalesced",
-        "deadline",
-        "dry_run",
-        "fallback",
-        "hedge_stop",
-        "hedge_won",
-        "hedges",
-        "host",
-        "policy",
-        "priority",
-        "request",
-        "retry_stop",
-        "span",
-        "stale",
-        "stale_reason",
-        "started",
-        "waits",
-    )
+    What every call has is set when it is made; what a layer notes only when
+    it happens (a stale answer, a retry's stop, a hedge) is read from the
+    class until a layer writes it on the call, so that a plain call pays for
+    none of it.
+    """
+
+    # A layer's notes: these defaults until it writes its own on the call.
+    age: float | None = None
+    circuit_state: str | None = None
+    coalesced: bool = False
+    dry_run: tuple[str, ...] = ()
+    fallback: bool = False
+    hedge_stop: str | None = None
+    hedge_won: bool = False
+    hedges: int = 0
+    retry_stop: str | None = None
+    span: Any = None  # the call's OpenTelemetry span while it runs and is traced (see _tracing)
+    stale: bool = False
+    stale_reason: str | None = None
 
     def __init__(
         self, request: httpx.Request, host: Host, policy: Policy, started: float, priority: str = "normal"
@@ -191,24 +192,11 @@ class Call:
         self.policy = policy
         self.started = started
         timeout = policy.timeout
-        total = None if timeout is None else timeout.total
         # The total timeout runs from the moment the call enters the transport,
         # so that it also bounds waiting in the rate limiter in front of it.
-        self.deadline: float | None = None if total is None else started + total
+        self.deadline: float | None = None if timeout is None or timeout.total is None else started + timeout.total
         self.attempts = 0
         self.waits: list[Wait] = []
-        self.stale = False
-        self.age: float | None = None
-        self.stale_reason: str | None = None
-        self.circuit_state: str | None = None
-        self.retry_stop: str | None = None
-        self.coalesced = False
-        self.span: Any = None  # the call's OpenTelemetry span while it runs and is traced (see _tracing)
-        self.dry_run: tuple[str, ...] = ()
-        self.fallback = False
-        self.hedges = 0
-        self.hedge_won = False
-        self.hedge_stop: str | None = None
 
     def blocked_in_dry_run(self, layer: str) -> None:
         """``layer``, in dry-run mode, would have blocked this call: say so, and count it once per call."""
@@ -217,19 +205,25 @@ class Call:
             self.host.metrics.labelled("dry_run_blocked", layer).inc()
 
     def info(self) -> CallInfo:
-        return CallInfo(
-            self.host.label,
-            self.attempts,
-            self.stale,
-            self.age,
-            tuple(self.waits),
-            self.circuit_state,
-            self.retry_stop,
-            self.coalesced,
-            self.stale_reason,
-            self.dry_run,
-            self.fallback,
-            self.hedges,
-            self.hedge_won,
-            self.hedge_stop,
+        return _tuple_new(
+            CallInfo,
+            (
+                self.host.label,
+                self.attempts,
+                self.stale,
+                self.age,
+                tuple(self.waits) if self.waits else (),
+                self.circuit_state,
+                self.retry_stop,
+                self.coalesced,
+                self.stale_reason,
+                self.dry_run,
+                self.fallback,
+                self.hedges,
+                self.hedge_won,
+                self.hedge_stop,
+            ),
         )
+
+
+_tuple_new = tuple.__new__  # a CallInfo made from its fields in order, without the named tuple's own __new__

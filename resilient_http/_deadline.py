@@ -1,13 +1,11 @@
 """What an attempt hands to the inner transport: the caller's httpx timeouts, on a copy of the request.
 
-An attempt is bounded by one anyio cancel scope (:mod:`resilient_http.layers.timeout`).
-Not a home-made watchdog calling ``Task.cancel()``: native cancellation
-pierces the anyio shields inside which httpcore hands connections back to
-its pool, so timed-out attempts orphaned connections until a capped pool
-wedged. anyio's scopes respect shields and deliver the cancellation again
-once the shielded code is done; the event loop's own timer heap is the
-shared watchdog, and a scope that ends in time cancels its timer, which the
-loop drops on its own. Nothing here outlives the event loop.
+An attempt is bounded by one timer (:mod:`resilient_http._watchdog`) that
+cancels the way an anyio cancel scope does. Not a plain ``Task.cancel()``
+or ``asyncio.timeout``: native cancellation pierces the anyio shields inside
+which httpcore hands connections back to its pool, so timed-out attempts
+orphaned connections until a capped pool wedged. The timer waits until no
+shield stands between it and the attempt, as anyio's scopes do.
 
 httpx puts the client's timeouts in ``request.extensions["timeout"]`` as
 four per-operation values (``connect``, ``pool``, ``write``, ``read``).
@@ -62,11 +60,7 @@ class Operations(dict[str, Any]):
     (an inner transport that ignores httpx's timeouts).
     """
 
-    __slots__ = ("phase",)
-
-    def __init__(self, values: Mapping[str, Any]) -> None:
-        super().__init__(values)
-        self.phase: Phase | None = None
+    phase: Phase | None = None  # on the instance once an operation is asked for
 
     def get(self, key: str, default: Any = None) -> Any:
         self.phase = _PHASE.get(key, self.phase)
@@ -82,7 +76,9 @@ _NONE: dict[str, float | None] = dict.fromkeys(PHASES)
 
 def operations(caller: object) -> Operations:
     """An attempt's httpx timeouts: the caller's explicit ones, or none for httpx's implicit default."""
-    if isinstance(caller, Mapping) and caller != IMPLICIT:
+    if caller == IMPLICIT:  # the usual case: httpx's default, a plain dict
+        return Operations(_NONE)
+    if isinstance(caller, Mapping):
         return Operations({key: caller.get(key) for key in PHASES})
     return Operations(_NONE)
 

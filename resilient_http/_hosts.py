@@ -222,7 +222,7 @@ class HostTable(Generic[T]):
     calls in flight is never evicted (see the module's docstring).
     """
 
-    __slots__ = ("_entries", "_evict", "_make", "max_hosts")
+    __slots__ = ("_evict", "_make", "entries", "max_hosts")
 
     def __init__(
         self,
@@ -235,12 +235,12 @@ class HostTable(Generic[T]):
         self.max_hosts = max_hosts
         self._make = make
         self._evict = evict
-        self._entries: OrderedDict[tuple[str, int], T] = OrderedDict()
+        self.entries: OrderedDict[tuple[str, int], T] = OrderedDict()
 
     def enter(self, host: str, port: int) -> T:
         """The value of ``host:port`` (made if new), counted in flight until :meth:`leave`."""
         key = (host, port)
-        entries = self._entries
+        entries = self.entries
         value = entries.get(key)
         if value is not None:
             entries.move_to_end(key)
@@ -249,18 +249,18 @@ class HostTable(Generic[T]):
         value = entries[key] = self._make(host, port)
         value.calls += 1
         if len(entries) > self.max_hosts:
-            self._shrink()
+            self.shrink()
         return value
 
     def leave(self, value: T) -> None:
         """A call on ``value`` is over; evict idle hosts the table kept beyond ``max_hosts``."""
         value.calls -= 1
-        if not value.calls and len(self._entries) > self.max_hosts:
-            self._shrink()
+        if not value.calls and len(self.entries) > self.max_hosts:
+            self.shrink()
 
-    def _shrink(self) -> None:
+    def shrink(self) -> None:
         """Evict the least recently used idle hosts, down to ``max_hosts`` if that many are idle."""
-        entries = self._entries
+        entries = self.entries
         excess = len(entries) - self.max_hosts
         idle = []
         for key, value in entries.items():
@@ -272,8 +272,8 @@ class HostTable(Generic[T]):
             self._evict(entries.pop(key))
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)
 
     def values(self) -> list[T]:
         """Every value held now, least recently used first."""
-        return list(self._entries.values())
+        return list(self.entries.values())

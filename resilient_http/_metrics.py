@@ -105,6 +105,7 @@ through every layer and checks each of these.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -136,6 +137,7 @@ __all__ = [
     "CIRCUIT_STATES",
     "DURATION_BUCKETS",
     "LABELS",
+    "OUTCOMES",
     "PREFIX",
     "SHED",
     "SPECS",
@@ -205,6 +207,7 @@ class HostMetrics:
 
     __slots__ = (
         "_attempts",
+        "_fast",
         "_labelled",
         "_owner",
         "_plain",
@@ -258,6 +261,9 @@ class HostMetrics:
         self._requests = self._labelled["requests"]
         self._attempts = self._labelled["attempts"]
         self._shed = self._labelled["shed"]
+        # Every series a plain number (not prometheus-client's multiprocess children):
+        # the two updates of every call and attempt add to them in place.
+        self._fast = not owner._multiprocess
         for name in ALWAYS:
             getattr(self, name)
         if not owner.closed:
@@ -318,8 +324,14 @@ class HostMetrics:
         child = self._requests.get(outcome)
         if child is None:
             child = self._child("requests", outcome)
-        child.inc()
-        self.request_duration.observe(seconds)
+        if self._fast:  # Value.inc and Buckets.observe, without their frames
+            child.value += 1.0
+            histogram = self.request_duration
+            histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
+            histogram.sum += seconds
+        else:
+            child.inc()
+            self.request_duration.observe(seconds)
         shed = outcome if outcome in SHED else replaced if replaced in SHED else None
         if shed is not None:
             child = self._shed.get(shed)
@@ -331,8 +343,14 @@ class HostMetrics:
         child = self._attempts.get(outcome)
         if child is None:
             child = self._child("attempts", outcome)
-        child.inc()
-        self.attempt_duration.observe(seconds)
+        if self._fast:
+            child.value += 1.0
+            histogram = self.attempt_duration
+            histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
+            histogram.sum += seconds
+        else:
+            child.inc()
+            self.attempt_duration.observe(seconds)
 
     def retry(self, reason: str) -> None:
         self._child("retries", reason).inc()
@@ -429,8 +447,10 @@ def outcome_of_exception(exc: BaseException) -> str:
 
 
 _STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+#: The outcome label of every status from 0 to 599, for the hot path: ``OUTCOMES[status]``.
+OUTCOMES: tuple[str, ...] = tuple(_STATUS_CLASSES[status // 100] if status >= 100 else "other" for status in range(600))
 
 
 def outcome_of_status(status: int) -> str:
     """The outcome label of a response: its status class."""
-    return _STATUS_CLASSES[status // 100] if 100 <= status < 600 else "other"
+    return OUTCOMES[status] if 0 <= status < 600 else "other"

@@ -13,19 +13,20 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry
 
-from ._call import PRIORITIES, Call, CallInfo, Host
+from ._call import PRIORITIES, Call, CallInfo, Host, Next
 from ._clock import Clock, SystemClock, default_random
 from ._config import Policy, RetryPolicy, TimeoutPolicy
 from ._events import Event, Events
 from ._exceptions import ConfigurationError
 from ._fallback import Fallback, check_fallback, failed, fall_back
 from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable, canonical_host, host_of
-from ._metrics import DEFAULT_NAME, TransportMetrics, outcome_of_exception, outcome_of_status
+from ._metrics import DEFAULT_NAME, OUTCOMES, TransportMetrics, outcome_of_exception, outcome_of_status
 from ._network import CertTypes, ProxyTypes, SocketOption, VerifyTypes, default_inner, refuse_beside_inner
 from ._pipeline import chain_for, update
 from ._series import abandon
 from ._tracing import AVAILABLE as TRACING_AVAILABLE
 from ._tracing import Tracing
+from ._watchdog import Watchdog
 from .layers.timeout import IN_MEMORY, guard_body
 from .store import Store, open_store, open_store_table
 from .store._fleet import FLEET, Fleet
@@ -212,6 +213,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._clock: Clock = SystemClock() if clock is None else clock
         self._random = default_random() if random is None else random
         self._hosts: HostTable[Host] = HostTable(self._make_host, self._evict_host, max_hosts)
+        self._watchdog = Watchdog()  # every attempt's timer, whatever its host
         self._shared: dict[str, Any] = {}  # state layers keep across hosts (the stale cache's store, the fleet)
         self._fleet = self._open_fleet(store, registry)
         # Last, once nothing else can refuse the arguments: the name is taken until closed.
@@ -291,6 +293,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             shared=self._shared,
             events=self._events,
             tracing=self._tracing,
+            watchdog=self._watchdog,
         )
         state.chain = chain_for(state, state.policy)
         return state
@@ -305,54 +308,81 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
-        port = url.port or DEFAULT_PORTS.get(url.scheme, 0)
         hosts = self._hosts
-        host = hosts.enter(host_of(url.raw_host), port)
+        # HostTable.enter and .leave, inlined for a host already in the table (the usual case).
+        key = (host_of(url.raw_host), url.port or DEFAULT_PORTS.get(url.scheme, 0))
+        entries = hosts.entries
+        host = entries.get(key)
+        if host is None:
+            host = hosts.enter(*key)
+        else:
+            entries.move_to_end(key)
+            host.calls += 1
         try:
-            policy = host.policy
-            chain = host.chain
-            priority = "normal"
             override = request.extensions.get("resilient_http")
-            if override is not None:
-                policy, priority = _override(policy, override)
-                chain = chain_for(host, policy)
-            clock = self._clock
-            started = clock.now()
-            call = Call(request, host, policy, started, priority)
-            tracing = self._tracing
-            fallback = self._fallback
-            replaced = None  # the outcome a fallback answer replaced: a shed call stays shed
-            try:
-                try:
-                    if tracing is None or (tracer := tracing.tracer()) is None:
-                        response = await chain(call)
-                    else:
-                        response = await tracing.run(tracer, call, chain)
-                except httpx.HTTPError as exc:
-                    if fallback is None:
-                        raise
-                    exc.resilient_http = call.info()  # type: ignore[attr-defined]
-                    replaced = outcome_of_exception(exc)
-                    response = await fall_back(fallback, call, exc)
-                else:
-                    if fallback is not None and failed(response):
-                        response = await fall_back(fallback, call, response)
-            except BaseException as exc:
-                host.metrics.request(outcome_of_exception(exc), clock.now() - started, call.stale_reason)
-                if isinstance(exc, Exception):
-                    exc.resilient_http = call.info()  # type: ignore[attr-defined]
-                raise
-            if call.fallback:
-                outcome = "fallback"
+            if override is None:
+                call = Call(request, host, host.policy, self._clock.now())
+                chain = host.chain
             else:
-                outcome = "stale" if call.stale else outcome_of_status(response.status_code)
-            host.metrics.request(outcome, clock.now() - started, call.stale_reason or replaced)
+                policy, priority = _override(host.policy, override)
+                call = Call(request, host, policy, self._clock.now(), priority)
+                chain = chain_for(host, policy)
+            tracing = self._tracing
+            if self._fallback is None and (tracing is None or tracing.tracer() is None):
+                try:
+                    response = await chain(call)
+                except BaseException as exc:
+                    self._ended(call, exc)
+                    raise
+                status = response.status_code
+                outcome = "stale" if call.stale else OUTCOMES[status] if 0 <= status < 600 else "other"
+                host.metrics.request(outcome, self._clock.now() - call.started, call.stale_reason)
+            else:
+                response = await self._call_with_extras(call, chain)
             if not isinstance(response.stream, IN_MEMORY):
                 guard_body(call, response)
             response.extensions["resilient_http"] = call.info()
             return response
         finally:
-            hosts.leave(host)
+            host.calls -= 1
+            if not host.calls and len(entries) > hosts.max_hosts:
+                hosts.shrink()
+
+    async def _call_with_extras(self, call: Call, chain: Next) -> httpx.Response:
+        """A call that is traced, or may get a fallback answer: the chain inside those, and the outcome counted."""
+        tracing = self._tracing
+        fallback = self._fallback
+        replaced = None  # the outcome a fallback answer replaced: a shed call stays shed
+        try:
+            try:
+                if tracing is None or (tracer := tracing.tracer()) is None:
+                    response = await chain(call)
+                else:
+                    response = await tracing.run(tracer, call, chain)
+            except httpx.HTTPError as exc:
+                if fallback is None:
+                    raise
+                exc.resilient_http = call.info()  # type: ignore[attr-defined]
+                replaced = outcome_of_exception(exc)
+                response = await fall_back(fallback, call, exc)
+            else:
+                if fallback is not None and failed(response):
+                    response = await fall_back(fallback, call, response)
+        except BaseException as exc:
+            self._ended(call, exc)
+            raise
+        if call.fallback:
+            outcome = "fallback"
+        else:
+            outcome = "stale" if call.stale else outcome_of_status(response.status_code)
+        call.host.metrics.request(outcome, self._clock.now() - call.started, call.stale_reason or replaced)
+        return response
+
+    def _ended(self, call: Call, exc: BaseException) -> None:
+        """Count a call that ended in ``exc``, and leave its story on the exception."""
+        call.host.metrics.request(outcome_of_exception(exc), self._clock.now() - call.started, call.stale_reason)
+        if isinstance(exc, Exception):
+            exc.resilient_http = call.info()  # type: ignore[attr-defined]
 
     async def aclose(self) -> None:
         try:

@@ -52,7 +52,7 @@ class Gate:
 def layer_of(client: httpx.AsyncClient) -> coalesce.Coalesce:
     transport = client._transport
     assert isinstance(transport, ResilientTransport)
-    (host,) = transport._hosts._entries.values()
+    (host,) = transport._hosts.entries.values()
     layer: coalesce.Coalesce = host.layers["coalesce"]
     return layer
 
