@@ -15,7 +15,9 @@ the server. Under ``RESILIENT_HTTP_FLAVOUR=httpx2`` it runs the httpx2 flavour.
 
 It prints one JSON object: every call's start, end, outcome (the status, or
 the exception's class), the moment its request was handed to the network
-(``null`` if it never was) and the seconds it spent awaiting the store; the
+(``null`` if it never was), the seconds it spent awaiting the store, and the
+moment it asked for the slot it was given, plus the wait the store named
+(``null`` if none: a send later than that was delayed by this process); the
 store's fallbacks (in all, and by reason); every store operation (name, start, seconds, whether
 it was answered, whether a call awaited it, and a rate step's answer: allowed, wait, turn); when this worker's hold was
 published to the store (the store's answer to it, ``null`` if none); and how
@@ -89,6 +91,7 @@ class TimedStore:
         self.workers = getattr(store, "workers", 1)
         self.operations: list[tuple[str, float, float, bool, bool, Any]] = []
         self.spent: dict[asyncio.Task[Any], float] = {}
+        self.allowed: dict[asyncio.Task[Any], float] = {}  # when a call asked for the slot it got, plus its wait
         self.published: float | None = None
 
     async def _timed(self, name: str, operation: Any) -> Any:
@@ -100,6 +103,8 @@ class TimedStore:
         if awaited:
             self.spent[task] += ended - began  # type: ignore[index]
         detail = [answer.allowed, answer.wait, answer.turn] if isinstance(answer, Admission) else None
+        if awaited and isinstance(answer, Admission) and answer.allowed:
+            self.allowed[task] = began + answer.wait  # type: ignore[index]
         self.operations.append((name, began, ended - began, answer is not UNAVAILABLE, awaited, detail))
         return answer
 
@@ -166,7 +171,7 @@ async def run(
 ) -> dict[str, Any]:
     duration, rate = settings["duration"], settings["rate"]
     store: TimedStore | None = transport._fleet.store if transport._fleet is not None else None
-    calls: list[tuple[float, float, str, float | None, float]] = []
+    calls: list[tuple[float, float, str, float | None, float, float | None]] = []
     lagged: list[tuple[float, float]] = []
     async with httpx.AsyncClient(transport=transport, timeout=10) as client:
 
@@ -182,7 +187,8 @@ async def run(
             except Exception as exc:
                 outcome = type(exc).__name__
             spent = 0.0 if store is None else store.spent.pop(task)
-            calls.append((began, time.monotonic(), outcome, recorder.sent.pop(task, None), spent))
+            allowed = None if store is None else store.allowed.pop(task, None)
+            calls.append((began, time.monotonic(), outcome, recorder.sent.pop(task, None), spent, allowed))
 
         await asyncio.sleep(max(0.0, start - time.monotonic()))
         probe = asyncio.create_task(lags(start + duration + 0.5, lagged))

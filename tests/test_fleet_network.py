@@ -104,7 +104,13 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def test_the_workers_share_one_quota(redis: RedisServer) -> None:
-    """4 workers offered twice the fleet's 20 calls a second: the server gets 20 a second, never 20 + burst more."""
+    """4 workers offered twice the fleet's 20 calls a second: the server gets 20 a second, never 20 + burst more.
+
+    But for the sends a stalled worker delayed: a process the machine does
+    not schedule between the store's answer and the send moves that send
+    into another second, and each such send may add one (none on an idle
+    machine).
+    """
     rate, burst, seconds = 20, 2, 2.0
     policy = {**OFF, "rate_limit": {"rate": rate, "burst": burst, "max_wait": 0}}
     with server_on_its_own_thread() as server:
@@ -120,7 +126,8 @@ def test_the_workers_share_one_quota(redis: RedisServer) -> None:
         found = results(processes)
     arrivals = [r.arrived for r in server.requests_to("/")]
     assert outcomes(found).keys() <= {"200", "RateLimitedError"}
-    assert most_in_one_second(arrivals) <= rate + burst
+    late = sum(1 for worker in found for call in worker["calls"] if call[5] is not None and call[3] - call[5] > 0.02)
+    assert most_in_one_second(arrivals) <= rate + burst + late
     assert rate * seconds * 0.8 <= len(arrivals) <= rate * seconds + burst
 
 
