@@ -136,10 +136,8 @@ class FleetCircuit:
         :class:`CircuitOpenError` when the fleet's circuit is open or its
         trial slots are taken.
         """
-        breaker, store, clock, fleet = self._breaker, self._store, self._clock, self._fleet
+        breaker, store, clock = self._breaker, self._store, self._clock
         self.fresh = False
-        if not fleet.joined:
-            await fleet.join()
         self._next_sync = clock.now() + SYNC_EVERY
         found = await store.circuit(self._upstream)
         if found is UNAVAILABLE:

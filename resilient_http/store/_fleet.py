@@ -9,11 +9,12 @@ decide alone, exactly as before: the in-memory single-process path never
 awaits a store.
 
 **Heartbeats.** The store counts live workers by their heartbeats. Nobody
-runs a timer for them: the calls do. The first call that needs the store
-(:meth:`Fleet.join`) awaits the worker's first heartbeat, bounded by the
-store's timeout, before it decides anything; then a layer calls
-:meth:`Fleet.tick` as a call passes, which at most once a second starts a
-heartbeat in the background. The answer (the live workers) is kept for the
+runs a timer for them: the calls do. The rate limiter's first question to
+the store waits for the worker's first heartbeat (:meth:`Fleet.join`,
+bounded by the store's timeout), so that the worker knows how many share
+the quota before it decides; then a layer calls :meth:`Fleet.tick` as a
+call passes, which at most once a second starts a heartbeat in the
+background. The answer (the live workers) is kept for the
 layers, and kept as it was last known while the store cannot answer. A
 worker that makes no calls stops beating and drops out of the count after
 ``heartbeat`` seconds (5), which is what the count is for: the workers that
@@ -105,7 +106,12 @@ class Fleet:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def join(self) -> None:
-        """The first use of the store: a heartbeat, awaited (the store's timeout bounds it), so the count is known."""
+        """The first use of the store: a heartbeat, awaited (the store's timeout bounds it), so the count is known.
+
+        The rate limiter joins before its first question; a layer that only
+        ticks (the breaker, the retry budget) starts the first heartbeat in
+        the background instead.
+        """
         self.joined = True
         self._next_beat = self._clock.now() + BEAT_EVERY
         await self._beat()
@@ -113,6 +119,7 @@ class Fleet:
     def tick(self, now: float) -> None:
         """A call passes: start a heartbeat if one is due (at most one a second)."""
         if now >= self._next_beat:
+            self.joined = True
             self._next_beat = now + BEAT_EVERY
             self.soon(self._beat())
 
