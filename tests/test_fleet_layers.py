@@ -330,32 +330,55 @@ async def test_a_saturated_fleet_asks_the_store_about_once_per_call_it_sends(
     assert store.admits <= 1.1 * sent  # one each and a few: without turns, each worker asked for every token
 
 
+class OnTheWay(CountingStore):
+    """A store whose rate steps take a moment: questions asked together are all on their way before any answer."""
+
+    async def admit(self, upstream: str, **kwargs: Any) -> Maybe[Admission]:
+        await anyio.lowlevel.checkpoint()
+        return await super().admit(upstream, **kwargs)
+
+
+async def together(calls: int, client: httpx.AsyncClient) -> list[int | float | None]:
+    """``calls`` calls at once: the status of each, or the ``retry_after`` of its refusal."""
+    outcomes: list[int | float | None] = []
+
+    async def call() -> None:
+        try:
+            outcomes.append((await client.get("/")).status_code)
+        except RateLimitedError as exc:
+            outcomes.append(exc.retry_after)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(calls):
+            group.start_soon(call)
+    return outcomes
+
+
 async def test_of_a_workers_questions_on_their_way_at_once_only_one_takes_a_turn(
     workers: Workers, clock: FakeClock
 ) -> None:
     """Five calls of A are refused together: A takes one turn, so B's turn comes right after it, not five later."""
-
-    class OnTheWay(MemoryStore):
-        async def admit(self, upstream: str, **kwargs: Any) -> Maybe[Admission]:
-            await anyio.lowlevel.checkpoint()  # the questions are all on their way before any is answered
-            return await super().admit(upstream, **kwargs)
-
     a, b = workers(2, RATE, Script(200), OnTheWay(clock=clock))
     await a.get("/")
-    refused: list[float | None] = []
-
-    async def call() -> None:
-        with pytest.raises(RateLimitedError) as exc:
-            await a.get("/")
-        refused.append(exc.value.retry_after)
-
-    async with anyio.create_task_group() as group:
-        for _ in range(5):
-            group.start_soon(call)
-    assert refused == pytest.approx([0.5] * 5)
+    assert await together(5, a) == pytest.approx([0.5] * 5)
     with pytest.raises(RateLimitedError) as turn:
         await b.get("/")
     assert turn.value.retry_after == pytest.approx(1.0)
+
+
+async def test_a_refusing_workers_calls_wait_for_its_question_on_the_way_instead_of_asking(
+    workers: Workers, clock: FakeClock
+) -> None:
+    """A has been refusing; at its turn five calls come at once: one asks and goes, four learn its answer and wait."""
+    store = OnTheWay(clock=clock)
+    (a,) = workers(1, RATE, Script(200), store)
+    await a.get("/")
+    with pytest.raises(RateLimitedError):
+        await a.get("/")
+    clock.advance(0.5)
+    asked = store.admits
+    assert sorted(await together(5, a), key=str) == [0.5, 0.5, 0.5, 0.5, 200]
+    assert store.admits == asked + 1
 
 
 async def test_a_call_that_slept_for_its_slot_asks_again_when_a_hold_became_known(workers: Workers) -> None:

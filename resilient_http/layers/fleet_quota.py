@@ -16,8 +16,11 @@ could not wait until then. A worker that has had calls refused asks for its
 next turn with its next slot, in the same round trip. A worker holds one
 turn at a time: of its questions on their way at once, only one takes a
 turn (the others, if refused, learn when a slot is free), so a burst of
-calls cannot fill the line. So a saturated fleet makes about one round trip
-per call *sent*, however many calls it refuses; and since every send is
+calls cannot fill the line; and while it has been refusing calls, a call
+that arrives while its question is on its way waits for that answer (one
+round trip) instead of asking too. So a saturated fleet makes about one
+round trip per call *sent*, however many calls it refuses, even when a
+stalled process wakes with many calls at once; and since every send is
 still one atomic step in the store, the fleet never exceeds the quota:
 turns change when workers ask, never what the store allows.
 
@@ -45,11 +48,13 @@ from __future__ import annotations
 
 import math
 
+import anyio
+
 from .._call import Call
 from .._clock import Clock
 from .._config import RateLimitPolicy
 from .._events import HostEvents
-from ..store._base import MAX_SECONDS, UNAVAILABLE, Admission
+from ..store._base import MAX_SECONDS, UNAVAILABLE, Admission, Maybe
 from ..store._fleet import Fleet, fell_back
 
 _REFUSED_NOW = Admission(False, 0.0, 0.0)
@@ -59,6 +64,8 @@ class FleetQuota:
     """One host's rate limit in the fleet's store, with what this worker remembers of it."""
 
     __slots__ = (
+        "_answered",
+        "_asking",
         "_burst",
         "_clock",
         "_debt",
@@ -69,7 +76,6 @@ class FleetQuota:
         "_rate",
         "_refusing",
         "_store",
-        "_taking_turn",
         "_to_publish",
         "_upstream",
         "fleet",
@@ -82,7 +88,8 @@ class FleetQuota:
         self._events = events
         self._denied_until = -math.inf  # on the host's clock: this worker's turn
         self._refusing = False  # a call was refused since the last slot: ask for the next turn with the next one
-        self._taking_turn = False  # a question that takes a turn is on its way
+        self._asking = False  # a question that takes a turn is on its way
+        self._answered: anyio.Event | None = None  # set when it is answered, for the calls waiting for it
         self.reconfigure(policy)
         self._clock = clock
         self._debt = 0  # retries booked locally, not yet charged to the fleet
@@ -122,9 +129,18 @@ class FleetQuota:
         if now + limit < self._denied_until:
             self._refusing = True
             return Admission(False, self._denied_until - now, 0.0)
+        while self._asking and self._refusing:
+            # This worker has been refusing calls, and its question for a turn is on its way: the answer (one
+            # round trip) says whether this call has a chance, without a question of its own.
+            if self._answered is None:
+                self._answered = anyio.Event()
+            await self._answered.wait()
+            now = self._clock.now()
+            if now + limit < self._denied_until:
+                return Admission(False, self._denied_until - now, 0.0)
+        asking = not self._asking  # one question at a time takes a turn
+        self._asking = True
         cost = 1 + min(self._debt, self._burst - 1)
-        turn = not self._taking_turn
-        self._taking_turn = True
         try:
             answer = await self._store.admit(
                 self._upstream,
@@ -132,12 +148,19 @@ class FleetQuota:
                 burst=self._burst,
                 cost=cost,
                 max_wait=limit,
-                turn=turn,
-                next_turn=turn and self._refusing,
+                turn=asking,
+                next_turn=asking and self._refusing,
             )
+            return self._learn(answer, call, cost, asking)
         finally:
-            if turn:
-                self._taking_turn = False
+            if asking:
+                self._asking = False
+                answered, self._answered = self._answered, None
+                if answered is not None:
+                    answered.set()
+
+    def _learn(self, answer: Maybe[Admission], call: Call, cost: int, turn: bool) -> Admission | None:
+        """Remember what the store's answer says about this worker's turn; ``None`` if there was none."""
         if answer is UNAVAILABLE:
             fell_back(self._events, "rate_limit", "admit", call)
             return None
