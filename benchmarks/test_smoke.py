@@ -164,9 +164,11 @@ def test_fleet_benchmark_reports_every_scenario(tmp_path: Path) -> None:
     data = json.loads(path.read_text())
     shared, alone = data["quota"]
     assert shared["shared"] and not alone["shared"] and shared["arrivals"] > 0 and alone["arrivals"] > 0
-    assert _number(data["hold"]["arrivals_during_hold"])
+    assert _number(data["hold"]["arrivals_during_hold"]) and _number(data["hold"]["sends_begun_once_published"])
     assert [r["shared"] for r in data["outage"]] == [True, False]
     assert _number(data["redis_down"]["latency_max"]) and _number(data["redis_down"]["errors"])
+    assert _number(data["redis_down"]["diagnosis"]["call_store_wait_max_ms"])
+    assert _number(shared["diagnosis"]["loop_lag_max_ms"])
     assert [row["store"] for row in data["cost"]] == ["no store (in memory)", "Redis store"]
     assert len(data["targets"]) == 10 and all(isinstance(t["met"], bool) for t in data["targets"])
     if importlib.util.find_spec("matplotlib") is not None:

@@ -259,6 +259,28 @@ class Hedged(Event):
         return f"hedge {self.attempt} to {self.host} after {self.delay:.3f}s"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreFallback(Event):
+    """The fleet's store did not answer ``operation`` and ``layer`` decided with this worker's own state.
+
+    ``layer`` is ``rate_limit`` (its share of the quota) or
+    ``circuit_breaker`` (its own breaker); ``operation`` the store's
+    (``admit``, ``hold``, ``circuit``, ``claim_trial``, ...). Why the store
+    did not answer (its timeout, an error, or being skipped after failures)
+    is the ``reason`` of ``resilient_http_store_fallbacks_total``; the store
+    logs an outage once, at WARNING, when it begins.
+    """
+
+    kind: ClassVar[str] = "store_fallback"
+    source: ClassVar[str] = "store"
+
+    layer: str
+    operation: str
+
+    def describe(self) -> str:
+        return f"store did not answer {self.operation} for the {self.layer} of {self.host}: decided locally"
+
+
 Hook = Callable[[Event], object]
 
 

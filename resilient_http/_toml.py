@@ -22,6 +22,7 @@
     [store]                        # fleet state shared through Redis (see resilient_http.store)
     url = "redis://127.0.0.1:6379/0"
     timeout = 0.05                 # seconds per store operation
+    workers = 8                    # the fleet's size, assumed until the store has counted it
 
 Keys mirror the dataclasses. A host table is laid over ``[default]`` key by
 key: what the host does not say, it inherits. ``layer = false`` turns a
@@ -101,7 +102,7 @@ def _policy(table: Any, path: str) -> Policy:
 
 
 #: The keys of a ``[store]`` table: ``url`` and the settings of ``resilient_http.store.open_store``.
-STORE_KEYS = ("url", "prefix", "timeout", "failures", "cooldown", "circuit_ttl", "cluster", "worker_id")
+STORE_KEYS = ("url", "prefix", "timeout", "failures", "cooldown", "circuit_ttl", "cluster", "worker_id", "workers")
 
 
 def _check_store(table: Any) -> None:

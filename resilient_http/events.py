@@ -33,6 +33,7 @@ from ._events import LimitChanged as LimitChanged
 from ._events import RetryScheduled as RetryScheduled
 from ._events import RetryStopped as RetryStopped
 from ._events import StaleServed as StaleServed
+from ._events import StoreFallback as StoreFallback
 from ._events import TimedOut as TimedOut
 from ._events import Waited as Waited
 
@@ -48,6 +49,7 @@ __all__ = [
     "RetryScheduled",
     "RetryStopped",
     "StaleServed",
+    "StoreFallback",
     "TimedOut",
     "Waited",
 ]

@@ -41,9 +41,11 @@ from resilient_http.events import (
     RetryScheduled,
     RetryStopped,
     StaleServed,
+    StoreFallback,
     TimedOut,
     Waited,
 )
+from resilient_http.store import UNAVAILABLE, MemoryStore
 from resilient_http.testing import FakeClock, Handler
 
 BREAKER = CircuitBreakerPolicy(minimum_calls=2, failure_ratio=0.5, break_duration=5.0)
@@ -197,6 +199,30 @@ async def test_a_timeout_is_announced() -> None:
         with pytest.raises(DeadlineExceededError):
             await http.get("/")
     assert [(e.timeout_kind, e.seconds) for e in of(TimedOut, events)] == [("attempt", 0.01)]
+
+
+async def test_a_store_that_cannot_answer_is_announced_by_each_layer_that_decides_alone() -> None:
+    """The fleet's store answers nothing: the rate limiter and the breaker each say they decided locally."""
+
+    class Down(MemoryStore):
+        async def admit(self, upstream: str, **options: Any) -> Any:
+            return UNAVAILABLE
+
+        async def circuit(self, upstream: str) -> Any:
+            return UNAVAILABLE
+
+    events: list[Event] = []
+    policy = only(rate_limit=RateLimitPolicy(rate=10.0), circuit_breaker=BREAKER)
+    clock = FakeClock()
+    async with client(Script(200), policy, clock, on_event=events.append, store=Down(clock=clock)) as http:
+        assert (await http.get("/")).status_code == 200
+    assert of(StoreFallback, events) == [
+        StoreFallback(transport="events-test", host=HOST, layer="rate_limit", operation="admit"),
+        StoreFallback(transport="events-test", host=HOST, layer="circuit_breaker", operation="circuit"),
+    ]
+    assert of(StoreFallback, events)[1].describe() == (
+        f"store did not answer circuit for the circuit_breaker of {HOST}: decided locally"
+    )
 
 
 async def test_a_hook_that_raises_never_breaks_a_call(caplog: pytest.LogCaptureFixture) -> None:

@@ -50,10 +50,14 @@ class CountingStore(MemoryStore):
     def __init__(self, live: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.admits = 0
+        self.beats = 0
         self.down = False
         self.live = live
 
     async def heartbeat(self, ttl: float) -> Maybe[int]:
+        self.beats += 1
+        if self.down:
+            return UNAVAILABLE
         await super().heartbeat(ttl)
         return self.live
 
@@ -62,6 +66,32 @@ class CountingStore(MemoryStore):
         if self.down:
             return UNAVAILABLE
         return await super().admit(upstream, **kwargs)
+
+
+class ManualClock(FakeClock):
+    """A fake clock whose sleeps wait until the test moves it (``FakeClock`` moves it by the sleep at once)."""
+
+    def __init__(self) -> None:
+        super().__init__(start=1000.0)
+        self.sleeping = 0
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        until = self.now() + seconds
+        self.sleeping += 1
+        try:
+            while self.now() < until:
+                await anyio.lowlevel.checkpoint()
+        finally:
+            self.sleeping -= 1
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        """Let the other tasks run until ``condition`` holds (a bound for when it never does)."""
+        with anyio.fail_after(5):
+            while not condition():
+                await anyio.lowlevel.checkpoint()
+        for _ in range(20):  # and a little longer, for what follows from it
+            await anyio.lowlevel.checkpoint()
 
 
 Workers = Callable[..., list[httpx.AsyncClient]]
@@ -215,6 +245,170 @@ async def test_when_the_store_cannot_answer_a_worker_keeps_its_share_of_the_rate
     store.down = False
     await a.get("/")  # the store answers again: it decides
     assert store.admits == 6  # every call asked; the unanswered ones were decided locally
+
+
+async def test_a_worker_never_heard_by_the_store_takes_the_expected_fleet_size(
+    workers: Workers, clock: FakeClock
+) -> None:
+    """Store down from the start, ``workers=4``: the worker falls back to rate / 4, never to the whole rate.
+
+    Its share starts spent: its first token comes one share's interval in.
+    """
+    policy = only(rate_limit=RateLimitPolicy(rate=8, burst=4, max_wait=0))
+    store = CountingStore(clock=clock, workers=4)
+    store.down = True
+    (a,) = workers(1, policy, Script(200), store)
+    for _ in range(2):
+        with pytest.raises(RateLimitedError) as refused:
+            await a.get("/")
+        assert refused.value.retry_after == pytest.approx(0.5)  # 2 a second, burst 1: its share
+        clock.advance(0.5)
+        assert (await a.get("/")).status_code == 200
+
+
+async def test_the_first_call_awaits_the_workers_first_heartbeat(workers: Workers, clock: FakeClock) -> None:
+    """The count is known before the first decision: with admits unanswered, the first call already uses rate / 3."""
+    policy = only(rate_limit=RateLimitPolicy(rate=6, burst=1, max_wait=0))
+
+    class NoAdmits(CountingStore):
+        async def admit(self, upstream: str, **kwargs: Any) -> Maybe[Admission]:
+            return UNAVAILABLE
+
+    store = NoAdmits(live=3, clock=clock)
+    (a,) = workers(1, policy, Script(200), store)
+    with pytest.raises(RateLimitedError) as refused:  # its share starts spent
+        await a.get("/")
+    assert store.beats == 1
+    assert refused.value.retry_after == pytest.approx(0.5)  # 2 a second (alone: 6 a second, 1/6 s)
+
+
+async def test_while_the_fleet_starts_a_count_below_the_expected_size_is_not_trusted(
+    workers: Workers, clock: FakeClock
+) -> None:
+    """The store counts 1 (the others have not beaten yet): the worker takes 4 for a heartbeat's life, then 1."""
+    (a,) = workers(1, RATE, Script(200), CountingStore(live=1, clock=clock, workers=4))
+    fleet = a._transport._fleet  # type: ignore[attr-defined]
+    await a.get("/")
+    assert fleet.workers == 4
+    clock.advance(5)
+    await a.get("/")  # its heartbeat is due
+    await settle(a)
+    assert fleet.workers == 1
+
+
+async def test_sends_the_fleet_allowed_count_in_the_local_share_too(workers: Workers, clock: FakeClock) -> None:
+    """Two sends through the store, then the store goes: the worker's share (1 a second) starts spent."""
+    policy = only(rate_limit=RateLimitPolicy(rate=4, burst=2, max_wait=0))
+    store = CountingStore(live=4, clock=clock)
+    (a,) = workers(1, policy, Script(200), store)
+    for _ in range(2):
+        assert (await a.get("/")).status_code == 200
+    store.down = True
+    with pytest.raises(RateLimitedError) as refused:  # a full local bucket would have let it go
+        await a.get("/")
+    assert refused.value.retry_after == pytest.approx(1.0)
+    clock.advance(1.0)
+    assert (await a.get("/")).status_code == 200
+
+
+async def test_a_saturated_fleet_asks_the_store_about_once_per_call_it_sends(
+    workers: Workers, clock: FakeClock
+) -> None:
+    """Four workers offered ten times the fleet's rate: about one round trip per call sent, and never too many sent."""
+    policy = only(rate_limit=RateLimitPolicy(rate=10, burst=2, max_wait=0))
+    store = CountingStore(clock=clock)
+    clients = workers(4, policy, Script(200), store)
+    sent = 0
+    for step in range(1000):  # 10 s, a call every 10 ms, each worker in turn
+        try:
+            await clients[step % 4].get("/")
+            sent += 1
+        except RateLimitedError:
+            pass
+        clock.advance(0.01)
+    assert 95 <= sent <= 2 + 10 * 10
+    assert store.admits <= 1.1 * sent  # one each and a few: without turns, each worker asked for every token
+
+
+class OnTheWay(CountingStore):
+    """A store whose rate steps take a moment: questions asked together are all on their way before any answer."""
+
+    async def admit(self, upstream: str, **kwargs: Any) -> Maybe[Admission]:
+        await anyio.lowlevel.checkpoint()
+        return await super().admit(upstream, **kwargs)
+
+
+async def together(calls: int, client: httpx.AsyncClient) -> list[int | float | None]:
+    """``calls`` calls at once: the status of each, or the ``retry_after`` of its refusal."""
+    outcomes: list[int | float | None] = []
+
+    async def call() -> None:
+        try:
+            outcomes.append((await client.get("/")).status_code)
+        except RateLimitedError as exc:
+            outcomes.append(exc.retry_after)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(calls):
+            group.start_soon(call)
+    return outcomes
+
+
+async def test_of_a_workers_questions_on_their_way_at_once_only_one_takes_a_turn(
+    workers: Workers, clock: FakeClock
+) -> None:
+    """Five calls of A are refused together: A takes one turn, so B's turn comes right after it, not five later."""
+    a, b = workers(2, RATE, Script(200), OnTheWay(clock=clock))
+    await a.get("/")
+    assert await together(5, a) == pytest.approx([0.5] * 5)
+    with pytest.raises(RateLimitedError) as turn:
+        await b.get("/")
+    assert turn.value.retry_after == pytest.approx(1.0)
+
+
+async def test_a_refusing_workers_calls_wait_for_its_question_on_the_way_instead_of_asking(
+    workers: Workers, clock: FakeClock
+) -> None:
+    """A has been refusing; at its turn five calls come at once: one asks and goes, four learn its answer and wait."""
+    store = OnTheWay(clock=clock)
+    (a,) = workers(1, RATE, Script(200), store)
+    await a.get("/")
+    with pytest.raises(RateLimitedError):
+        await a.get("/")
+    clock.advance(0.5)
+    asked = store.admits
+    assert sorted(await together(5, a), key=str) == [0.5, 0.5, 0.5, 0.5, 200]
+    assert store.admits == asked + 1
+
+
+async def test_a_call_that_slept_for_its_slot_asks_again_when_a_hold_became_known(workers: Workers) -> None:
+    """B's slot was for 0.5 s; a hold until 3 s became known meanwhile: B asks again and goes after the hold."""
+    clock = ManualClock()
+    policy = only(rate_limit=RateLimitPolicy(rate=2, burst=1, max_wait=5))
+    sent: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(clock.now())
+        return httpx.Response(200)
+
+    store = MemoryStore(clock=clock)
+    transport = ResilientTransport(
+        default=policy, inner=httpx.MockTransport(handler), registry=CollectorRegistry(), clock=clock, store=store
+    )
+    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as a, anyio.create_task_group() as group:
+        await a.get("/")  # at 0
+        group.start_soon(a.get, "/")  # B: a slot at 0.5
+        await clock.until(lambda: len(clock.sleeps) == 1)
+        await store.hold(HOST, 3)
+        group.start_soon(a.get, "/")  # C learns of the hold from the store's answer: a slot at 3
+        await clock.until(lambda: len(clock.sleeps) == 2)
+        clock.advance(0.5)  # B wakes, and asks again: a slot at 3.5
+        await clock.until(lambda: len(clock.sleeps) == 3)
+        clock.advance(2.5)
+        await clock.until(lambda: len(sent) == 2)
+        clock.advance(0.5)
+        await clock.until(lambda: len(sent) == 3)
+    assert [t - 1000.0 for t in sent] == [0.0, 3.0, 3.5]
 
 
 async def test_a_dry_run_limiter_asks_the_fleet_for_a_slot_free_now_and_never_waits(
@@ -453,6 +647,8 @@ def test_bad_store_settings_are_configuration_errors() -> None:
         ResilientTransport(store={"url": "redis://127.0.0.1:1/0", "timeout": -1})
     with pytest.raises(ConfigurationError, match=r"store\.colour"):
         ResilientTransport(store={"url": "redis://127.0.0.1:1/0", "colour": "red"})
+    with pytest.raises(ConfigurationError, match=r"store\.workers"):
+        ResilientTransport(store={"url": "redis://127.0.0.1:1/0", "workers": 0})
 
 
 async def test_a_policy_files_store_table_opens_the_store(tmp_path: Path) -> None:
@@ -461,10 +657,12 @@ async def test_a_policy_files_store_table_opens_the_store(tmp_path: Path) -> Non
     path = tmp_path / "policies.toml"
     path.write_text(
         '[default]\nretry = false\n\n[store]\nurl = "redis://127.0.0.1:1/0"\nprefix = "svc"\ntimeout = 0.02\n'
+        "workers = 6\n"
     )
     transport = ResilientTransport.from_file(path, registry=CollectorRegistry())
     store = transport._fleet.store  # type: ignore[union-attr]
-    assert isinstance(store, RedisStore) and (store._prefix, store._timeout) == ("svc", 0.02)
+    assert isinstance(store, RedisStore) and (store._prefix, store._timeout, store.workers) == ("svc", 0.02, 6)
+    assert transport._fleet.workers == 6  # type: ignore[union-attr]
     await transport.aclose()
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from flaky_server import respond, server_on_its_own_thread
-from redis_server import RedisServer, needs_redis, redis_cluster
+from redis_server import RedisServer, free_port, needs_redis, redis_cluster
 
 pytestmark = needs_redis
 
@@ -90,8 +90,8 @@ def most_in_one_second(times: list[float]) -> int:
 def outcomes(found: list[dict[str, Any]]) -> dict[str, int]:
     counted: dict[str, int] = {}
     for worker in found:
-        for _, _, outcome in worker["calls"]:
-            counted[outcome] = counted.get(outcome, 0) + 1
+        for call in worker["calls"]:
+            counted[call[2]] = counted.get(call[2], 0) + 1
     return counted
 
 
@@ -104,7 +104,13 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def test_the_workers_share_one_quota(redis: RedisServer) -> None:
-    """4 workers offered twice the fleet's 20 calls a second: the server gets 20 a second, never 20 + burst more."""
+    """4 workers offered twice the fleet's 20 calls a second: the server gets 20 a second, never 20 + burst more.
+
+    But for the sends a stalled worker delayed: a process the machine does
+    not schedule between the store's answer and the send moves that send
+    into another second, and each such send may add one (none on an idle
+    machine).
+    """
     rate, burst, seconds = 20, 2, 2.0
     policy = {**OFF, "rate_limit": {"rate": rate, "burst": burst, "max_wait": 0}}
     with server_on_its_own_thread() as server:
@@ -120,7 +126,8 @@ def test_the_workers_share_one_quota(redis: RedisServer) -> None:
         found = results(processes)
     arrivals = [r.arrived for r in server.requests_to("/")]
     assert outcomes(found).keys() <= {"200", "RateLimitedError"}
-    assert most_in_one_second(arrivals) <= rate + burst
+    late = sum(1 for worker in found for call in worker["calls"] if call[5] is not None and call[3] - call[5] > 0.02)
+    assert most_in_one_second(arrivals) <= rate + burst + late
     assert rate * seconds * 0.8 <= len(arrivals) <= rate * seconds + burst
 
 
@@ -189,7 +196,7 @@ def test_a_killed_redis_costs_the_callers_nothing_and_sharing_resumes(redis: Red
         back = time.monotonic()
         found = results(processes)
     assert outcomes(found).keys() <= {"200", "RateLimitedError"}  # no store error, no timeout
-    longest = max(end - began for worker in found for began, end, _ in worker["calls"])
+    longest = max(call[1] - call[0] for worker in found for call in worker["calls"])
     assert longest < timeout + 0.25  # the store's timeout, and room for a loaded machine
     assert all(worker["fallbacks"] > 0 for worker in found)
     arrivals = [r.arrived for r in server.requests_to("/")]
@@ -198,6 +205,21 @@ def test_a_killed_redis_costs_the_callers_nothing_and_sharing_resumes(redis: Red
     assert len(outage) <= rate + 3
     resumed = [t for t in arrivals if back + 0.5 <= t]
     assert most_in_one_second(resumed) <= rate + burst
+
+
+def test_workers_that_never_reach_redis_send_the_quota_between_them() -> None:
+    """No Redis from the start: 4 workers told to expect 4 (``workers``) each take a quarter, not the whole quota."""
+    rate, seconds = 20, 2.0
+    policy = {**OFF, "rate_limit": {"rate": rate, "burst": 4, "max_wait": 0}}
+    store = {"url": f"redis://127.0.0.1:{free_port()}/0", "timeout": 0.05, "workers": 4}
+    with server_on_its_own_thread() as server:
+        server.default("/", respond(200))
+        processes, _ = start_workers(4, url=server.url("/"), store=store, policy=policy, duration=seconds, rate=rate)
+        found = results(processes)
+    assert outcomes(found).keys() <= {"200", "RateLimitedError"}
+    arrivals = [r.arrived for r in server.requests_to("/")]
+    # Each worker at 5 a second, burst 1 (without the hint: 20 a second each, 80 in all).
+    assert 0.8 * rate * seconds <= len(arrivals) <= rate * seconds + 4
 
 
 def test_the_key_layout_works_on_a_three_node_cluster(tmp_path: Path) -> None:

@@ -42,6 +42,8 @@ async def test_every_operation_runs_on_a_cluster_without_crossslot(
             assert (await store.admit(upstream, rate=5, burst=2)) != UNAVAILABLE
             assert await store.hold(upstream, 5.0) != UNAVAILABLE
             assert await store.held(upstream) != UNAVAILABLE
+            refused = await store.admit(upstream, rate=5, burst=2, next_turn=True)  # held: a turn after the hold
+            assert refused != UNAVAILABLE and not refused.allowed
             opened = await store.open_circuit(upstream, 0.05, after_round=0)
             assert opened != UNAVAILABLE and (opened.state, opened.round) == ("open", 1)
         await asyncio.sleep(0.1)

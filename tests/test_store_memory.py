@@ -40,15 +40,39 @@ async def test_gcra_allows_burst_plus_rate_times_elapsed(store: MemoryStore, clo
     assert allowed == 3 + 80
 
 
-async def test_a_denial_says_when_a_slot_is_free_and_takes_nothing(store: MemoryStore, clock: FakeClock) -> None:
-    """Denied: the wait until a token is back; asking again at that moment is allowed."""
+async def test_a_denial_takes_no_token_and_gives_turns_one_interval_apart(store: MemoryStore, clock: FakeClock) -> None:
+    """Denied: the first caller's turn is when a token is back, the next one's an interval later; both go then."""
     for _ in range(2):
         assert await store.admit(UP, rate=4, burst=2) == Admission(True, 0.0, 0.0)
-    denied = await store.admit(UP, rate=4, burst=2)
-    assert denied == Admission(False, 0.25, 0.0)
-    assert await store.admit(UP, rate=4, burst=2) == Admission(False, 0.25, 0.0)  # the denial took nothing
+    assert await store.admit(UP, rate=4, burst=2) == Admission(False, 0.25, 0.0)
+    assert await store.admit(UP, rate=4, burst=2) == Admission(False, 0.5, 0.0)
+    clock.advance(0.25)
+    assert await store.admit(UP, rate=4, burst=2) == Admission(True, 0.0, 0.0)  # the denials took no token
     clock.advance(0.25)
     assert await store.admit(UP, rate=4, burst=2) == Admission(True, 0.0, 0.0)
+
+
+async def test_an_allowed_caller_asking_for_its_next_turn_gets_it_after_the_turns_given(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """next_turn: with its slot, the caller learns its next turn, behind the callers refused before it."""
+    assert await store.admit(UP, rate=4, burst=1) == Admission(True, 0.0, 0.0)
+    assert await store.admit(UP, rate=4, burst=1) == Admission(False, 0.25, 0.0)  # B
+    assert await store.admit(UP, rate=4, burst=1) == Admission(False, 0.5, 0.0)  # C
+    clock.advance(0.25)
+    assert await store.admit(UP, rate=4, burst=1, next_turn=True) == Admission(True, 0.0, 0.0, 0.5)  # B, then at 0.75
+    clock.advance(0.25)
+    assert await store.admit(UP, rate=4, burst=1) == Admission(True, 0.0, 0.0)  # C at its turn
+    assert await store.admit(UP, rate=4, burst=1) == Admission(False, 0.5, 0.0)  # D: behind B's turn at 0.75
+
+
+async def test_turns_start_after_a_hold(store: MemoryStore, clock: FakeClock) -> None:
+    """During a hold, refused callers are given turns from its end, one interval apart."""
+    await store.hold(UP, 2.0)
+    assert await store.admit(UP, rate=10, burst=5) == Admission(False, 2.0, 2.0)
+    second = await store.admit(UP, rate=10, burst=5)
+    assert second != UNAVAILABLE and (second.allowed, second.hold) == (False, 2.0)
+    assert second.wait == pytest.approx(2.1)
 
 
 async def test_max_wait_reserves_a_later_slot(store: MemoryStore) -> None:

@@ -103,6 +103,30 @@ async def test_a_stalled_redis_is_bounded_by_the_operation_timeout(
     assert store.available
 
 
+async def test_an_answer_that_came_while_the_loop_ran_late_is_read_not_thrown_away(
+    server: RedisServer, registry: CollectorRegistry
+) -> None:
+    """Redis answered while this process's loop was blocked past the timeout: the answer is used, no fallback.
+
+    Redis sleeps 0.4 s with the operation's command waiting in its socket;
+    the loop is blocked for 0.6 s. When it wakes, the timer (0.2 s) is long
+    due and Redis's answer is waiting to be read.
+    """
+    store = RedisStore.from_url(server.url, timeout=0.2, registry=registry)
+    try:
+        assert await store.hold(UP, 30.0) != UNAVAILABLE
+        sleeping = await stall(server, 0.4)
+        await asyncio.sleep(0.1)  # the server is asleep now
+        task = asyncio.ensure_future(store.held(UP))
+        await asyncio.sleep(0.05)  # the command is sent, and waits for the server
+        time.sleep(0.6)  # noqa: ASYNC251 (the loop runs late on purpose, and the server answers meanwhile)
+        assert await task == pytest.approx(30.0, abs=1.0)
+        assert fallbacks(registry, "held", "timeout") == 0
+        await sleeping.wait()
+    finally:
+        await store.aclose()
+
+
 async def test_a_caller_that_cancels_an_operation_gets_its_cancellation_and_no_verdict(
     server: RedisServer, registry: CollectorRegistry
 ) -> None:

@@ -104,6 +104,28 @@ async def test_gcra_denies_past_the_burst_and_says_for_how_long(fleet: Fleet) ->
     assert await store.admit(UP, rate=5, burst=3) == Admission(True, 0.0, 0.0)
 
 
+async def test_refused_callers_are_given_turns_one_interval_apart_and_go_at_them(fleet: Fleet) -> None:
+    """Each refusal's turn is an interval after the last; at its turn a caller goes, and learns its next turn."""
+    store = fleet.store
+    assert await store.admit(UP, rate=5, burst=1) == Admission(True, 0.0, 0.0)
+    turns = [await store.admit(UP, rate=5, burst=1) for _ in range(3)]
+    assert turns == [Admission(False, fleet.about(t), 0.0) for t in (0.2, 0.4, 0.6)]
+    await fleet.pass_time(0.2)
+    answer = await store.admit(UP, rate=5, burst=1, next_turn=True)
+    assert answer == Admission(True, 0.0, 0.0, fleet.about(0.6))  # behind the turns at 0.4 and 0.6
+
+
+async def test_a_caller_that_takes_no_turn_learns_when_a_slot_is_free_and_leaves_the_line_alone(
+    fleet: Fleet,
+) -> None:
+    """turn=False: refused with the time until a slot is free; the next caller's turn is not pushed back by it."""
+    store = fleet.store
+    assert await store.admit(UP, rate=5, burst=1) == Admission(True, 0.0, 0.0)
+    for _ in range(3):
+        assert await store.admit(UP, rate=5, burst=1, turn=False) == Admission(False, fleet.about(0.2), 0.0)
+    assert await store.admit(UP, rate=5, burst=1) == Admission(False, fleet.about(0.2), 0.0)
+
+
 async def test_a_burst_at_once_is_never_refused_by_rounding(fleet: Fleet) -> None:
     """For rates whose interval is no exact number of seconds, burst calls at once all pass, and one more does not."""
     for rate in (3, 6, 7, 9, 11, 13, 0.3, 0.7, 100 / 3):
@@ -207,7 +229,8 @@ async def test_workers_clocks_do_not_enter_a_decision(
     other = await second.admit("b:443", rate=2, burst=3)
     assert one != UNAVAILABLE and other != UNAVAILABLE
     assert (one.allowed, other.allowed) == (False, False)
-    assert one.wait == pytest.approx(0.5, abs=0.05) and other.wait == pytest.approx(one.wait, abs=0.05)
+    assert one.wait == pytest.approx(0.5, abs=0.05)
+    assert other.wait == pytest.approx(one.wait + 0.5, abs=0.05)  # the next turn, whatever the clocks say
 
 
 async def test_exactly_half_open_calls_claims_succeed_among_many_concurrent_claimers(
@@ -243,6 +266,7 @@ async def test_every_key_of_an_upstream_has_one_hash_tag_and_every_key_a_ttl(
     upstreams = [UP, "[::1]:8443", "we}ird{:80"]
     for upstream in upstreams:
         await store.admit(upstream, rate=1, burst=1)
+        await store.admit(upstream, rate=1, burst=1)  # refused: a turn
         await store.admit(upstream, rate=1, burst=1, limit="writes")
         await store.hold(upstream, 30)
         await store.open_circuit(upstream, 0.01, after_round=0)
@@ -251,7 +275,7 @@ async def test_every_key_of_an_upstream_has_one_hash_tag_and_every_key_a_ttl(
         await store.trial_succeeded(upstream, 1, slots=2)
     await store.heartbeat(10)
     keys = [key.decode() async for key in admin.scan_iter(match=f"*{store._prefix}*")]
-    assert len(keys) == 3 * 4 + 1
+    assert len(keys) == 3 * 5 + 1
     for key in keys:
         assert await admin.pttl(key) > 0, key
     tags = {key[: key.index("}") + 1] for key in keys}

@@ -128,6 +128,7 @@ async def the_transport(policy: Policy) -> None:
     ResilientTransport(store="redis://127.0.0.1:6379/0")
     ResilientTransport(store={"url": "redis://127.0.0.1:6379/0", "timeout": 0.02})
     ResilientTransport(store=MemoryStore(), max_hosts=10)
+    ResilientTransport(store=MemoryStore(workers=4, circuit_ttl=60.0))
     ResilientTransport(on_event=print, tracer_provider=None)
     ResilientTransport(on_event=lambda event: event.host if isinstance(event, RetryScheduled) else None)
     assert_type(ResilientTransport.from_file("policies.toml"), ResilientTransport)

@@ -252,7 +252,7 @@ class CircuitBreakerLayer:
         self._events = host.events
         self.breaker = CircuitBreaker(policy, host.random, host.metrics, host.events)
         fleet = host.shared.get(FLEET)
-        self._fleet = None if fleet is None else FleetCircuit(fleet, host.label, self.breaker, host.clock)
+        self._fleet = None if fleet is None else FleetCircuit(fleet, host.label, self.breaker, host.clock, host.events)
         host.hedge_gates.append(self._hedge_gate)
 
     def _hedge_gate(self, call: Call) -> str | None:

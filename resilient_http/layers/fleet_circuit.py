@@ -21,7 +21,7 @@ one gives its slot back. Those two round trips are made only around a
 trial, a few per break, never on the ordinary path.
 
 When the store cannot answer, the worker decides alone, as without a
-store: its own trials, its own break.
+store: its own trials, its own break (and a ``StoreFallback`` event says so).
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING
 
 from .._call import Call
 from .._clock import Clock
+from .._events import HostEvents
 from .._exceptions import CircuitOpenError
 from ..store._base import UNAVAILABLE, Circuit
-from ..store._fleet import Fleet
+from ..store._fleet import Fleet, fell_back
 
 if TYPE_CHECKING:
     from .circuit_breaker import CircuitBreaker
@@ -48,12 +49,24 @@ TRIAL_TTL = 60.0
 class FleetCircuit:
     """One host's breaker, kept in step with the fleet's record of it."""
 
-    __slots__ = ("_breaker", "_clock", "_fleet", "_next_sync", "_pending", "_store", "_upstream", "fresh", "round")
+    __slots__ = (
+        "_breaker",
+        "_clock",
+        "_events",
+        "_fleet",
+        "_next_sync",
+        "_pending",
+        "_store",
+        "_upstream",
+        "fresh",
+        "round",
+    )
 
-    def __init__(self, fleet: Fleet, upstream: str, breaker: CircuitBreaker, clock: Clock) -> None:
+    def __init__(self, fleet: Fleet, upstream: str, breaker: CircuitBreaker, clock: Clock, events: HostEvents) -> None:
         self._fleet = fleet
         self._store = fleet.store
         self._upstream = upstream
+        self._events = events
         self._breaker = breaker
         self._clock = clock
         self._next_sync = -float("inf")
@@ -66,13 +79,18 @@ class FleetCircuit:
         """A call passes: read the fleet's circuit if this worker has not for a second."""
         fleet = self._fleet
         fleet.tick(now)
-        if now >= self._next_sync:
+        if now >= self._next_sync and not self.fresh:  # a fresh worker's first call reads it anyway
             self._next_sync = now + SYNC_EVERY
             fleet.soon(self._sync())
 
+    def _fell_back(self, operation: str, call: Call | None = None) -> None:
+        fell_back(self._events, "circuit_breaker", operation, call)
+
     async def _sync(self) -> None:
         found = await self._store.circuit(self._upstream)
-        if found is not UNAVAILABLE:
+        if found is UNAVAILABLE:
+            self._fell_back("circuit")
+        else:
             self._adopt(found)
 
     def _adopt(self, found: Circuit) -> None:
@@ -102,7 +120,9 @@ class FleetCircuit:
 
     async def _publish(self, duration: float, after: int) -> None:
         found = await self._store.open_circuit(self._upstream, duration, after_round=after)
-        if found is not UNAVAILABLE:
+        if found is UNAVAILABLE:
+            self._fell_back("open_circuit")
+        else:
             self._pending = False
             self._adopt(found)
 
@@ -121,6 +141,7 @@ class FleetCircuit:
         self._next_sync = clock.now() + SYNC_EVERY
         found = await store.circuit(self._upstream)
         if found is UNAVAILABLE:
+            self._fell_back("circuit", call)
             return breaker.acquire(clock.now()), None
         self._adopt(found)
         if breaker.state == CLOSED or found.state != "half_open":
@@ -130,6 +151,7 @@ class FleetCircuit:
         slots = breaker.policy.half_open_calls
         claimed = await store.claim_trial(self._upstream, found.round, slots=slots, ttl=ttl)
         if claimed is UNAVAILABLE:
+            self._fell_back("claim_trial", call)
             return breaker.acquire(clock.now()), None
         if not claimed:
             raise CircuitOpenError(
@@ -145,7 +167,11 @@ class FleetCircuit:
 
     def released(self, round: int) -> None:
         """A fleet trial ended without a verdict on the host: give its slot back."""
-        self._fleet.soon(self._store.release_trial(self._upstream, round))
+        self._fleet.soon(self._release(round))
+
+    async def _release(self, round: int) -> None:
+        if await self._store.release_trial(self._upstream, round) is UNAVAILABLE:
+            self._fell_back("release_trial")
 
     def succeeded(self, round: int) -> None:
         """A fleet trial succeeded: count it; the fleet's last success closes every worker's breaker."""
@@ -153,5 +179,7 @@ class FleetCircuit:
 
     async def _succeeded(self, round: int) -> None:
         found = await self._store.trial_succeeded(self._upstream, round, slots=self._breaker.policy.half_open_calls)
-        if found is not UNAVAILABLE:
+        if found is UNAVAILABLE:
+            self._fell_back("trial_succeeded")
+        else:
             self._adopt(found)

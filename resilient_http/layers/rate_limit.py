@@ -67,7 +67,10 @@ back. Turning dry run on sends the calls in line at once.
 With a shared store (``ResilientTransport(store=...)``), the quota is the
 fleet's: see :mod:`.fleet_quota`. Each call then asks the store, and uses
 the line above only while the store cannot answer, at this worker's share
-of the rate. In dry-run mode the store is asked for a slot free now only.
+of the rate (``rate / workers``, ``burst / workers`` but at least 1). The
+local bucket counts the sends the store allowed too, and starts spent: a
+worker that falls back never adds a burst of its own to what the fleet
+sent. In dry-run mode the store is asked for a slot free now only.
 """
 
 from __future__ import annotations
@@ -161,7 +164,7 @@ class RateLimiter:
         self._rate_limited = metrics.rate_limited
         self._cooldown = metrics.cooldown
         fleet = host.shared.get(FLEET)
-        self._quota = None if fleet is None else FleetQuota(fleet, host.label, policy, host.clock)
+        self._quota = None if fleet is None else FleetQuota(fleet, host.label, policy, host.clock, host.events)
         self._share = 1  # the live workers the local bucket's rate is divided among
         host.observers.append(self._observe if self._quota is None else self._observe_shared)
         host.retry_gates.append(self._gate)
@@ -230,29 +233,54 @@ class RateLimiter:
     async def _fleet_turn(self, call: Call, quota: FleetQuota) -> bool:
         """Wait for the slot the fleet's store gives; ``False`` when it cannot answer (the local line decides)."""
         clock = self._clock
-        arrival = clock.now()
-        answer = await quota.admit(call, arrival)
-        if answer is None:
-            self._reshare(quota.fleet.workers)
-            return False
-        now = clock.now()
-        if answer.hold > 0:  # the fleet's hold: this worker's retries wait it out too
-            self._cool(now, now + answer.hold)
-        if self._dry_run:  # the store was asked for a slot free now only
-            if not answer.allowed or self._cooldown_until > now:
-                call.blocked_in_dry_run("rate_limit")
-            self._wait_seconds.observe(0.0)
+        arrival = now = clock.now()
+        while True:
+            answer = await quota.admit(call, now, now - arrival)
+            if answer is None:
+                self._reshare(quota.fleet.workers)
+                bucket = self._bucket
+                if bucket.tat == NEVER:  # nothing sent yet: the share starts spent, with no burst unearned
+                    bucket.tat = clock.now() - self._shift + bucket.interval + bucket.tolerance
+                return False
+            now = clock.now()
+            if answer.hold > 0:  # the fleet's hold: this worker's retries wait it out too
+                self._cool(now, now + answer.hold)
+            if self._dry_run:  # the store was asked for a slot free now only
+                if not answer.allowed or self._cooldown_until > now:
+                    call.blocked_in_dry_run("rate_limit")
+                self._wait_seconds.observe(0.0)
+                return True
+            if not answer.allowed:
+                self._refuse(call, answer.wait)
+            # This worker's own cooldown may not have reached the store yet.
+            wait = max(answer.wait, self._cooldown_until - now)
+            if call.deadline is not None and now + wait >= call.deadline:
+                self._refuse(call, wait)
+            if wait > 0:
+                await clock.sleep(wait)
+                now = clock.now()
+                if self._cooldown_until > now:  # a hold became known while it slept: its slot came before it
+                    continue
+            self._waited(call, now - arrival)
+            self._count(now, quota.fleet.workers)
             return True
-        if not answer.allowed:
-            self._refuse(call, answer.wait)
-        # This worker's own cooldown may not have reached the store yet.
-        wait = max(answer.wait, self._cooldown_until - now)
-        if call.deadline is not None and now + wait >= call.deadline:
-            self._refuse(call, wait)
-        if wait > 0:
-            await clock.sleep(wait)
-        self._waited(call, clock.now() - arrival)
-        return True
+
+    def _count(self, now: float, workers: int) -> None:
+        """Count a send the fleet allowed in the local bucket too (at this worker's share), owing at most one bucket.
+
+        So a worker that must fall back to its share starts from what it
+        has just sent, not from a full bucket on top of it.
+        """
+        if workers != self._share:
+            self._reshare(workers)
+        virtual = now - self._shift
+        self._settle(virtual)
+        bucket = self._bucket
+        bucket.send(virtual)
+        empty = virtual + bucket.interval + bucket.tolerance
+        if bucket.tat > empty:
+            bucket.tat = empty
+        self._plan = None
 
     def _reshare(self, workers: int) -> None:
         """Run the local bucket at this worker's share of the fleet's quota: ``rate / workers``, ``burst / workers``."""

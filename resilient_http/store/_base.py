@@ -43,15 +43,20 @@ class Admission:
 
     ``allowed``: the call has a slot, to be used ``wait`` seconds from now (0:
     at once); the slot is taken. Otherwise nothing was taken, and ``wait`` is
-    how long until a slot would be free: more than the call could wait, so a
-    caller can cache "denied until now + wait" and not ask again before
-    ``now + wait - max_wait``. ``hold`` is the upstream's server-imposed
-    cooldown left (0 when none), read in the same round trip.
+    how long until the caller's *turn*: the first moment a slot may be free
+    for it, after the turns already given to the callers refused before it
+    (one token's interval apart). The caller does not ask again before
+    ``now + wait - max_wait``: refused calls are answered locally meanwhile.
+    ``turn``: when a call is allowed and its caller asked for its next turn
+    (it had calls refused), how long until that turn; 0 otherwise. ``hold``
+    is the upstream's server-imposed cooldown left (0 when none), read in the
+    same round trip.
     """
 
     allowed: bool
     wait: float
     hold: float
+    turn: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,15 +90,30 @@ class Store(Protocol):
 
     #: This worker's name in :meth:`heartbeat`.
     worker_id: str
+    #: How many workers the fleet is taken to have until the store has counted them (see :class:`.Fleet`).
+    workers: int
 
     async def admit(
-        self, upstream: str, *, rate: float, burst: int, cost: int = 1, max_wait: float = 0.0, limit: str = "rate"
+        self,
+        upstream: str,
+        *,
+        rate: float,
+        burst: int,
+        cost: int = 1,
+        max_wait: float = 0.0,
+        limit: str = "rate",
+        turn: bool = True,
+        next_turn: bool = False,
     ) -> Maybe[Admission]:
         """Take ``cost`` tokens of the upstream's limit ``limit`` (GCRA: ``rate`` a second, ``burst`` at once).
 
         A slot at most ``max_wait`` seconds away is reserved and ``allowed``;
-        a later one is refused without taking anything. Calls during a
-        :meth:`hold` are given slots from its end.
+        a later one is refused without taking a token, and the caller is
+        given a turn (see :class:`Admission`), unless ``turn`` is false (it
+        has one coming: another of its questions is on its way), when
+        ``wait`` is the time until a slot is free. With ``next_turn``, an
+        allowed caller is given its next turn too. Calls during a
+        :meth:`hold` are given slots and turns from its end.
         """
         ...
 
@@ -200,6 +220,12 @@ def check_seconds(name: str, value: object, *, zero: bool = False) -> float:
     if value < 0 or (value == 0 and not zero):
         raise ConfigurationError(name, value, "must be zero or more" if zero else "must be more than zero")
     return float(value)
+
+
+def check_workers(workers: object) -> int:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigurationError("store.workers", workers, "must be a whole number of workers, at least 1")
+    return workers
 
 
 def check_slots(slots: object) -> int:

@@ -17,22 +17,38 @@ local function fmt(x) return string.format('%.17g', x) end
 local function ms(us) return math.max(1, math.ceil(us / 1000)) end
 """
 
-# KEYS: the limit's theoretical arrival time, the upstream's hold.
-# ARGV: µs per token (whole), burst, cost, most µs the caller may wait.
-# Returns {allowed 0/1, µs until the slot, µs of hold left}.
+# KEYS: the limit's theoretical arrival time, the upstream's hold, the limit's
+# line (the last turn given to a caller). ARGV: µs per token (whole), burst,
+# cost, most µs the caller may wait, turns: 0 none, 1 a turn if refused, 2 and
+# the next turn if allowed.
+# Returns {allowed 0/1, µs until the slot (refused: until the caller's turn),
+# µs of hold left, µs until the caller's next turn (0: none given)}.
 GCRA = (
     _PRELUDE
     + """
 local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
 local hold = num(redis.call('GET', KEYS[2]))
 local arrival = math.max(now, hold)
 local tat = math.max(num(redis.call('GET', KEYS[1])), arrival)
 local new_tat = tat + tonumber(ARGV[3]) * interval
-local wait = math.ceil(math.max(arrival, new_tat - tonumber(ARGV[2]) * interval) - now)
 local held = math.ceil(arrival - now)
-if wait > tonumber(ARGV[4]) then return {0, wait, held} end
+local function turn(free)
+  local t = math.max(free, num(redis.call('GET', KEYS[3])) + interval)
+  redis.call('SET', KEYS[3], fmt(t), 'PX', ms(t - now + interval))
+  return math.ceil(t - now)
+end
+local free = math.max(arrival, new_tat - burst * interval)
+local wait = math.ceil(free - now)
+local turns = tonumber(ARGV[5])
+if wait > tonumber(ARGV[4]) then
+  if turns > 0 then wait = turn(free) end
+  return {0, wait, held, 0}
+end
 redis.call('SET', KEYS[1], fmt(new_tat), 'PX', ms(new_tat - now))
-return {1, wait, held}
+local later = 0
+if turns > 1 then later = turn(math.max(arrival, new_tat + interval - burst * interval)) end
+return {1, wait, held, later}
 """
 )
 

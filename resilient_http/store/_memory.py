@@ -25,6 +25,7 @@ from ._base import (
     check_admit,
     check_seconds,
     check_slots,
+    check_workers,
 )
 
 _SWEEP_EVERY = 60.0
@@ -54,11 +55,24 @@ class _Breaker:
 
 
 class MemoryStore:
-    """A :class:`~resilient_http.store.Store` in this process's memory; it never answers ``UNAVAILABLE``."""
+    """A :class:`~resilient_http.store.Store` in this process's memory; it never answers ``UNAVAILABLE``.
 
-    def __init__(self, *, clock: Clock | None = None, worker_id: str | None = None, circuit_ttl: float = 600.0) -> None:
+    ``workers`` (1) is the fleet's size taken until the store has counted its
+    workers: the transports sharing a memory store are one process, and it
+    always answers.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        worker_id: str | None = None,
+        circuit_ttl: float = 600.0,
+        workers: int = 1,
+    ) -> None:
         self._clock: Clock = SystemClock() if clock is None else clock
         self.worker_id = default_worker_id() if worker_id is None else worker_id
+        self.workers = check_workers(workers)
         self._circuit_ttl = check_seconds("store.circuit_ttl", circuit_ttl)
         # key -> (expires at, value); keys are (kind, upstream[, name])
         self._entries: dict[tuple[str, ...], tuple[float, Any]] = {}
@@ -90,7 +104,16 @@ class MemoryStore:
         return now if found is None else max(now, found)
 
     async def admit(
-        self, upstream: str, *, rate: float, burst: int, cost: int = 1, max_wait: float = 0.0, limit: str = "rate"
+        self,
+        upstream: str,
+        *,
+        rate: float,
+        burst: int,
+        cost: int = 1,
+        max_wait: float = 0.0,
+        limit: str = "rate",
+        turn: bool = True,
+        next_turn: bool = False,
     ) -> Maybe[Admission]:
         check_admit(rate, burst, cost, max_wait)
         now = self._now()
@@ -100,14 +123,26 @@ class MemoryStore:
         stored = self._get(key, now)
         tat = arrival if stored is None else max(stored, arrival)
         new_tat = tat + cost * interval
-        wait = max(arrival, new_tat - burst * interval) - now
+        free = max(arrival, new_tat - burst * interval)
+        wait = free - now
         if wait < _EPSILON:  # a rounding error of the float arithmetic, not a wait
             wait = 0.0
         hold = arrival - now
         if wait > max_wait + _EPSILON:
-            return Admission(False, wait, hold)
+            return Admission(False, self._turn(upstream, limit, free, interval, now) if turn else wait, hold)
         self._entries[key] = (new_tat, new_tat)  # a full bucket is the same as no key
-        return Admission(True, wait, hold)
+        if not (turn and next_turn):
+            return Admission(True, wait, hold)
+        after = max(arrival, new_tat + interval - burst * interval)  # when one more token is free
+        return Admission(True, wait, hold, self._turn(upstream, limit, after, interval, now))
+
+    def _turn(self, upstream: str, limit: str, free: float, interval: float, now: float) -> float:
+        """Give a caller the first turn at or after ``free``, one interval after the last given; seconds until it."""
+        key = ("turn", upstream, limit)
+        last = self._get(key, now)
+        turn = free if last is None else max(free, last + interval)
+        self._entries[key] = (turn + interval, turn)
+        return turn - now
 
     async def hold(self, upstream: str, seconds: float) -> Maybe[float]:
         seconds = min(check_seconds("seconds", seconds, zero=True), MAX_SECONDS)

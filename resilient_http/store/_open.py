@@ -14,7 +14,7 @@ from ._memory import MemoryStore
 from ._redis import SCHEMES, RedisStore
 
 #: The keys a ``[store]`` table may have, besides ``url``.
-SETTINGS = ("prefix", "timeout", "failures", "cooldown", "circuit_ttl", "cluster", "worker_id")
+SETTINGS = ("prefix", "timeout", "failures", "cooldown", "circuit_ttl", "cluster", "worker_id", "workers")
 
 
 def open_store(
@@ -29,7 +29,8 @@ def open_store(
     ``None`` and ``memory://`` give a :class:`MemoryStore` on ``clock``; a
     store object is returned as it is (its owner closes it). ``settings``
     are the :class:`RedisStore` options (``prefix``, ``timeout``,
-    ``failures``, ``cooldown``, ``circuit_ttl``, ``cluster``, ``worker_id``);
+    ``failures``, ``cooldown``, ``circuit_ttl``, ``cluster``, ``worker_id``,
+    ``workers``);
     a store opened from a URL belongs to the caller, who closes it with
     ``aclose()``. Bad settings raise :class:`ConfigurationError` naming them.
     """
@@ -37,7 +38,7 @@ def open_store(
         if name not in SETTINGS:
             raise ConfigurationError(f"store.{name}", value, "is not a store setting")
     if target is None or target == "memory://":
-        memory = {name: settings[name] for name in ("worker_id", "circuit_ttl") if name in settings}
+        memory = {name: settings[name] for name in ("worker_id", "circuit_ttl", "workers") if name in settings}
         return MemoryStore(clock=clock, **memory)
     if isinstance(target, str):
         if not target.startswith(SCHEMES):

@@ -31,6 +31,7 @@ from ._base import (
     check_prefix,
     check_seconds,
     check_slots,
+    check_workers,
     tag,
     workers_key,
 )
@@ -45,6 +46,11 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 SCHEMES = ("redis://", "rediss://", "unix://")
+#: The fleet's size a worker assumes until the store has counted the live workers: more than one, since a
+#: worker that has never heard from the store must not take the whole quota (see README, "Running a fleet").
+WORKERS = 8
+#: Turns of the event loop an operation is given after its timeout (see :class:`_Deadline`).
+TURNS = 2
 _STATES: tuple[CircuitState, ...] = ("closed", "open", "half_open")
 _US = 1_000_000
 
@@ -72,8 +78,8 @@ def _ints(reply: Any, count: int) -> list[int]:
 
 
 def _admission(reply: Any) -> Admission:
-    allowed, wait, hold = _ints(reply, 3)
-    return Admission(allowed == 1, max(0, wait) / _US, max(0, hold) / _US)
+    allowed, wait, hold, turn = _ints(reply, 4)
+    return Admission(allowed == 1, max(0, wait) / _US, max(0, hold) / _US, max(0, turn) / _US)
 
 
 def _circuit(reply: Any) -> Circuit:
@@ -97,16 +103,53 @@ def _flag(reply: Any) -> bool:
     return _int(reply) == 1
 
 
+class _Deadline:
+    """An operation's timeout, with a few more turns of the event loop to read an answer that already came.
+
+    A worker's event loop runs late when its process is not scheduled or is
+    busy (on a loaded machine, by more than a store timeout while Redis
+    itself answers in milliseconds: ``benchmarks/RESULTS.md``, section 7).
+    When such a loop wakes, the timer and Redis's answer are both due; timed
+    out at once, the answer would be thrown away (with the connection,
+    which redis-py drops on cancellation) and the caller would decide alone
+    for nothing. So when the timer fires, the operation gets :data:`TURNS`
+    more turns of the loop, each of which reads the sockets, before it is
+    cancelled: microseconds when the loop is idle and the answer is really
+    late.
+    """
+
+    __slots__ = ("_handle", "_loop", "_scope", "_turns")
+
+    def __init__(self, scope: asyncio.Timeout, seconds: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._scope = scope
+        self._turns = TURNS
+        self._handle: asyncio.Handle = self._loop.call_later(seconds, self._expire)
+
+    def _expire(self) -> None:
+        if self._turns:
+            self._turns -= 1
+            self._handle = self._loop.call_soon(self._expire)
+        else:
+            self._scope.reschedule(self._loop.time())  # cancels the operation, as a TimeoutError
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 class RedisStore:
     """A :class:`~resilient_http.store.Store` in Redis (a server, or a Redis Cluster), shared by every worker.
 
     ``client`` is a ``redis.asyncio.Redis`` or ``RedisCluster``; it is closed
     by :meth:`aclose` only when ``close_client`` is set (as
     :meth:`from_url` does). Keys live under ``prefix``; each operation has
-    ``timeout`` seconds; after ``failures`` failures in a row the store is
-    skipped for ``cooldown`` seconds. A breaker's record is kept
-    ``circuit_ttl`` seconds after its last change. ``clock`` times only the
-    cooldown: every time that is shared is the server's.
+    ``timeout`` seconds (see :class:`_Deadline`); after ``failures`` failures
+    in a row the store is skipped for ``cooldown`` seconds. A breaker's
+    record is kept ``circuit_ttl`` seconds after its last change. ``workers``
+    is the fleet's size a worker assumes until the store has counted the
+    live workers (:data:`WORKERS` by default; see :class:`~._fleet.Fleet`).
+    ``clock`` times only the cooldown: every time that is shared is the
+    server's.
     """
 
     def __init__(
@@ -119,6 +162,7 @@ class RedisStore:
         cooldown: float = 5.0,
         circuit_ttl: float = 600.0,
         worker_id: str | None = None,
+        workers: int = WORKERS,
         registry: CollectorRegistry | None = None,
         clock: Clock | None = None,
         name: str = "redis",
@@ -131,6 +175,7 @@ class RedisStore:
         self._timeout = check_seconds("store.timeout", timeout)
         self._circuit_ttl = _us(check_seconds("store.circuit_ttl", circuit_ttl))
         self.worker_id = default_worker_id() if worker_id is None else worker_id
+        self.workers = check_workers(workers)
         self.name = name
         self._close_client = close_client
         self._beating = False  # in the live workers: aclose() takes it out
@@ -202,8 +247,12 @@ class RedisStore:
         if not guard.enter(operation):
             return UNAVAILABLE
         try:
-            async with asyncio.timeout(self._timeout):
-                reply = await script(keys=keys, args=args)
+            async with asyncio.timeout(None) as scope:
+                deadline = _Deadline(scope, self._timeout)
+                try:
+                    reply = await script(keys=keys, args=args)
+                finally:
+                    deadline.cancel()
             result = parse(reply)
         except Exception as exc:  # whatever went wrong, the caller falls back to local state
             guard.failed(operation, exc)
@@ -215,11 +264,20 @@ class RedisStore:
         return result
 
     async def admit(
-        self, upstream: str, *, rate: float, burst: int, cost: int = 1, max_wait: float = 0.0, limit: str = "rate"
+        self,
+        upstream: str,
+        *,
+        rate: float,
+        burst: int,
+        cost: int = 1,
+        max_wait: float = 0.0,
+        limit: str = "rate",
+        turn: bool = True,
+        next_turn: bool = False,
     ) -> Maybe[Admission]:
         check_admit(rate, burst, cost, max_wait)
-        keys = (self._key(upstream, f"rate:{limit}"), self._key(upstream, "hold"))
-        args = (round(_US / rate), burst, cost, _us(max_wait))
+        keys = (self._key(upstream, f"rate:{limit}"), self._key(upstream, "hold"), self._key(upstream, f"turn:{limit}"))
+        args = (round(_US / rate), burst, cost, _us(max_wait), (2 if next_turn else 1) if turn else 0)
         return await self._run("admit", self._gcra, keys, args, _admission)
 
     async def hold(self, upstream: str, seconds: float) -> Maybe[float]:
