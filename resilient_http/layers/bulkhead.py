@@ -237,6 +237,11 @@ class Bulkhead:
         except BaseException:
             self._release()
             raise
+        stream = response.stream
+        if isinstance(stream, IN_MEMORY) and not self._queued:  # _settle() and _release(), the usual case inline
+            self._in_flight -= 1
+            self._in_flight_gauge.dec()
+            return response
         return self._settle(response)
 
     async def _adapting(self, call: Call, call_next: Next, slots: AdaptiveSlots) -> httpx.Response:
