@@ -55,11 +55,12 @@ Calls in flight finish on the chain they started with.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ._call import Host, Layer, Next
+import httpx
+
+from ._call import Call, Host, Layer, Next
 from ._config import Policy
 from .layers.bulkhead import Bulkhead
 from .layers.circuit_breaker import CircuitBreakerLayer
@@ -83,6 +84,21 @@ ORDER: tuple[tuple[str, Callable[[Host], Any]], ...] = (
 )
 
 
+def _link(layer: Layer, call_next: Next) -> Next:
+    """``layer`` in front of ``call_next``.
+
+    A plain function calling the bound ``__call__``: calling the layer
+    itself (a partial with ``call_next=`` as a keyword did) costs about
+    1,400 more CPU instructions per layer and call.
+    """
+    handle = layer.__call__
+
+    def link(call: Call) -> Awaitable[httpx.Response]:
+        return handle(call, call_next)
+
+    return link
+
+
 def _active(policy: Policy) -> tuple[bool, ...]:
     return tuple(getattr(policy, name) is not None for name, _ in ORDER)
 
@@ -99,7 +115,7 @@ def chain_for(host: Host, policy: Policy) -> Next:
                 layer: Layer | None = host.layers.get(name)
                 if layer is None:
                     layer = host.layers[name] = make(host)
-                chain = partial(layer, call_next=chain)
+                chain = _link(layer, chain)
         host.chains[key] = chain
     return chain
 

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
+import random
 from typing import Any
 
 import anyio
 import httpx
 import pytest
 from conftest import Harness, Script, only
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from resilient_http import CallInfo, CircuitBreakerPolicy, CircuitOpenError, Policy
+from resilient_http._metrics import TransportMetrics
+from resilient_http.layers._epochs import bucket_end
+from resilient_http.layers.circuit_breaker import CircuitBreaker
 from resilient_http.testing import FakeClock
 
 
@@ -469,3 +476,52 @@ async def test_without_a_breaker_calls_report_no_circuit_state(harness: Harness)
     response = await harness.client(Script(503), only()).get("/")
     assert _state(response) is None
     assert harness.value("resilient_http_circuit_state", state="closed") is None
+
+
+# The window's buckets, counted with a shortcut for the usual case (the bucket of the outcome before)
+
+WINDOW_CASES = settings(max_examples=300, deadline=None, derandomize=True, database=None)
+
+
+@WINDOW_CASES
+@given(width=st.sampled_from([0.1, 1 / 3, 0.7, 1.0, 3.0]), epoch=st.integers(min_value=0, max_value=10**12))
+def test_a_bucket_ends_where_the_division_says_the_next_begins(width: float, epoch: int) -> None:
+    """bucket_end is the very first float whose bucket, int(t / width), comes after ``epoch``'s."""
+    end = bucket_end(epoch, width)
+    assert int(end / width) > epoch
+    assert int(math.nextafter(end, -math.inf) / width) <= epoch
+
+
+@WINDOW_CASES
+@given(
+    window=st.sampled_from([1.0, 10 / 3, 7.0, 10.0, 30.0]),
+    start=st.sampled_from([0.0, 0.05, 1000.0, 1e6 + 0.3]),
+    minimum_calls=st.integers(min_value=1, max_value=6),
+    failure_ratio=st.sampled_from([0.25, 0.5, 1.0]),
+    steps=st.lists(
+        st.tuples(st.sampled_from([0.0, 0.0, 0.025, 0.25, 0.5, 1.0, 2.5, 9.0, 40.0]), st.booleans()), max_size=60
+    ),
+)
+def test_a_closed_breaker_opens_exactly_when_its_window_of_buckets_says_so(
+    window: float, start: float, minimum_calls: int, failure_ratio: float, steps: list[tuple[float, bool]]
+) -> None:
+    """Outcomes count in bucket int(now / (window / 10)); the ten latest buckets decide, shortcut or not."""
+    policy = CircuitBreakerPolicy(window=window, minimum_calls=minimum_calls, failure_ratio=failure_ratio)
+    metrics = TransportMetrics(CollectorRegistry(), "window").host("api.example", 443)
+    breaker = CircuitBreaker(policy, random.Random(0), metrics)
+    width = window / 10
+    counted: dict[int, list[int]] = {}  # epoch -> [successes, failures]: the plain model
+    now = start
+    for step, (seconds, failure) in enumerate(steps):
+        now += seconds * width
+        period = breaker.acquire(now)
+        breaker.record(now, period, failure)
+        epoch = int(now / width)
+        counted.setdefault(epoch, [0, 0])[failure] += 1
+        recent = [counts for seen, counts in counted.items() if seen > epoch - 10]
+        total = sum(successes + failures for successes, failures in recent)
+        failed = sum(failures for _, failures in recent)
+        should_open = failure and total >= minimum_calls and failed >= failure_ratio * total
+        assert breaker.state == ("open" if should_open else "closed"), f"step {step} at {now}"
+        if should_open:
+            break

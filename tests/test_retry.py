@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import AsyncIterator, Iterator
 from email.utils import formatdate
@@ -13,6 +14,8 @@ import anyio
 import httpx
 import pytest
 from conftest import Harness, Script, Step, only
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from resilient_http import (
     BulkheadFullError,
@@ -25,6 +28,7 @@ from resilient_http import (
     Wait,
     call_info,
 )
+from resilient_http.layers.retry import Budget
 from resilient_http.testing import FakeClock
 
 #: Retries with no budget and no deadline, so a test sees one rule at a time.
@@ -635,6 +639,55 @@ async def test_calls_earn_retries_at_the_budget_ratio(harness: Harness) -> None:
     # Calls 8, 9 and 10 have earned 2, 2.25 and 2.5 retries: the third retry is one too many.
     stops = [_info(await client.get("/")).retry_stop for _ in range(3)]
     assert stops == ["attempts", "attempts", "budget"]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    window=st.sampled_from([0.3, 1.0, 2.5, 10.0]),
+    start=st.sampled_from([0.0, 0.05, 1000.0, 1e6 + 0.3]),
+    ratio=st.sampled_from([0.0, 0.2, 1.0]),
+    min_per_second=st.sampled_from([0.0, 0.5]),
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 0.0, 0.01, 0.1, 0.25, 0.5, 1.0, 3.0, 20.0]),
+            st.sampled_from(["deposit", "deposit", "withdraw", "refund"]),
+        ),
+        max_size=80,
+    ),
+)
+def test_the_budget_counts_in_one_second_buckets_over_its_window(
+    window: float, start: float, ratio: float, min_per_second: float, steps: list[tuple[float, str]]
+) -> None:
+    """Calls and retries count in bucket int(now / width), the window's latest buckets decide, shortcut or not."""
+    policy = RetryBudget(ratio=ratio, min_per_second=min_per_second, window=window)
+    budget = Budget(window)
+    size = max(1, math.ceil(window))
+    width = window / size
+    calls: dict[int, int] = {}  # the plain model: epoch -> count
+    retries: dict[int, int] = {}
+    receipts: list[int | None] = []
+    now = start
+    for step, (seconds, action) in enumerate(steps):
+        now += seconds * width
+        epoch = int(now / width)
+        if action == "deposit":
+            budget.deposit(now)
+            calls[epoch] = calls.get(epoch, 0) + 1
+        elif action == "withdraw":
+            earned = sum(n for seen, n in calls.items() if seen > epoch - size)
+            spent = sum(n for seen, n in retries.items() if seen > epoch - size)
+            allowed = spent + 1 <= ratio * earned + min_per_second * window
+            receipt = budget.withdraw(now, policy)
+            assert (receipt is not None) == allowed, f"step {step} at {now}"
+            if allowed:
+                assert receipt == epoch
+                retries[epoch] = retries.get(epoch, 0) + 1
+            receipts.append(receipt)
+        elif receipts:
+            receipt = receipts.pop()
+            budget.refund(receipt)
+            if receipt is not None and retries.get(receipt, 0) > 0:
+                retries[receipt] -= 1
 
 
 async def test_without_a_budget_retries_are_only_bounded_by_attempts(harness: Harness) -> None:

@@ -152,6 +152,7 @@ class Bulkhead:
         "_limit_gauge",
         "_max_queue",
         "_metrics",
+        "_now",
         "_policy",
         "_queue_timeout",
         "_queued",
@@ -164,6 +165,7 @@ class Bulkhead:
         assert policy is not None
         self._limit_gauge = host.metrics.bulkhead_limit
         self._clock: Clock = host.clock
+        self._now = host.clock.now
         self._metrics: HostMetrics = host.metrics
         self._events = host.events
         self._in_flight_gauge = host.metrics.bulkhead_in_flight
@@ -230,38 +232,42 @@ class Bulkhead:
             self._in_flight_gauge.inc()
         else:
             await self._wait(call)
-        if self._adaptive is not None:
-            return await self._adapting(call, call_next, self._adaptive)
-        try:
-            response = await call_next(call)
-        except BaseException:
-            self._release()
-            raise
-        return self._settle(response)
-
-    async def _adapting(self, call: Call, call_next: Next, slots: AdaptiveSlots) -> httpx.Response:
-        """One attempt holding a slot, whose outcome moves the adaptive limit before the slot is settled."""
-        number, in_flight = slots.sent(), self._in_flight
-        started = self._clock.now()
+        slots = self._adaptive
+        if slots is not None:  # the attempt is numbered and timed for the adaptive limit
+            number, in_flight, started = slots.sent(), self._in_flight, self._now()
         try:
             response = await call_next(call)
         except BaseException as exc:
             try:
-                if isinstance(exc, httpx.TimeoutException | httpx.ConnectError) and not _total_ran_out(exc):
-                    self._adapt(slots, slots.drop(number), "drop", exc)
+                if slots is not None:
+                    self._failed(slots, number, exc)
             finally:
                 self._release()
             raise
-        try:
-            status = response.status_code
-            if status in self._drop_statuses:
-                self._adapt(slots, slots.drop(number), "drop", status)
-            elif status < 500:  # other server errors say nothing of load, and are often fast
-                self._adapt(slots, slots.success(in_flight, self._clock.now() - started), "success", None)
-        except BaseException:
-            self._release()
-            raise
+        if slots is not None:
+            try:
+                self._answered(slots, number, in_flight, started, response.status_code)
+            except BaseException:
+                self._release()
+                raise
+        stream = response.stream
+        if isinstance(stream, IN_MEMORY) and not self._queued:  # _settle() and _release(), the usual case inline
+            self._in_flight -= 1
+            self._in_flight_gauge.dec()
+            return response
         return self._settle(response)
+
+    def _failed(self, slots: AdaptiveSlots, number: int, exc: BaseException) -> None:
+        """Attempt ``number`` raised: a timeout or a refused connection is a drop, before the slot is settled."""
+        if isinstance(exc, httpx.TimeoutException | httpx.ConnectError) and not _total_ran_out(exc):
+            self._adapt(slots, slots.drop(number), "drop", exc)
+
+    def _answered(self, slots: AdaptiveSlots, number: int, in_flight: int, started: float, status: int) -> None:
+        """Attempt ``number``, sent with ``in_flight`` in flight at ``started``, got ``status``: move the limit."""
+        if status in self._drop_statuses:
+            self._adapt(slots, slots.drop(number), "drop", status)
+        elif status < 500:  # other server errors say nothing of load, and are often fast
+            self._adapt(slots, slots.success(in_flight, self._now() - started), "success", None)
 
     def _settle(self, response: httpx.Response) -> httpx.Response:
         """Give the slot back now, or when a streamed body is done with."""

@@ -44,6 +44,7 @@ and the half-open trials are the fleet's: see :mod:`.fleet_circuit`.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 
@@ -57,6 +58,7 @@ from .._exceptions import CircuitOpenError, DeadlineExceededError, ResilienceErr
 from .._headers import retry_after
 from .._metrics import HostMetrics
 from ..store._fleet import FLEET
+from ._epochs import bucket_end
 from .fleet_circuit import FleetCircuit
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
@@ -69,19 +71,23 @@ class CircuitBreaker:
 
     __slots__ = (
         "_break",
+        "_epoch",
         "_epochs",
         "_events",
         "_failures",
         "_metrics",
+        "_ok",
         "_opened_until",
-        "_period",
         "_random",
+        "_slot",
         "_successes",
-        "_total",
         "_trial_successes",
         "_trials_out",
+        "_until",
         "_width",
+        "failure_statuses",
         "on_open",
+        "period",
         "policy",
         "state",
     )
@@ -94,14 +100,15 @@ class CircuitBreaker:
         self._random = rng
         self._metrics = metrics
         self._width = policy.window / _BUCKETS
-        self._epochs = [-1] * _BUCKETS
-        self._successes = [0] * _BUCKETS
-        self._failures = [0] * _BUCKETS
+        self._empty()
+        #: The statuses that count as failures (the policy's, as a set).
+        self.failure_statuses = frozenset(policy.failure_statuses)
         self._break = policy.break_duration
         self._opened_until = 0.0
         self._trials_out = 0
         self._trial_successes = 0
-        self._period = 1  # numbers the states the breaker has been in (see the module docstring)
+        #: Numbers the states the breaker has been in (see the module docstring).
+        self.period = 1
         self.on_open: Callable[[float], None] | None = None  # told the break's length when the counts open it
         self.state = CLOSED
         metrics.circuit(CLOSED)
@@ -109,20 +116,31 @@ class CircuitBreaker:
     def reconfigure(self, policy: CircuitBreakerPolicy) -> None:
         """Take ``policy``'s thresholds from the next outcome on, keeping the state (see the module docstring)."""
         old, self.policy = self.policy, policy
+        self.failure_statuses = frozenset(policy.failure_statuses)
         if policy.window != old.window:
             self._width = policy.window / _BUCKETS
-            self._epochs = [-1] * _BUCKETS
-            self._successes = [0] * _BUCKETS
-            self._failures = [0] * _BUCKETS
+            self._empty()
         if self.state == CLOSED:
             self._break = policy.break_duration
         else:
             self._break = min(max(self._break, policy.break_duration), policy.max_break_duration)
 
+    def _empty(self) -> None:
+        """Forget the closed state's counts."""
+        # Counts too, not only epochs: an epoch of -1 is inside the window while the clock is young.
+        self._epochs = [-1] * _BUCKETS
+        self._successes = [0] * _BUCKETS
+        self._failures = [0] * _BUCKETS
+        # The bucket of the last outcome counted (its slot, its epoch, and the time its successor
+        # starts: none yet), and the successes counted in it since, not yet in _successes: see _bucket().
+        self._slot = self._epoch = 0
+        self._until = -math.inf
+        self._ok = 0
+
     def _set(self, state: str, break_seconds: float | None = None) -> None:
         old = self.state
         self.state = state
-        self._period += 1
+        self.period += 1
         self._metrics.circuit(state)
         events = self._events
         if events is not None and events.wants(INFO, "circuit_breaker"):
@@ -136,7 +154,7 @@ class CircuitBreaker:
         """Let a call through, returning the number of the period it starts in; raise if refused."""
         state = self.state
         if state == CLOSED:
-            return self._period
+            return self.period
         if state == OPEN:
             if now < self._opened_until:
                 raise CircuitOpenError(
@@ -153,7 +171,7 @@ class CircuitBreaker:
                 retry_after=None,
             )
         self._trials_out += 1
-        return self._period
+        return self.period
 
     def trial_due(self, now: float) -> bool:
         """Whether the next call would be a half-open trial."""
@@ -173,12 +191,12 @@ class CircuitBreaker:
 
     def release(self, period: int) -> None:
         """A call ended without a verdict on the host: give back its trial slot if it is a trial."""
-        if period == self._period and self.state == HALF_OPEN:
+        if period == self.period and self.state == HALF_OPEN:
             self._trials_out -= 1
 
     def record(self, now: float, period: int, failure: bool, hinted: float | None = None) -> None:
         """Count a call that ended in ``period``'s state; open or close the circuit when the counts say so."""
-        if period != self._period:  # it started in an earlier state: its outcome is about a host that changed since
+        if period != self.period:  # it started in an earlier state: its outcome is about a host that changed since
             return
         if self.state == HALF_OPEN:
             self._trials_out -= 1
@@ -190,17 +208,18 @@ class CircuitBreaker:
                 if self._trial_successes >= self.policy.half_open_calls:
                     self._close()
             return
-        epoch = int(now / self._width)
-        slot = epoch % _BUCKETS
-        if self._epochs[slot] != epoch:
-            self._epochs[slot] = epoch
-            self._successes[slot] = self._failures[slot] = 0
+        # Time never goes back (a clock is monotonic): before ``_until``, ``now`` is in the bucket
+        # of the last outcome, as nearly every outcome is.
         if not failure:
-            self._successes[slot] += 1
+            if now < self._until:
+                self._ok += 1
+            else:
+                self._successes[self._bucket(now)] += 1
             return
+        slot = self._slot if now < self._until else self._bucket(now)
         self._failures[slot] += 1
-        oldest = epoch - _BUCKETS
-        failed = total = 0
+        oldest = self._epoch - _BUCKETS
+        failed, total = 0, self._ok
         for i, seen in enumerate(self._epochs):
             if seen > oldest:
                 failed += self._failures[i]
@@ -208,6 +227,19 @@ class CircuitBreaker:
         policy = self.policy
         if total >= policy.minimum_calls and failed >= policy.failure_ratio * total:
             self._open(now, hinted)
+
+    def _bucket(self, now: float) -> int:
+        """The slot of ``now``'s bucket, its counts brought up to date; remembered for the next outcome."""
+        if self._ok:
+            self._successes[self._slot] += self._ok
+            self._ok = 0
+        epoch = int(now / self._width)
+        slot = epoch % _BUCKETS
+        if self._epochs[slot] != epoch:
+            self._epochs[slot] = epoch
+            self._successes[slot] = self._failures[slot] = 0
+        self._slot, self._epoch, self._until = slot, epoch, bucket_end(epoch, self._width)
+        return slot
 
     def _open(self, now: float, hinted: float | None) -> None:
         duration = self._break * self._random.uniform(0.8, 1.2)
@@ -223,10 +255,7 @@ class CircuitBreaker:
 
     def _close(self) -> None:
         self._break = self.policy.break_duration
-        # Counts too, not only epochs: an epoch of -1 is inside the window while the clock is young.
-        self._epochs = [-1] * _BUCKETS
-        self._successes = [0] * _BUCKETS
-        self._failures = [0] * _BUCKETS
+        self._empty()
         self._set(CLOSED)
 
 
@@ -243,12 +272,13 @@ def _is_host_failure(exc: Exception, call: Call) -> bool:
 class CircuitBreakerLayer:
     """The breaker layer of one host."""
 
-    __slots__ = ("_clock", "_events", "_fleet", "breaker")
+    __slots__ = ("_clock", "_events", "_fleet", "_now", "breaker")
 
     def __init__(self, host: Host) -> None:
         policy = host.policy.circuit_breaker
         assert policy is not None
         self._clock: Clock = host.clock
+        self._now = host.clock.now
         self._events = host.events
         self.breaker = CircuitBreaker(policy, host.random, host.metrics, host.events)
         fleet = host.shared.get(FLEET)
@@ -283,35 +313,38 @@ class CircuitBreakerLayer:
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         breaker = self.breaker
-        clock = self._clock
         fleet = self._fleet
-        trial: int | None = None  # the fleet's round, when this call is one of its trials
         period: int | None
-        try:
-            now = clock.now()
-            if fleet is None:
-                period = breaker.acquire(now)
-            else:
-                fleet.tick(now)
-                if fleet.fresh or breaker.trial_due(now):
-                    period, trial = await fleet.acquire(call)
-                else:
+        if fleet is None and breaker.state == CLOSED:  # acquire(), inline: a closed breaker lets the call through
+            period = breaker.period
+            call.circuit_state = CLOSED
+        else:
+            trial: int | None = None  # the fleet's round, when this call is one of its trials (read only with a fleet)
+            try:
+                now = self._now()
+                if fleet is None:
                     period = breaker.acquire(now)
-        except CircuitOpenError as exc:
+                else:
+                    fleet.tick(now)
+                    if fleet.fresh or breaker.trial_due(now):
+                        period, trial = await fleet.acquire(call)
+                    else:
+                        period = breaker.acquire(now)
+            except CircuitOpenError as exc:
+                call.circuit_state = breaker.state
+                if not breaker.policy.dry_run:
+                    self._rejected(call, exc)
+                    raise
+                call.blocked_in_dry_run("circuit_breaker")
+                period = None
             call.circuit_state = breaker.state
-            if not breaker.policy.dry_run:
-                self._rejected(call, exc)
-                raise
-            call.blocked_in_dry_run("circuit_breaker")
-            period = None
-        call.circuit_state = breaker.state
-        if period is None:  # sent only because the breaker runs dry: its outcome is not counted
-            return await self._unseen(call, call_next)
+            if period is None:  # sent only because the breaker runs dry: its outcome is not counted
+                return await self._unseen(call, call_next)
         try:
             response = await call_next(call)
         except Exception as exc:
             if _is_host_failure(exc, call):
-                breaker.record(clock.now(), period, failure=True)
+                breaker.record(self._now(), period, failure=True)
             else:
                 breaker.release(period)
                 if fleet is not None and trial is not None:
@@ -324,13 +357,15 @@ class CircuitBreakerLayer:
                 fleet.released(trial)
             raise
         status = response.status_code
-        failure = status in breaker.policy.failure_statuses
-        hinted = None
-        if failure and status == 503:
-            hinted = retry_after(response.headers, clock.wall())
-        breaker.record(clock.now(), period, failure, hinted)
-        if fleet is not None and trial is not None and not failure:
-            fleet.succeeded(trial)
+        if status in breaker.failure_statuses:
+            hinted = None
+            if status == 503:
+                hinted = retry_after(response.headers, self._clock.wall())
+            breaker.record(self._now(), period, True, hinted)
+        else:
+            breaker.record(self._now(), period, False)
+            if fleet is not None and trial is not None:
+                fleet.succeeded(trial)
         call.circuit_state = breaker.state
         return response
 

@@ -49,8 +49,10 @@ from .._events import DEBUG, INFO, BudgetRefused, CallRejected, RetryScheduled, 
 from .._exceptions import DeadlineExceededError, RateLimitedError, ResilienceError
 from .._headers import quota, retry_after
 from ..store._fleet import FLEET
+from ._epochs import bucket_end
 from .timeout import IN_MEMORY
 
+ByteStream = httpx.ByteStream
 _NOTHING_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _MAYBE_SENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
@@ -62,7 +64,7 @@ class Budget:
     call that overrides its retry policy is held to its own budget.
     """
 
-    __slots__ = ("_calls", "_epochs", "_retries", "_width", "window")
+    __slots__ = ("_calls", "_current", "_epochs", "_pending", "_retries", "_until", "_width", "window")
 
     def __init__(self, window: float) -> None:
         self.window = window
@@ -71,22 +73,32 @@ class Budget:
         self._epochs = [-1] * size
         self._calls = [0] * size
         self._retries = [0] * size
+        # The bucket last used (its slot, and the time its successor starts: none yet), and
+        # the calls deposited in it since, not yet added to its count: see _slot().
+        self._current = 0
+        self._until = -math.inf
+        self._pending = 0
 
     def _slot(self, now: float) -> int:
+        """The slot of ``now``'s bucket, its counts brought up to date; remembered for the next deposit."""
+        if self._pending:
+            self._calls[self._current] += self._pending
+            self._pending = 0
         epoch = int(now / self._width)
         slot = epoch % len(self._epochs)
         if self._epochs[slot] != epoch:
             self._epochs[slot] = epoch
             self._calls[slot] = 0
             self._retries[slot] = 0
+        self._current, self._until = slot, bucket_end(epoch, self._width)
         return slot
 
     def deposit(self, now: float) -> None:
         """Count a call: each one earns ``ratio`` of a retry."""
-        epoch = int(now / self._width)
-        slot = epoch % len(self._epochs)
-        if self._epochs[slot] == epoch:  # the usual case, inlined: this runs on every call
-            self._calls[slot] += 1
+        # Time never goes back (a clock is monotonic): before ``_until``, ``now`` is in the bucket
+        # last used, as nearly every call is; counted on its own, the slot's count is updated later.
+        if now < self._until:
+            self._pending += 1
         else:
             self._calls[self._slot(now)] += 1
 
@@ -180,10 +192,11 @@ def _window(policy: RetryPolicy | None) -> float:
 class Retry:
     """The retry layer of one host."""
 
-    __slots__ = ("_budget", "_clock", "_events", "_fleet", "_gates", "_holds", "_label", "_metrics", "_random")
+    __slots__ = ("_budget", "_clock", "_events", "_fleet", "_gates", "_holds", "_label", "_metrics", "_now", "_random")
 
     def __init__(self, host: Host) -> None:
         self._clock: Clock = host.clock
+        self._now = host.clock.now
         self._random = host.random
         self._metrics = host.metrics
         self._label = host.label
@@ -250,11 +263,11 @@ class Retry:
         policy = call.policy.retry
         assert policy is not None
         request = call.request
-        clock = self._clock
-        self._budget.deposit(clock.now())
+        self._budget.deposit(self._now())
         method = request.method
         retry_safe = method in IDEMPOTENT_METHODS or method in policy.methods or "idempotency-key" in request.headers
-        can_replay = replayable(request.stream)
+        stream = request.stream
+        can_replay = isinstance(stream, ByteStream) or replayable(stream)  # bytes, the usual body, inline
         attempt = 1
         reason: str | None = None  # why the attempt about to be made is a retry (None: the first)
         receipt: int | None = None  # its share of the budget
@@ -275,7 +288,7 @@ class Retry:
                     self._stopped(call, stop, attempt)
                     raise
                 backoff = self._backoff(policy, attempt)
-                scheduled = self._schedule(call, clock.now(), backoff)
+                scheduled = self._schedule(call, self._now(), backoff)
                 if isinstance(scheduled, str):
                     self._stopped(call, scheduled, attempt)
                     raise
@@ -291,8 +304,8 @@ class Retry:
                 if stop is not None:
                     self._stopped(call, stop, attempt)
                     return response
-                now = clock.now()
-                hinted = _server_wait(response.headers, clock.wall())
+                now = self._now()
+                hinted = _server_wait(response.headers, self._clock.wall())
                 if hinted is not None and hinted > policy.max_retry_after:
                     self._stopped(call, "retry_after_too_long", attempt)
                     return response
@@ -316,7 +329,7 @@ class Retry:
             if events.wants(DEBUG, "retry", call):
                 self._scheduled(call, reason, wait, attempt, backoff, delay)
             try:
-                await clock.sleep(delay)
+                await self._clock.sleep(delay)
                 if self._holds:
                     await self._hold_back(call)
             except BaseException:  # cancelled, or held back past the deadline: never sent
