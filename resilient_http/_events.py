@@ -259,6 +259,20 @@ class Hedged(Event):
         return f"hedge {self.attempt} to {self.host} after {self.delay:.3f}s"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HedgeWon(Event):
+    """The call's answer came from hedge ``attempt``, ``after`` seconds after its first copy went."""
+
+    kind: ClassVar[str] = "hedge_won"
+    source: ClassVar[str] = "hedge"
+
+    attempt: int
+    after: float
+
+    def describe(self) -> str:
+        return f"hedge {self.attempt} to {self.host} won after {self.after:.3f}s"
+
+
 Hook = Callable[[Event], object]
 
 
