@@ -3,10 +3,10 @@
     python -m benchmarks.hedge [--smoke] [--json PATH] [--plot PATH]
 
 The upstream (``benchmarks/_tail.py``, its own process) answers in
-``median`` seconds (±20 %), and 5 % of requests, drawn at random, in ten
-times that. Calls are offered open-loop at ``rate`` a second (GETs, one
-client per subject, a warm-up of ``warmup`` calls first that is not
-measured); the latency of a call runs from its scheduled start to its body
+``median`` seconds (±20 %), and 5 % of requests (exactly: dealt at random
+from decks of 1,000) in ten times that. Calls are offered open-loop at
+``rate`` a second (GETs, one client per subject, a warm-up of ``warmup``
+calls first that is not measured); the latency of a call runs from its scheduled start to its body
 read. The extra load is counted at the server: requests received during the
 measured calls, over the calls, minus one.
 
