@@ -9,17 +9,35 @@ attempt, so it takes a bulkhead slot of its own, and the breaker and the
 retry layer judge the race as a whole by its outcome.
 
 **When.** After ``HedgePolicy.delay`` seconds, or, by default, after the
-``quantile`` (p95) of the host's recent attempt latencies, never sooner than
-``min_delay``, and not at all before ``warmup`` latencies were seen. Both
-the delay and the latencies run from the moment a copy is handed to the
-bulkhead (a queued copy is a slow one). The latencies are those of the
-attempts that pass this layer (a first copy that lost counts as long as it
-ran, a lower bound): a ring of the last
-:data:`~resilient_http._config.HEDGE_SAMPLES`, whose quantile is computed
-again every few samples. Each further hedge (up to ``max_hedges``) waits
-the delay again; a copy that fails with a retryable failure (what the retry
-layer would retry) fires the next one at once, unless the server asked for a
-pause (a 429, or a ``Retry-After``): then no more copies are sent.
+``quantile`` (p95) of the host's recent first-copy latencies, never sooner
+than ``min_delay``, and not at all before ``warmup`` latencies were seen.
+Both the delay and the latencies run from the moment a copy is handed to
+the bulkhead (a queued copy is a slow one). The latencies are those of the
+first copies only, the ones the delay is compared with: a hedge's own
+latency is known only when it wins, and a first copy a hedge beat is kept
+as longer than any (its length is unknown; kept as the time it ran, it
+would sit just above the delay and pull the next delay up after it). They
+are a ring of the last :data:`~resilient_http._config.HEDGE_SAMPLES`, and
+the delay is computed again every few samples.
+
+The delay is the quantile unless a *gap* lies within the quantile's
+sampling error (two standard deviations of its rank, ±7 ranks of 200 at
+p95): two neighbouring latencies further apart than the median. Then the
+delay is half a median past the gap's lower edge. The case is the one
+hedging exists for, an upstream whose slow answers are bad luck (a pause,
+a lost packet) and about ``1 - quantile`` of the calls: the p95 then falls
+among the fast or among the slow answers by the luck of the last 200
+(about one time in two with exactly 5 % slow, always with a little more),
+and a delay among the slow answers sends copies that can beat none of
+them. At the gap's lower edge a copy goes to every attempt slower than
+the fast answers and to hardly any other, and answers about a median
+later, long before the slow ones. A tail without such a gap near its
+quantile (the usual smooth one) gets the quantile.
+
+Each further hedge (up to ``max_hedges``) waits the delay again; a copy that
+fails with a retryable failure (what the retry layer would retry) fires the
+next one at once, unless the server asked for a pause (a 429, or a
+``Retry-After``): then no more copies are sent.
 
 **What.** Only what may be sent twice at the same time: a method the retry
 layer may repeat (idempotent, or in ``RetryPolicy.methods``) or a request
@@ -30,10 +48,14 @@ small body. From then on its body is the caller's and is never raced.
 
 **Whether.** Right before a hedge is sent, synchronously with taking its
 bulkhead slot, it must find: the call's deadline not passed; no cooldown
-imposed by the server; room in the hedge budget (``budget`` of the host's
-calls over ten seconds; hedges add at most that much load); every gate of
-``Host.hedge_gates`` open (the breaker closed, a free bulkhead slot, a share
-of the retry budget); and a rate-limit token free at once. A hedge never
+imposed by the server; a hedge earned in the hedge budget
+(:class:`Allowance`: each call earns ``budget`` of a hedge, saved up to the
+hedges of ``HEDGE_SAMPLES`` calls, so hedges add at most ``budget`` of the
+calls in the long run, and a burst of slow answers after quiet calls is
+hedged in full, where a count over a fixed window as tight as the demand
+would refuse part of it); every gate of ``Host.hedge_gates`` open (the
+breaker closed, a free bulkhead slot, a share of the retry budget); and a
+rate-limit token free at once. A hedge never
 waits for a token or a slot, so it never delays, queues behind or sheds a
 real call. If one is refused, no further hedge is tried for that attempt
 and ``CallInfo.hedge_stop`` says why. Shares taken are given back when a
@@ -50,8 +72,10 @@ error. Each copy's attempt is bounded by the call's total deadline, so the
 race is too. The winner's body is not tied to the task group, which has
 exited by the time it is returned.
 
+A hedge that wins is announced (:class:`~resilient_http.events.HedgeWon`,
+besides ``CallInfo.hedge_won`` and ``resilient_http_hedges_total{result="won"}``).
 A new policy (:meth:`Hedge.reconfigure`) keeps the latencies seen and the
-budget's counts.
+hedges saved up.
 """
 
 from __future__ import annotations
