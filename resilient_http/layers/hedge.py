@@ -27,7 +27,8 @@ delay is half a median past the gap's lower edge. The case is the one
 hedging exists for, an upstream whose slow answers are bad luck (a pause,
 a lost packet) and about ``1 - quantile`` of the calls: the p95 then falls
 among the fast or among the slow answers by the luck of the last 200
-(about one time in two with exactly 5 % slow, always with a little more),
+(among the slow about four times in ten with exactly 5 % slow, most of the
+time with a little more),
 and a delay among the slow answers sends copies that can beat none of
 them. At the gap's lower edge a copy goes to every attempt slower than
 the fast answers and to hardly any other, and answers about a median
