@@ -398,17 +398,20 @@ class HedgePolicy:
     once. At most ``max_hedges`` copies are added to one attempt.
 
     ``delay=None`` (the default) adapts it: the ``quantile`` (0.95) of the
-    host's recent attempt latencies (the last ``HEDGE_SAMPLES``), never
-    below ``min_delay``; nothing is hedged before ``warmup`` latencies were
-    seen. A fixed ``delay`` is used as given.
+    host's recent first-copy latencies (the last ``HEDGE_SAMPLES``), or,
+    when a gap wider than the median lies within the quantile's sampling
+    error, half a median past the gap's lower edge; never below
+    ``min_delay``; nothing is hedged before ``warmup`` latencies were seen.
+    A fixed ``delay`` is used as given.
 
-    Hedges add at most ``budget`` (5 %) of the host's calls over ten
-    seconds, and each also takes a share of the retry budget, a rate-limit
-    token that is free at once and a free bulkhead slot: a hedge never waits
-    for either. Only requests that are safe to send twice are hedged (the
-    methods the retry layer may repeat, or an ``Idempotency-Key``, with a
-    body that can be sent twice at once), and none while the circuit is not
-    closed or the server asked for a pause.
+    Each call earns ``budget`` (5 %) of a hedge, saved up to the hedges of
+    ``HEDGE_SAMPLES`` calls: hedges add at most that share of the host's
+    calls in the long run. Each also takes a share of the retry budget, a
+    rate-limit token that is free at once and a free bulkhead slot: a hedge
+    never waits for either. Only requests that are safe to send twice are
+    hedged (the methods the retry layer may repeat, or an
+    ``Idempotency-Key``, with a body that can be sent twice at once), and
+    none while the circuit is not closed or the server asked for a pause.
     """
 
     delay: float | None = None

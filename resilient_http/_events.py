@@ -281,6 +281,20 @@ class StoreFallback(Event):
         return f"store did not answer {self.operation} for the {self.layer} of {self.host}: decided locally"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HedgeWon(Event):
+    """The call's answer came from hedge ``attempt``, ``after`` seconds after its first copy went."""
+
+    kind: ClassVar[str] = "hedge_won"
+    source: ClassVar[str] = "hedge"
+
+    attempt: int
+    after: float
+
+    def describe(self) -> str:
+        return f"hedge {self.attempt} to {self.host} won after {self.after:.3f}s"
+
+
 Hook = Callable[[Event], object]
 
 

@@ -136,6 +136,9 @@ def _end_call(call: Call, span: Any, response: httpx.Response | None, error: Bas
             span.set_attribute("resilient_http.retry_stop", call.retry_stop)
         if call.coalesced:
             span.set_attribute("resilient_http.coalesced", True)
+        if call.hedges:
+            span.set_attribute("resilient_http.hedges", call.hedges)
+            span.set_attribute("resilient_http.hedge_won", call.hedge_won)
         if call.stale and response is not None:
             span.set_attribute("resilient_http.stale", True)
             if call.stale_reason is not None:

@@ -29,6 +29,7 @@ from ._events import Coalesced as Coalesced
 from ._events import CooldownStarted as CooldownStarted
 from ._events import Event as Event
 from ._events import Hedged as Hedged
+from ._events import HedgeWon as HedgeWon
 from ._events import LimitChanged as LimitChanged
 from ._events import RetryScheduled as RetryScheduled
 from ._events import RetryStopped as RetryStopped
@@ -44,6 +45,7 @@ __all__ = [
     "Coalesced",
     "CooldownStarted",
     "Event",
+    "HedgeWon",
     "Hedged",
     "LimitChanged",
     "RetryScheduled",

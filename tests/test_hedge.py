@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -40,8 +41,8 @@ from resilient_http import (
 )
 from resilient_http._pipeline import ORDER
 from resilient_http._toml import parse_policies
-from resilient_http.events import Event, Hedged
-from resilient_http.layers.hedge import Latencies, replays_at_once
+from resilient_http.events import Event, Hedged, HedgeWon
+from resilient_http.layers.hedge import Allowance, Latencies, delay_of, replays_at_once
 
 HOST = "api.example.com:443"
 FIXED = HedgePolicy(delay=0.05, budget=1.0)
@@ -193,8 +194,8 @@ def test_each_further_hedge_waits_the_delay_again() -> None:
     run(main)
 
 
-def test_each_hedge_sent_is_announced_with_its_delay(caplog: pytest.LogCaptureFixture) -> None:
-    """A Hedged event for every hedge that goes (not for the first copy), logged by resilient_http.hedge."""
+def test_each_hedge_sent_is_announced_with_its_delay_and_the_winner_too(caplog: pytest.LogCaptureFixture) -> None:
+    """A Hedged event for every hedge that goes (not for the first copy), a HedgeWon for the one that answered."""
     upstream = Upstream((0.0, 200), (1.0, 200), (1.0, 200), (0.01, 200))
     policy = only(hedge=HedgePolicy(delay=0.05, max_hedges=2, budget=1.0))
     seen: list[Event] = []
@@ -216,10 +217,33 @@ def test_each_hedge_sent_is_announced_with_its_delay(caplog: pytest.LogCaptureFi
         run(main)
     hedged = [e for e in seen if isinstance(e, Hedged)]
     assert [(e.host, e.attempt, round(e.delay, 6)) for e in hedged] == [(HOST, 1, 0.05), (HOST, 2, 0.1)]
+    won = [e for e in seen if isinstance(e, HedgeWon)]
+    assert [(e.host, e.attempt, round(e.after, 6)) for e in won] == [(HOST, 2, 0.11)]
     assert [r.getMessage() for r in caplog.records if r.name == "resilient_http.hedge"] == [
         f"hedge 1 to {HOST} after 0.050s",
         f"hedge 2 to {HOST} after 0.100s",
+        f"hedge 2 to {HOST} won after 0.110s",
     ]
+
+
+def test_a_hedge_that_loses_is_not_announced_as_won() -> None:
+    """The first copy answers before its hedge: a Hedged event, no HedgeWon."""
+    upstream = Upstream((0.08, 200), (1.0, 200))
+    seen: list[Event] = []
+
+    async def main() -> None:
+        t = ResilientTransport(
+            default=HEDGED,
+            inner=httpx.MockTransport(upstream),
+            registry=CollectorRegistry(),
+            clock=VirtualClock(),
+            on_event=seen.append,
+        )
+        async with httpx.AsyncClient(transport=t, base_url="https://api.example.com") as c:
+            await c.get("/")
+
+    run(main)
+    assert [type(e) for e in seen] == [Hedged]
 
 
 def test_a_retryable_failure_fires_the_next_copy_at_once() -> None:
@@ -620,15 +644,135 @@ def test_the_adaptive_delay_has_a_floor() -> None:
 
 
 def test_latencies_keep_a_window_and_a_nearest_rank_quantile() -> None:
-    """The ring keeps the last 200 latencies; the quantile follows them, sorted again as they change."""
+    """The ring keeps the last 200 latencies; the delay follows them, computed again as they change."""
     latencies = Latencies()
     for i in range(1, 101):
         latencies.add(i / 1000)
-    assert latencies.quantile(0.95) == pytest.approx(0.095)
+    assert latencies.delay(0.95) == pytest.approx(0.095)
     for _ in range(200):
         latencies.add(1.0)
     assert len(latencies) == 200
-    assert latencies.quantile(0.95) == 1.0
+    assert latencies.delay(0.95) == 1.0
+
+
+def bimodal(slow: int, n: int = 200, seed: int = 0) -> list[float]:
+    """``n`` latencies, sorted: ``slow`` of them 90-110 ms, the others 9-11 ms."""
+    rng = random.Random(seed)
+    return sorted([rng.uniform(0.09, 0.11) for _ in range(slow)] + [rng.uniform(0.009, 0.011) for _ in range(n - slow)])
+
+
+@pytest.mark.parametrize("slow", [4, 8, 10, 11, 12, 16])
+def test_the_delay_sits_in_the_gap_when_the_p95_is_on_its_edge(slow: int) -> None:
+    """With about 5 % slow, the p95 is a fast or a slow answer by luck: the delay is half a median past the fast."""
+    ordered = bimodal(slow)
+    fast_top, median = ordered[-slow - 1], ordered[99]
+    assert delay_of(ordered, 0.95) == pytest.approx(fast_top + median / 2)
+
+
+def test_a_gap_beyond_the_sampling_error_leaves_the_quantile_alone() -> None:
+    """With 20 % slow the p95 really is a slow answer: the gap far below it is not taken."""
+    ordered = bimodal(40)
+    assert delay_of(ordered, 0.95) == ordered[189] > 0.09
+
+
+def test_a_smooth_tail_gets_its_quantile() -> None:
+    """Log-normal latencies have no gap wider than the median near the p95: the delay is the p95."""
+    rng = random.Random(1)
+    ordered = sorted(0.01 * rng.lognormvariate(0, 0.5) for _ in range(200))
+    assert delay_of(ordered, 0.95) == ordered[189]
+
+
+def test_first_copies_beaten_by_a_hedge_count_as_longer_than_any() -> None:
+    """Beaten copies (infinite) above the fast answers form the gap; when most copies were beaten, no delay is known."""
+    assert delay_of(sorted([0.01] * 190 + [math.inf] * 10), 0.95) == pytest.approx(0.015)
+    assert math.isinf(delay_of([0.01] * 80 + [math.inf] * 120, 0.95))
+
+
+class Bimodal:
+    """95 % of answers in 9-11 ms, 5 % in 100 ms (a seeded draw per request); counts the requests it got."""
+
+    def __init__(self, seed: int) -> None:
+        self.random = random.Random(seed)
+        self.requests = 0
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests += 1
+        slow = self.random.random() < 0.05
+        await trio.sleep(0.1 if slow else self.random.uniform(0.009, 0.011))
+        return httpx.Response(200)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_on_a_bimodal_upstream_the_delay_settles_in_the_gap_and_the_load_within_the_budget(seed: int) -> None:
+    """4,000 calls, 5 % of answers 10x slower: hedges go in the gap (never among the slow), within 5 %; p99 halved."""
+    upstream = Bimodal(seed)
+    seen: list[tuple[float, Event]] = []
+    took: list[float] = []
+    calls = 4000
+
+    async def main() -> None:
+        t = ResilientTransport(
+            default=only(hedge=HedgePolicy()),
+            inner=httpx.MockTransport(upstream),
+            registry=CollectorRegistry(),
+            clock=VirtualClock(),
+            on_event=lambda event: seen.append((trio.current_time(), event)),
+        )
+
+        async def one() -> None:
+            started = trio.current_time()
+            await c.get("/")
+            took.append(trio.current_time() - started)
+
+        async with httpx.AsyncClient(transport=t, base_url="https://api.example.com") as c:
+            async with trio.open_nursery() as calls_in_flight:  # open loop: one call every 10 ms
+                for _ in range(calls):
+                    calls_in_flight.start_soon(one)
+                    await trio.sleep(0.01)
+
+    run(main)
+    hedged = [(at, e.delay) for at, e in seen if isinstance(e, Hedged)]
+    settled = [delay for at, delay in hedged if at > 2.0]  # 200 calls in: the ring is full
+    assert all(delay < 0.05 for delay in settled)
+    # A few go at a fast p95 when the last 200 answers held only 1 % of slow ones.
+    assert sum(0.011 < delay for delay in settled) >= 0.9 * len(settled)
+    assert upstream.requests - calls == len(hedged) <= 0.05 * calls
+    assert sorted(took)[int(0.99 * calls)] < 0.05  # without hedges, 100 ms
+
+
+def test_the_budget_saves_up_for_a_burst_and_never_exceeds_its_share() -> None:
+    """Each call earns 5 % of a hedge, saved up to ten: a burst of slow answers after quiet calls is hedged."""
+    allowance = Allowance(0.05)
+    for _ in range(19):
+        allowance.deposit()
+    assert not allowance.withdraw()  # 0.95 of a hedge
+    for _ in range(1000):
+        allowance.deposit()
+    assert [allowance.withdraw() for _ in range(11)] == [True] * 10 + [False]
+    allowance.refund()
+    assert allowance.withdraw()
+
+
+def test_over_a_long_run_hedges_stay_within_the_budget() -> None:
+    """Whatever the demand, the hedges granted never pass 5 % of the calls seen so far."""
+    rng = random.Random(3)
+    allowance = Allowance(0.05)
+    granted = 0
+    for calls in range(1, 20_001):
+        allowance.deposit()
+        if rng.random() < 0.08 and allowance.withdraw():
+            granted += 1
+        assert granted <= 0.05 * calls + 1e-9
+    assert granted > 0.049 * 20_000
+
+
+def test_a_new_budget_keeps_what_was_saved_up_to_its_own_cap() -> None:
+    """Lowering the budget to 1 % caps the savings at two hedges; the earned ones are not lost below it."""
+    allowance = Allowance(0.05)
+    for _ in range(400):
+        allowance.deposit()
+    allowance.limit(0.01)
+    assert [allowance.withdraw() for _ in range(3)] == [True, True, False]
 
 
 # ---------------------------------------------------------------- losers leave nothing behind

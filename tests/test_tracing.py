@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 from resilient_http import (
     CircuitBreakerPolicy,
     CircuitOpenError,
+    HedgePolicy,
     Policy,
     ResilientTransport,
     RetryPolicy,
@@ -337,3 +338,28 @@ async def test_with_httpx_instrumentation_each_attempt_has_one_client_span_under
         assert children(spans, attempt) == [client_span]
     assert attempts[1].attributes is not None and attempts[1].attributes["http.request.resend_count"] == 1
     assert sent == [traceparent(span) for span in client_spans]
+
+
+async def test_a_hedge_that_won_is_on_the_call_span(provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    """The first copy hangs, its hedge answers: the span says one hedge, won, with both events and two attempts."""
+    requests = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal requests
+        requests += 1
+        if requests == 1:
+            await anyio.sleep_forever()
+        return httpx.Response(200)
+
+    transport = ResilientTransport(
+        default=only(hedge=HedgePolicy(delay=0.001, budget=1.0)),
+        inner=httpx.MockTransport(handler),
+        registry=CollectorRegistry(),
+        tracer_provider=provider,
+    )
+    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+        await http.get("/")
+    (call,) = calls(exporter.get_finished_spans())
+    assert call.attributes is not None
+    assert (call.attributes["resilient_http.hedges"], call.attributes["resilient_http.hedge_won"]) == (1, True)
+    assert [name for name, _ in events(call)] == ["resilient_http.hedged", "resilient_http.hedge_won"]

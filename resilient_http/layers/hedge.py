@@ -9,17 +9,36 @@ attempt, so it takes a bulkhead slot of its own, and the breaker and the
 retry layer judge the race as a whole by its outcome.
 
 **When.** After ``HedgePolicy.delay`` seconds, or, by default, after the
-``quantile`` (p95) of the host's recent attempt latencies, never sooner than
-``min_delay``, and not at all before ``warmup`` latencies were seen. Both
-the delay and the latencies run from the moment a copy is handed to the
-bulkhead (a queued copy is a slow one). The latencies are those of the
-attempts that pass this layer (a first copy that lost counts as long as it
-ran, a lower bound): a ring of the last
-:data:`~resilient_http._config.HEDGE_SAMPLES`, whose quantile is computed
-again every few samples. Each further hedge (up to ``max_hedges``) waits
-the delay again; a copy that fails with a retryable failure (what the retry
-layer would retry) fires the next one at once, unless the server asked for a
-pause (a 429, or a ``Retry-After``): then no more copies are sent.
+``quantile`` (p95) of the host's recent first-copy latencies, never sooner
+than ``min_delay``, and not at all before ``warmup`` latencies were seen.
+Both the delay and the latencies run from the moment a copy is handed to
+the bulkhead (a queued copy is a slow one). The latencies are those of the
+first copies only, the ones the delay is compared with: a hedge's own
+latency is known only when it wins, and a first copy a hedge beat is kept
+as longer than any (its length is unknown; kept as the time it ran, it
+would sit just above the delay and pull the next delay up after it). They
+are a ring of the last :data:`~resilient_http._config.HEDGE_SAMPLES`, and
+the delay is computed again every few samples.
+
+The delay is the quantile unless a *gap* lies within the quantile's
+sampling error (two standard deviations of its rank, ±7 ranks of 200 at
+p95): two neighbouring latencies further apart than the median. Then the
+delay is half a median past the gap's lower edge. The case is the one
+hedging exists for, an upstream whose slow answers are bad luck (a pause,
+a lost packet) and about ``1 - quantile`` of the calls: the p95 then falls
+among the fast or among the slow answers by the luck of the last 200
+(among the slow about four times in ten with exactly 5 % slow, most of the
+time with a little more),
+and a delay among the slow answers sends copies that can beat none of
+them. At the gap's lower edge a copy goes to every attempt slower than
+the fast answers and to hardly any other, and answers about a median
+later, long before the slow ones. A tail without such a gap near its
+quantile (the usual smooth one) gets the quantile.
+
+Each further hedge (up to ``max_hedges``) waits the delay again; a copy that
+fails with a retryable failure (what the retry layer would retry) fires the
+next one at once, unless the server asked for a pause (a 429, or a
+``Retry-After``): then no more copies are sent.
 
 **What.** Only what may be sent twice at the same time: a method the retry
 layer may repeat (idempotent, or in ``RetryPolicy.methods``) or a request
@@ -30,10 +49,14 @@ small body. From then on its body is the caller's and is never raced.
 
 **Whether.** Right before a hedge is sent, synchronously with taking its
 bulkhead slot, it must find: the call's deadline not passed; no cooldown
-imposed by the server; room in the hedge budget (``budget`` of the host's
-calls over ten seconds; hedges add at most that much load); every gate of
-``Host.hedge_gates`` open (the breaker closed, a free bulkhead slot, a share
-of the retry budget); and a rate-limit token free at once. A hedge never
+imposed by the server; a hedge earned in the hedge budget
+(:class:`Allowance`: each call earns ``budget`` of a hedge, saved up to the
+hedges of ``HEDGE_SAMPLES`` calls, so hedges add at most ``budget`` of the
+calls in the long run, and a burst of slow answers after quiet calls is
+hedged in full, where a count over a fixed window as tight as the demand
+would refuse part of it); every gate of ``Host.hedge_gates`` open (the
+breaker closed, a free bulkhead slot, a share of the retry budget); and a
+rate-limit token free at once. A hedge never
 waits for a token or a slot, so it never delays, queues behind or sheds a
 real call. If one is refused, no further hedge is tried for that attempt
 and ``CallInfo.hedge_stop`` says why. Shares taken are given back when a
@@ -50,8 +73,10 @@ error. Each copy's attempt is bounded by the call's total deadline, so the
 race is too. The winner's body is not tied to the task group, which has
 exited by the time it is returned.
 
+A hedge that wins is announced (:class:`~resilient_http.events.HedgeWon`,
+besides ``CallInfo.hedge_won`` and ``resilient_http_hedges_total{result="won"}``).
 A new policy (:meth:`Hedge.reconfigure`) keeps the latencies seen and the
-budget's counts.
+hedges saved up.
 """
 
 from __future__ import annotations
@@ -59,7 +84,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from functools import partial
 from typing import NamedTuple
 
 import anyio
@@ -68,35 +92,70 @@ from httpx._multipart import FileField, MultipartStream  # httpx's form body; no
 
 from .._call import Call, Host, Next
 from .._clock import Clock
-from .._config import HEDGE_SAMPLES, IDEMPOTENT_METHODS, HedgePolicy, RetryBudget, RetryPolicy
-from .._events import DEBUG, Hedged
+from .._config import HEDGE_SAMPLES, IDEMPOTENT_METHODS, HedgePolicy, RetryPolicy
+from .._events import DEBUG, Hedged, HedgeWon
 from .._exceptions import DeadlineExceededError
-from .retry import Budget, _error_reason, discard
+from .retry import _error_reason, discard
 
 #: What a copy's answer fails with when the call has no retry policy: the default retried statuses.
 _RETRYABLE = RetryPolicy().statuses
-#: The window over which the hedge budget counts calls and hedges.
-_WINDOW = 10.0
-#: How many new latencies make the quantile worth sorting again.
+#: How many new latencies make the delay worth computing again.
 _REFRESH = 10
 #: A hedge takes a rate-limit token only if one is free within this (float rounding aside: at once).
 _AT_ONCE = 1e-6
 
 
-def _limits(policy: HedgePolicy) -> RetryBudget:
-    """The hedge budget as a retry budget: ``budget`` of the calls over the window, nothing on top."""
-    return RetryBudget(ratio=policy.budget, min_per_second=0.0, window=_WINDOW)
+class Allowance:
+    """The hedge budget: each call earns ``ratio`` of a hedge, saved up to the share of ``HEDGE_SAMPLES`` calls.
+
+    Hedges never add more than ``ratio`` of the calls in the long run, and
+    the savings let a burst of slow answers be hedged: a budget counted
+    over a fixed window, as tight as the demand, would refuse those.
+    """
+
+    __slots__ = ("_cap", "_ratio", "tokens")
+
+    def __init__(self, ratio: float) -> None:
+        self.tokens = 0.0
+        self._ratio = self._cap = 0.0
+        self.limit(ratio)
+
+    def limit(self, ratio: float) -> None:
+        """Earn ``ratio`` per call from now on, keeping what was saved (up to the new cap)."""
+        self._ratio = ratio
+        self._cap = max(1.0, ratio * HEDGE_SAMPLES)
+        self.tokens = min(self.tokens, self._cap)
+
+    def deposit(self) -> None:
+        """A call: it earns its share of a hedge."""
+        tokens = self.tokens + self._ratio
+        self.tokens = tokens if tokens < self._cap else self._cap
+
+    def withdraw(self) -> bool:
+        """Take a whole hedge, if one was earned."""
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+    def refund(self) -> None:
+        """Give back a hedge that was not sent."""
+        self.tokens = min(self._cap, self.tokens + 1.0)
 
 
 class Latencies:
-    """A host's recent attempt latencies (the last ``HEDGE_SAMPLES``) and a quantile of them."""
+    """A host's recent first-copy latencies (the last ``HEDGE_SAMPLES``) and the hedge delay they suggest.
+
+    A first copy that a hedge beat is kept as ``math.inf``: longer than
+    anything measured, its real length unknown.
+    """
 
     __slots__ = ("_added", "_fresh", "_q", "_ring", "_value")
 
     def __init__(self) -> None:
         self._ring: list[float] = []
         self._added = 0
-        self._fresh = 0  # samples added since the quantile was last computed
+        self._fresh = 0  # samples added since the delay was last computed
         self._q = math.nan
         self._value = math.nan
 
@@ -112,13 +171,36 @@ class Latencies:
         self._added += 1
         self._fresh += 1
 
-    def quantile(self, q: float) -> float:
-        """The ``q`` quantile (nearest rank) of the latencies kept; sorted again once enough are new."""
+    def delay(self, q: float) -> float:
+        """The delay for quantile ``q`` (see :func:`delay_of`), computed again once enough latencies are new."""
         if self._fresh >= _REFRESH or q != self._q or math.isnan(self._value):
-            ordered = sorted(self._ring)
-            self._value = ordered[max(0, min(len(ordered), math.ceil(q * len(ordered))) - 1)]
+            self._value = delay_of(sorted(self._ring), q)
             self._q, self._fresh = q, 0
         return self._value
+
+
+def delay_of(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of ``ordered``, or the lower edge of a gap within its sampling error.
+
+    A gap is a stretch wider than the median between two neighbouring
+    latencies. Ranks within two standard deviations of the quantile's
+    (``2 * sqrt(n * q * (1 - q))``) are as likely to be the true quantile as
+    its own: if a gap lies among them, the delay is half a median past its
+    lower edge. A hedge sent then answers, about one median later, before
+    any first copy beyond the gap would have; one sent at the upper edge
+    could beat none of them. So an upstream whose slow answers are about
+    ``1 - q`` of the calls gets its hedges at the start of the gap rather
+    than, one time in two, among the slow answers themselves; a tail
+    without a gap (the usual smooth one) gets its quantile.
+    """
+    n = len(ordered)
+    rank = max(0, min(n, math.ceil(q * n)) - 1)
+    median = ordered[(n - 1) // 2]
+    spread = math.ceil(2 * math.sqrt(n * q * (1 - q)))
+    for i in range(max(0, rank - spread), min(n - 2, rank + spread) + 1):
+        if ordered[i + 1] - ordered[i] > median:  # the lowest gap in reach
+            return ordered[i] + median / 2
+    return ordered[rank]
 
 
 def replays_at_once(stream: object) -> bool:
@@ -182,7 +264,7 @@ async def _close_others(outcomes: list[_Outcome], kept: object) -> None:
 class Hedge:
     """The hedging layer of one host: its latencies and its budget."""
 
-    __slots__ = ("_budget", "_clock", "_events", "_gates", "_holds", "_latencies", "_limits", "_metrics", "_rate_gates")
+    __slots__ = ("_allowance", "_clock", "_events", "_gates", "_holds", "_latencies", "_metrics", "_rate_gates")
 
     def __init__(self, host: Host) -> None:
         self._clock: Clock = host.clock
@@ -192,22 +274,21 @@ class Hedge:
         self._holds = host.holds
         self._rate_gates = host.retry_gates
         self._latencies = Latencies()
-        self._budget = Budget(_WINDOW)
-        self._limits = _limits(host.policy.hedge or HedgePolicy())
+        self._allowance = Allowance((host.policy.hedge or HedgePolicy()).budget)
 
     def reconfigure(self, policy: HedgePolicy) -> None:
-        """Take ``policy``'s budget for the hedges to come, keeping the latencies seen and the calls counted.
+        """Take ``policy``'s budget for the hedges to come, keeping the latencies seen and the hedges saved up.
 
         Everything else is read from each call's policy. The layer leaves
         nothing on the host: the gates it asks belong to the other layers.
         """
-        self._limits = _limits(policy)
+        self._allowance.limit(policy.budget)
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         policy = call.policy.hedge
         assert policy is not None
         if call.attempts == 0:  # the call's first attempt: it earns its share of a hedge
-            self._budget.deposit(self._clock.now())
+            self._allowance.deposit()
         delay = self._delay(policy)
         if delay is None or not _safe(call):
             if policy.delay is not None:
@@ -222,7 +303,10 @@ class Hedge:
         latencies = self._latencies
         if len(latencies) < policy.warmup:
             return None
-        return max(policy.min_delay, latencies.quantile(policy.quantile))
+        delay = latencies.delay(policy.quantile)
+        if math.isinf(delay):  # most first copies were beaten: their lengths are unknown until some are not
+            return None
+        return max(policy.min_delay, delay)
 
     def _sample(self, result: httpx.Response | Exception | str, seconds: float) -> None:
         """Learn from a copy's latency: an answer's, or a timeout's (a lower bound); other errors say nothing."""
@@ -270,7 +354,7 @@ class Hedge:
                             self._metrics.labelled("hedges", result).inc()
                             due = None
                             continue
-                        if adaptive:
+                        if adaptive and outcome.copy == 0:
                             self._sample(result, outcome.seconds)
                         if decided is not None:
                             continue
@@ -310,7 +394,7 @@ class Hedge:
                 tasks.cancel_scope.cancel()
             returned = decided or failure
             if adaptive and decided is not None and decided.copy and all(o.copy for o in race.outcomes):
-                self._latencies.add(clock.now() - started)  # the first copy lost: it took at least this long
+                self._latencies.add(math.inf)  # the first copy lost: how long it would have taken is unknown
         finally:
             await _close_others(race.outcomes, None if returned is None else returned.result)
             self._settle(call, race, decided)
@@ -352,10 +436,9 @@ class Hedge:
         for hold in self._holds:
             if hold() > now:
                 return "cooldown"
-        receipt = self._budget.withdraw(now, self._limits)
-        if receipt is None:
+        if not self._allowance.withdraw():
             return "budget"
-        refunds: list[Callable[[], None]] = [partial(self._budget.refund, receipt)]
+        refunds: list[Callable[[], None]] = [self._allowance.refund]
         reason: str | None = None
         for gate in self._gates:
             granted = gate(call)
@@ -381,21 +464,22 @@ class Hedge:
         return reason
 
     def _settle(self, call: Call, race: _Race, decided: _Outcome | None) -> None:
-        """Count the hedges sent as won or lost."""
+        """Count the hedges sent as won or lost; a hedge that won is announced."""
         won = decided is not None and decided.copy > 0 and isinstance(decided.result, httpx.Response)
         if won:
             assert decided is not None
             call.hedge_won = True
             self._metrics.labelled("hedges", "won").inc()
+            events = self._events
+            if events.wants(DEBUG, "hedge", call):
+                after = self._clock.now() - race.started
+                won_by = HedgeWon(transport=events.transport, host=events.host, attempt=decided.copy, after=after)
+                events.emit(won_by, call)
         if race.sent > won:
             self._metrics.labelled("hedges", "lost").inc(race.sent - won)
 
     def _event(self, call: Call, copy: int, delay: float) -> None:
-        """The one place the hedge layer emits: a :class:`~resilient_http.events.Hedged` for a hedge sent.
-
-        A hedge that won is the call's ``CallInfo.hedge_won`` and the
-        ``won`` count of ``resilient_http_hedges_total``.
-        """
+        """A :class:`~resilient_http.events.Hedged` for a hedge sent, built only if someone listens."""
         events = self._events
         if events.wants(DEBUG, "hedge", call):
             events.emit(Hedged(transport=events.transport, host=events.host, attempt=copy, delay=delay), call)
