@@ -241,14 +241,31 @@ def _tightness(remaining: int, reset: int) -> tuple[bool, float]:
     return (remaining == 0, reset if remaining == 0 else reset / remaining)
 
 
+def _triples() -> bool:
+    probe = httpx.Headers({"Name": "value"})
+    return getattr(probe, "_list", None) == [(b"Name", b"name", b"value")]
+
+
+#: Whether httpx keeps a Headers' fields as (raw name, lower-case name, value)
+#: triples in ``_list``, where the hot paths read them; if not, they read the
+#: public ``Headers.raw``. Reading the triples once beats a Headers.get per name,
+#: each of which lower-cases, encodes and scans the whole list again.
+TRIPLES = _triples()
+
+
+def fields(headers: httpx.Headers) -> list[tuple[bytes, ...]]:
+    """The header fields in the form cheapest to compare: httpx's own triples, else the raw pairs.
+
+    Two answers' fields compare equal exactly when their raw headers do (the
+    lower-case name in a triple follows from the raw one). The list may be
+    the headers' own: copy it to keep it.
+    """
+    return headers._list if TRIPLES else headers.raw  # type: ignore[return-value]
+
+
 def pick(headers: httpx.Headers, names: frozenset[bytes]) -> dict[bytes, str]:
     """The wanted headers (lower-case names) in one pass; repeated ones joined with ", "."""
-    # httpx keeps (raw name, lower-case name, value) triples; reading them
-    # once beats a Headers.get per name, each of which lower-cases, encodes
-    # and scans the whole list again.
-    items = getattr(headers, "_list", None)
-    if items is None:
-        items = [(key, key.lower(), value) for key, value in headers.raw]
+    items = headers._list if TRIPLES else [(key, key.lower(), value) for key, value in headers.raw]
     found: dict[bytes, str] = {}
     for _, key, value in items:
         if key in names:
@@ -259,7 +276,9 @@ def pick(headers: httpx.Headers, names: frozenset[bytes]) -> dict[bytes, str]:
 
 def mentions(headers: httpx.Headers, prefix: bytes) -> bool:
     """Whether any header name starts with ``prefix`` (lower-case)."""
-    items = getattr(headers, "_list", None)
-    if items is None:
-        return any(key.lower().startswith(prefix) for key, _ in headers.raw)
-    return any(key.startswith(prefix) for _, key, _ in items)
+    if TRIPLES:
+        for _, key, _ in headers._list:  # a plain loop: cheaper than any() over a generator
+            if key.startswith(prefix):
+                return True
+        return False
+    return any(key.lower().startswith(prefix) for key, _ in headers.raw)

@@ -16,8 +16,10 @@ from resilient_http import (
     Policy,
     ResilientTransport,
     StaleCachePolicy,
+    _headers,
 )
 from resilient_http._toml import parse_policies
+from resilient_http.layers import stale_cache
 from resilient_http.layers.stale_store import Store
 from resilient_http.testing import FakeClock
 
@@ -48,6 +50,21 @@ def ok(body: bytes = b'{"v": 1}', /, **headers: str) -> httpx.Response:
 
 def down() -> httpx.ConnectError:
     return httpx.ConnectError("connection refused")
+
+
+#: How the modules read httpx at import, before a test turns the fast reads off.
+FAST_READS = (_headers.TRIPLES, stale_cache._SEES, stale_cache._BODY_KEPT)
+
+
+@pytest.fixture(autouse=True, params=["httpx internals", "public API"])
+def reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs twice: with the fast reads of httpx's own fields, URL and body, and with its public API only."""
+    if request.param == "public API":
+        monkeypatch.setattr(_headers, "TRIPLES", False)
+        monkeypatch.setattr(stale_cache, "TRIPLES", False)
+        monkeypatch.setattr(stale_cache, "_SEES", False)
+        monkeypatch.setattr(stale_cache, "_BODY_KEPT", False)
+    return str(request.param)
 
 
 @pytest.fixture
@@ -624,6 +641,84 @@ async def test_the_same_answer_again_restarts_its_age(clock: FakeClock, registry
         stale = await c.get(URL)
     assert stale.content == b"same"
     assert stale.headers["age"] == "10"
+
+
+def test_the_installed_httpx_is_read_the_fast_way() -> None:
+    """httpx keeps header fields, the parsed URL and in-memory bodies where the stale cache reads them on every call."""
+    assert FAST_READS == (True, True, True)
+
+
+async def test_a_no_store_request_right_after_the_same_request_is_not_kept(
+    clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    """The request just seen, now saying no-store, is read again: its answer does not replace the kept one."""
+    upstream = Upstream(ok(b"kept"), ok(b"not kept"), down())
+    async with client(upstream, clock, registry) as c:
+        await c.get(URL)
+        await c.get(URL, headers={"cache-control": "no-store"})
+        assert (await c.get(URL)).content == b"kept"
+
+
+async def test_a_request_with_credentials_right_after_the_same_one_without_is_read_again(
+    clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    """The answer to a request that adds Authorization to the one just seen is not taken for everyone's."""
+    upstream = Upstream(ok(b"for anyone"), ok(b"alice's"), down())
+    async with client(upstream, clock, registry) as c:
+        await c.get(URL)
+        await c.get(URL, headers={"authorization": "Bearer alice"})
+        assert (await c.get(URL)).content == b"for anyone"
+
+
+async def test_requests_that_differ_only_in_their_query_are_kept_apart(
+    clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    """``?page=1`` and ``?page=2`` are two resources, asked one after the other."""
+    upstream = Upstream(ok(b"page 1"), down())
+    async with client(upstream, clock, registry) as c:
+        await c.get(URL, params={"page": "1"})
+        with pytest.raises(httpx.ConnectError):
+            await c.get(URL, params={"page": "2"})
+        with pytest.raises(httpx.ConnectError):
+            await c.get(URL)
+        assert (await c.get(URL, params={"page": "1"})).content == b"page 1"
+
+
+async def test_the_same_body_with_other_headers_replaces_the_kept_answer(
+    clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    """An answer is the same only if its headers are too: one with a new ETag is kept in place of the old."""
+    upstream = Upstream(ok(b"same", etag='"1"'), ok(b"same", etag='"2"'), down())
+    async with client(upstream, clock, registry) as c:
+        await c.get(URL)
+        await c.get(URL)
+        assert (await c.get(URL)).headers["etag"] == '"2"'
+
+
+async def test_an_answer_again_without_its_age_header_is_as_old_as_it_says(
+    clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    """The same answer without the Age it first came with is new from the origin: its age starts at zero."""
+    upstream = Upstream(ok(b"same", age="50"), ok(b"same"), down())
+    async with client(upstream, clock, registry, StaleCachePolicy(max_stale=60)) as c:
+        await c.get(URL)
+        clock.advance(5)
+        await c.get(URL)
+        clock.advance(10)
+        assert (await c.get(URL)).headers["age"] == "10"
+
+
+async def test_a_reload_that_stops_naming_an_identity_header_shares_answers_at_once(
+    clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    """Once X-Api-Key is no longer named, an answer to the request just seen again stands in for any key."""
+    upstream = Upstream(ok(b"anonymous"), ok(b"for everyone"), down())
+    transport = transport_for(upstream, clock, registry, default=IDENTITY)
+    async with httpx.AsyncClient(transport=LeftOpen(transport)) as c:
+        await c.get(URL)
+        transport.update_policies(default=Policy(stale_cache=StaleCachePolicy(), retry=None, circuit_breaker=None))
+        await c.get(URL)
+        assert (await c.get(URL, headers={"x-api-key": "a"})).content == b"for everyone"
 
 
 def store_of(transport: ResilientTransport) -> Store:

@@ -51,16 +51,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 
 from .._call import Call, Host, Next
 from .._config import StaleCachePolicy
 from .._events import DEBUG, StaleServed
-from .._headers import age_value, delta_seconds, pick
+from .._headers import TRIPLES, age_value, delta_seconds, fields, pick
 from .._metrics import outcome_of_exception
 from .cache_key import Key, request_key, vary_names
-from .stale_store import Entry, Store
+from .stale_store import Entry, Slot, Store
 from .timeout import BufferedStream
 
 STORABLE_STATUSES = frozenset({200, 203, 204})
@@ -77,6 +78,11 @@ _CREDENTIALS = (b"authorization", b"cookie")
 _SET_COOKIE = frozenset({b"set-cookie", b"set-cookie2"})
 _RESPONSE_HEADERS = frozenset({b"cache-control", b"vary", b"age", *_SET_COOKIE})
 _NOT_KEPT = frozenset({b"age", *_SET_COOKIE})
+_UNSEEN = object()  # equal to nothing but itself
+#: Whether __call__ can tell the previous request again by httpx's own fields and parsed URL.
+_SEES = TRIPLES and getattr(httpx.URL("http://example.com/a?b"), "_uri_reference", None) is not None
+#: Whether an httpx.ByteStream keeps its body in ``_stream``, where __call__ reads it without iterating.
+_BODY_KEPT = getattr(httpx.ByteStream(b"body"), "_stream", None) == b"body"
 
 
 def cache_control(value: str | None) -> dict[str, str]:
@@ -131,11 +137,20 @@ class StaleCache:
         "_clock",
         "_credentials",
         "_detached",
+        "_entries",
         "_events",
         "_identity",
+        "_label",
         "_metrics",
+        "_now",
+        "_order",
         "_policy",
         "_request_headers",
+        "_secrets",
+        "_seen_fields",
+        "_seen_method",
+        "_seen_slot",
+        "_seen_target",
         "_store",
     )
 
@@ -143,6 +158,8 @@ class StaleCache:
         policy = host.policy.stale_cache
         assert policy is not None
         self._clock = host.clock
+        self._now = host.clock.now
+        self._label = host.label
         self._metrics = host.metrics
         self._events = host.events
         self._detached = False
@@ -150,6 +167,8 @@ class StaleCache:
         if store is None:
             store = host.shared["stale_cache"] = Store()
         self._store: Store = store
+        self._entries = store.entries
+        self._order = store.order
         store.adopt(host.label, host.metrics)
         self.reconfigure(policy)
 
@@ -159,6 +178,15 @@ class StaleCache:
         self._identity = tuple(name.encode("ascii") for name in policy.identity_headers)
         self._credentials = frozenset(_CREDENTIALS).difference(self._identity)
         self._request_headers = frozenset({b"cache-control", b"host", *_CREDENTIALS, *self._identity})
+        self._secrets = frozenset({*_CREDENTIALS, *self._identity})
+        self._forget_seen()
+
+    def _forget_seen(self) -> None:
+        # The last request read without credentials or identity (see __call__), and its slot.
+        self._seen_method = ""
+        self._seen_target: object = None
+        self._seen_fields: list[Any] = [_UNSEEN]  # equal to no request's fields
+        self._seen_slot: Slot = (("", "", "", None, b"", ()), ())
 
     def detach(self, host: Host) -> None:
         """The host's policy dropped the stale cache: its answers go, and calls still in flight store nothing."""
@@ -171,49 +199,90 @@ class StaleCache:
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         request = call.request
-        if request.method not in _METHODS:
+        method = request.method
+        if method not in _METHODS:
             return await call_next(call)
-        found = pick(request.headers, self._request_headers)
-        if "no-store" in cache_control(found.get(b"cache-control")):
-            return await call_next(call)
-        key = request_key(call, found, self._identity)
-        identity = key[5]
+        # The usual request is the previous one again: the same method, target and header fields
+        # make the same key (and a request with credentials or identity is never remembered).
+        if (
+            _SEES
+            and request.headers._list == self._seen_fields
+            and request.url._uri_reference == self._seen_target
+            and method == self._seen_method
+        ):
+            slot = self._seen_slot
+            credentialed = identified = False
+        else:
+            read = self._read(call)
+            if read is None:
+                return await call_next(call)
+            slot, credentialed, identified = read
         try:
             response = await call_next(call)
         except Exception as exc:
-            stale = self._stale(call, key, outcome_of_exception(exc))
+            stale = self._stale(call, slot[0], outcome_of_exception(exc))
             if stale is None:
                 raise
             return stale
         status = response.status_code
-        if status in FAILURE_STATUSES:
-            stale = self._stale(call, key, "server_error")
+        if status in STORABLE_STATUSES:
+            stream = response.stream
+            if isinstance(stream, BufferedStream):
+                body: bytes | None = stream.body
+            elif type(stream) is httpx.ByteStream and _BODY_KEPT:
+                body = stream._stream  # what iterating it would give
+            elif isinstance(stream, httpx.ByteStream):
+                body = b"".join(stream)
+            else:
+                body = None
+            if body is not None and not credentialed:
+                # The usual answer: the same as last time, status, header fields and body, so
+                # just as storable (the same key means the same identity). Only its time moves.
+                old = self._entries.get(slot)
+                if (
+                    old is not None
+                    and old.body == body
+                    and old.status == status
+                    and old.received == (response.headers._list if TRIPLES else response.headers.raw)  # fields()
+                ):
+                    # As fresh as now, and the most recently used (Store._touch, inline).
+                    old.stored = self._now()
+                    self._order.move_to_end(old)
+                    old.shelf.entries.move_to_end(old)
+                    return response
+            self._offer(call, slot[0], response, body, credentialed, identified)
+        elif status in FAILURE_STATUSES:
+            stale = self._stale(call, slot[0], "server_error")
             if stale is not None:
                 await response.aclose()
                 return stale
-        elif status in STORABLE_STATUSES:
-            credentialed = not found.keys().isdisjoint(self._credentials)
-            self._offer(call, key, response, credentialed, any(identity))  # a digest is never empty
         return response
 
-    def _offer(self, call: Call, key: Key, response: httpx.Response, credentialed: bool, identified: bool) -> None:
+    def _read(self, call: Call) -> tuple[Slot, bool, bool] | None:
+        """The slot of ``call``'s request (its key, no Vary), whether it carries credentials and an identity.
+
+        ``None`` when the request says ``no-store``. A request without
+        credentials or identity headers is remembered as the one
+        :meth:`__call__` need not read again.
+        """
+        request = call.request
+        found = pick(request.headers, self._request_headers)
+        if "no-store" in cache_control(found.get(b"cache-control")):
+            return None
+        key = request_key(call, found, self._identity)
+        slot: Slot = (key, ())
+        if found.keys().isdisjoint(self._secrets):
+            if _SEES:
+                self._seen_method, self._seen_target = request.method, request.url._uri_reference
+                self._seen_fields, self._seen_slot = list(request.headers._list), slot
+            return slot, False, False
+        return slot, not found.keys().isdisjoint(self._credentials), any(key[5])  # a digest is never empty
+
+    def _offer(
+        self, call: Call, key: Key, response: httpx.Response, body: bytes | None, credentialed: bool, identified: bool
+    ) -> None:
         """Store ``response`` if the rules allow it (see the module docstring), deciding once."""
         headers = response.headers
-        stream = response.stream
-        if isinstance(stream, BufferedStream):
-            body: bytes | None = stream.body
-        elif isinstance(stream, httpx.ByteStream):
-            body = b"".join(stream)
-        else:
-            body = None
-        raw = headers.raw
-        if body is not None and not credentialed:
-            # The usual case: the same answer as last time, headers and all, so just as storable
-            # (stored headers hold no Age or Set-Cookie). Only its time moves.
-            old = self._store.entries.get((key, ()))
-            if old is not None and old.body == body and old.headers == raw and old.status == response.status_code:
-                self._store.refresh(old, self._clock.now())
-                return
         found = pick(headers, _RESPONSE_HEADERS)
         directives = cache_control(found.get(b"cache-control"))
         if not directives.keys().isdisjoint(_NEVER):
@@ -234,23 +303,26 @@ class StaleCache:
             if not fresh:
                 return
             limit = math.nextafter(fresh, -math.inf)  # served while younger than ``fresh``, never as old
+        raw = headers.raw
         kept = raw if found.keys().isdisjoint(_NOT_KEPT) else [(k, v) for k, v in raw if k.lower() not in _NOT_KEPT]
         entry = Entry(
             key=key,
-            host=call.host.label,
+            host=self._label,
             status=response.status_code,
             headers=kept,
             body=b"",
             http_version=response.extensions.get("http_version", b"HTTP/1.1"),
             vary=tuple((name, call.request.headers.get(name)) for name in names),
-            stored=self._clock.now(),
+            stored=self._now(),
             initial_age=age_value(found.get(b"age")) or 0.0,
             limit=limit,
+            received=list(fields(headers)),  # a copy: the caller may change the response's headers
         )
         if entry.initial_age > limit:
             return
         limit_bytes = self._policy.max_body_bytes
         if body is None:
+            stream = response.stream
             if isinstance(stream, httpx.AsyncByteStream):
                 response.stream = _TeeStream(stream, limit_bytes, self, entry)
             return

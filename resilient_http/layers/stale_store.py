@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -33,7 +34,12 @@ Slot = tuple[Key, Vary]
 
 @dataclass(slots=True, eq=False)
 class Entry:
-    """One stored answer; ``limit`` is the age up to which it may be served."""
+    """One stored answer; ``limit`` is the age up to which it may be served.
+
+    ``received`` is the answer's header fields as they came (``_headers.fields``,
+    a copy): an answer that comes again with the same status, fields and body
+    is the same answer, as storable as this one was.
+    """
 
     key: Key
     host: str
@@ -45,7 +51,13 @@ class Entry:
     stored: float  # host clock
     initial_age: float
     limit: float
+    received: list[Any]
     size: int = 0
+    slot: Slot = field(init=False)
+    shelf: Shelf = field(init=False)  # set when stored
+
+    def __post_init__(self) -> None:
+        self.slot = (self.key, self.vary)
 
     def measure(self) -> None:
         self.size = len(self.body) + sum(len(k) + len(v) for k, v in self.headers)
@@ -56,7 +68,7 @@ class Shelf:
     """One host's part of the store; it exists only while the host has entries."""
 
     metrics: HostMetrics
-    entries: OrderedDict[Slot, Entry] = field(default_factory=OrderedDict)  # least recently used first
+    entries: OrderedDict[Entry, None] = field(default_factory=OrderedDict)  # least recently used first
     bytes: int = 0
 
 
@@ -64,7 +76,10 @@ class Store:
     """Entries of every host of a transport, bounded per host and in total."""
 
     def __init__(self) -> None:
-        self.entries: OrderedDict[Slot, Entry] = OrderedDict()  # least recently used first
+        self.entries: dict[Slot, Entry] = {}  # by the request they answer
+        # Least recently used first. Keyed by the entries themselves, which hash by identity:
+        # an entry used again moves to the end without hashing its key again.
+        self.order: OrderedDict[Entry, None] = OrderedDict()
         self.shelves: dict[str, Shelf] = {}
         self.by_key: dict[Key, list[Entry]] = {}
         self.total_bytes = 0
@@ -87,26 +102,22 @@ class Store:
                 return entry
         return None
 
-    def refresh(self, entry: Entry, now: float) -> None:
-        """The same answer came again: it is as fresh as now, and the most recently used."""
-        entry.stored = now
-        self._touch(entry)
-
     def put(self, entry: Entry, policy: StaleCachePolicy, metrics: HostMetrics) -> None:
         """Keep ``entry`` in place of any for the same request, then trim this host, then the store."""
-        slot = (entry.key, entry.vary)
+        slot = entry.slot
         entry.measure()
         self.max_entries = max(self.max_entries, policy.max_entries)
         self.max_bytes = max(self.max_bytes, policy.max_bytes)
         shelf = self.shelves.get(entry.host)
         if shelf is None:
             shelf = self.shelves[entry.host] = Shelf(metrics)
+        entry.shelf = shelf
         old = self.entries.get(slot)
-        self.entries[slot] = shelf.entries[slot] = entry
+        self.entries[slot] = entry
+        self.order[entry] = shelf.entries[entry] = None  # the most recently used
         if old is not None:
-            # The same resource again (the usual case): replace it, now the most recently used.
-            self.entries.move_to_end(slot)
-            shelf.entries.move_to_end(slot)
+            # The same resource again (the usual case): replace it (a slot's host is the entry's).
+            del self.order[old], shelf.entries[old]
             variants = self.by_key[entry.key]
             variants[variants.index(old)] = entry
             self._count(shelf, entry.size - old.size)
@@ -115,18 +126,19 @@ class Store:
             self._count(shelf, entry.size)
         own = shelf.entries
         while len(own) > 1 and (len(own) > policy.max_entries or shelf.bytes > policy.max_bytes):
-            self.remove(next(iter(own.values())))
-        while len(self.entries) > 1 and (len(self.entries) > self.max_entries or self.total_bytes > self.max_bytes):
-            self.remove(next(iter(self.entries.values())))
+            self.remove(next(iter(own)))
+        order = self.order
+        while len(order) > 1 and (len(order) > self.max_entries or self.total_bytes > self.max_bytes):
+            self.remove(next(iter(order)))
 
     def remove(self, entry: Entry) -> None:
         """Forget ``entry`` (nothing if it was replaced meanwhile); its host's shelf goes with its last entry."""
-        slot = (entry.key, entry.vary)
+        slot = entry.slot
         if self.entries.get(slot) is not entry:
             return
-        del self.entries[slot]
+        del self.entries[slot], self.order[entry]
         shelf = self.shelves[entry.host]
-        del shelf.entries[slot]
+        del shelf.entries[entry]
         variants = self.by_key[entry.key]
         variants.remove(entry)
         if not variants:
@@ -139,13 +151,13 @@ class Store:
         """Forget every entry of ``host`` (its policy no longer has a stale cache)."""
         shelf = self.shelves.get(host)
         if shelf is not None:
-            for entry in list(shelf.entries.values()):
+            for entry in list(shelf.entries):
                 self.remove(entry)
 
     def _touch(self, entry: Entry) -> None:
-        slot = (entry.key, entry.vary)
-        self.entries.move_to_end(slot)
-        self.shelves[entry.host].entries.move_to_end(slot)
+        """``entry`` is now the most recently used (StaleCache does the same inline for an answer seen again)."""
+        self.order.move_to_end(entry)
+        entry.shelf.entries.move_to_end(entry)
 
     def _count(self, shelf: Shelf, size: int) -> None:
         shelf.bytes += size
