@@ -358,6 +358,7 @@ class Retry:
         events = self._events
         if call.deadline is not None and until >= call.deadline:
             call.retry_stop = "rate_limit"
+            call.noted = True
             self._metrics.rate_limited.inc()  # refused for the rate limit, as the limiter's own refusals
             if events.wants(DEBUG, "rate_limit", call):
                 events.emit(
@@ -386,6 +387,7 @@ class Retry:
     def _stopped(self, call: Call, stop: str, attempt: int) -> None:
         """No further attempt, for ``stop`` (``CallInfo.retry_stop``)."""
         call.retry_stop = stop
+        call.noted = True
         events = self._events
         if events.wants(DEBUG, "retry", call):
             events.emit(RetryStopped(transport=events.transport, host=self._label, reason=stop, attempts=attempt), call)
