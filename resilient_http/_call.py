@@ -180,6 +180,7 @@ class Call:
 
     # A layer's notes: these defaults until it writes its own on the call.
     noted: bool = False
+    waits: tuple[Wait, ...] = ()  # every pause, in order: see waited()
     age: float | None = None
     circuit_state: str | None = None
     coalesced: bool = False
@@ -206,7 +207,10 @@ class Call:
         # so that it also bounds waiting in the rate limiter in front of it.
         self.deadline: float | None = None if timeout is None or timeout.total is None else started + timeout.total
         self.attempts = 0
-        self.waits: list[Wait] = []
+
+    def waited(self, reason: str, seconds: float) -> None:
+        """Note a pause of the call (``reason`` as :class:`Wait` names them)."""
+        self.waits += (Wait(reason, seconds),)
 
     def blocked_in_dry_run(self, layer: str) -> None:
         """``layer``, in dry-run mode, would have blocked this call: say so, and count it once per call."""
@@ -230,7 +234,7 @@ class Call:
                 self.attempts,
                 self.stale,
                 self.age,
-                tuple(self.waits) if self.waits else (),
+                self.waits,
                 self.circuit_state,
                 self.retry_stop,
                 self.coalesced,
