@@ -91,10 +91,12 @@ class Host:
         "chain",
         "chains",
         "clock",
+        "direct",
         "events",
         "hedge_gates",
         "holds",
         "host",
+        "infos",
         "inner",
         "label",
         "layers",
@@ -141,7 +143,12 @@ class Host:
         self.calls = 0  # calls in flight, counted by the host table: a busy host is never evicted
         self.shared: dict[str, Any] = {} if shared is None else shared  # one dict for all hosts of a transport
         self.chains: dict[tuple[bool, ...], Next] = {}
+        # The CallInfo of a call that made one attempt, waited for nothing and
+        # noted nothing, by the breaker's state as it ended: one record shared
+        # by every such call (a CallInfo is immutable), rather than one each.
+        self.infos: dict[str | None, CallInfo] = {}
         self.chain: Next  # the chain of ``policy``, set once the layers exist
+        self.direct = False  # no layer at all in ``policy``: its calls skip the chain (see the transport)
         # Called with every response an attempt receives (a rate limiter reads
         # the server's Retry-After and RateLimit hints here); empty costs nothing.
         self.observers: list[Callable[[httpx.Response, float], None]] = []
@@ -166,10 +173,14 @@ class Call:
     What every call has is set when it is made; what a layer notes only when
     it happens (a stale answer, a retry's stop, a hedge) is read from the
     class until a layer writes it on the call, so that a plain call pays for
-    none of it.
+    none of it. A layer that writes one of these notes (``circuit_state``
+    aside, which the breaker writes on every call) also sets ``noted``, so
+    that :meth:`info` knows the call's story is more than its host's usual one.
     """
 
     # A layer's notes: these defaults until it writes its own on the call.
+    noted: bool = False
+    waits: tuple[Wait, ...] = ()  # every pause, in order: see waited()
     age: float | None = None
     circuit_state: str | None = None
     coalesced: bool = False
@@ -196,15 +207,26 @@ class Call:
         # so that it also bounds waiting in the rate limiter in front of it.
         self.deadline: float | None = None if timeout is None or timeout.total is None else started + timeout.total
         self.attempts = 0
-        self.waits: list[Wait] = []
+
+    def waited(self, reason: str, seconds: float) -> None:
+        """Note a pause of the call (``reason`` as :class:`Wait` names them)."""
+        self.waits += (Wait(reason, seconds),)
 
     def blocked_in_dry_run(self, layer: str) -> None:
         """``layer``, in dry-run mode, would have blocked this call: say so, and count it once per call."""
         if layer not in self.dry_run:
             self.dry_run += (layer,)
+            self.noted = True
             self.host.metrics.labelled("dry_run_blocked", layer).inc()
 
     def info(self) -> CallInfo:
+        """What happened to this call, as it stands."""
+        if self.attempts == 1 and not self.noted and not self.waits:  # the usual story: shared
+            infos = self.host.infos
+            info = infos.get(self.circuit_state)
+            if info is None:
+                info = infos[self.circuit_state] = CallInfo(self.host.label, 1, circuit_state=self.circuit_state)
+            return info
         return _tuple_new(
             CallInfo,
             (
@@ -212,7 +234,7 @@ class Call:
                 self.attempts,
                 self.stale,
                 self.age,
-                tuple(self.waits) if self.waits else (),
+                self.waits,
                 self.circuit_state,
                 self.retry_stop,
                 self.coalesced,

@@ -141,8 +141,9 @@ class SideProcess:
         try:
             await asyncio.wait_for(process.wait(), ENDED_WITHIN)
         except TimeoutError:
-            process.kill()
-            killed = True
+            with contextlib.suppress(ProcessLookupError):  # it may have ended since the wait gave up
+                process.kill()
+                killed = True
             await process.wait()
         if self._reader is not None:
             await self._reader

@@ -71,6 +71,7 @@ async def fall_back(fallback: Fallback, call: Call, failure: Exception | httpx.R
         reason = outcome_of_exception(failure)
     answer.request = call.request
     call.fallback = True
+    call.noted = True
     call.host.metrics.labelled("fallbacks", reason).inc()
     return answer
 

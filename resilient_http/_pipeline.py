@@ -144,3 +144,9 @@ def update(host: Host, policy: Policy) -> None:
     host.policy = policy
     host.chains.clear()
     host.chain = chain_for(host, policy)
+    host.direct = is_direct(policy)
+
+
+def is_direct(policy: Policy) -> bool:
+    """Whether ``policy`` turns every layer off, the timeouts too: its calls go straight to the network."""
+    return policy.timeout is None and not any(_active(policy))

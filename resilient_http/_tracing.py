@@ -81,6 +81,16 @@ AVAILABLE = _trace is not None
 _UNKNOWN = object()
 _UNSET = AVAILABLE and "OTEL_PYTHON_TRACER_PROVIDER" not in os.environ
 
+
+class _Unknown:
+    _TRACER_PROVIDER = _UNKNOWN
+
+
+#: Its ``_TRACER_PROVIDER`` is ``None`` exactly while no global provider is set
+#: (read on every call by the transport, without a call of its own); never
+#: ``None`` when that cannot be known from it, so that :meth:`Tracing.tracer` decides.
+GLOBAL: Any = _trace if _UNSET and hasattr(_trace, "_TRACER_PROVIDER") else _Unknown
+
 _METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY"})
 _SCOPE = "resilient_http"
 
@@ -153,11 +163,12 @@ def _end_call(call: Call, span: Any, response: httpx.Response | None, error: Bas
 class Tracing:
     """One transport's tracer: the spans of its calls and attempts, and the span sink of its events."""
 
-    __slots__ = ("_provider", "_seen", "_tracer", "transport")
+    __slots__ = ("_provider", "_seen", "_tracer", "given", "transport")
 
     def __init__(self, provider: Any, transport: str) -> None:
         self.transport = transport
         self._provider = provider
+        self.given = provider is not None  # a provider of the transport's own, not the global one
         self._seen: Any = None  # the global provider the tracer was made from
         self._tracer: Any = None
         if provider is not None:

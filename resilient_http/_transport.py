@@ -20,14 +20,14 @@ from ._events import Event, Events
 from ._exceptions import ConfigurationError
 from ._fallback import Fallback, check_fallback, failed, fall_back
 from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable, canonical_host, host_of
-from ._metrics import DEFAULT_NAME, OUTCOMES, TransportMetrics, outcome_of_exception, outcome_of_status
+from ._metrics import DEFAULT_NAME, TransportMetrics, outcome_of_exception, outcome_of_status
 from ._network import CertTypes, ProxyTypes, SocketOption, VerifyTypes, default_inner, refuse_beside_inner
-from ._pipeline import chain_for, update
+from ._pipeline import chain_for, is_direct, update
 from ._series import abandon
 from ._tracing import AVAILABLE as TRACING_AVAILABLE
-from ._tracing import Tracing
+from ._tracing import GLOBAL, Tracing
 from ._watchdog import Watchdog
-from .layers.timeout import IN_MEMORY, guard_body
+from .layers.timeout import IN_MEMORY, first_bytes, guard_body, try_failed
 from .store import Store, open_store, open_store_table
 from .store._fleet import FLEET, Fleet
 
@@ -213,6 +213,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._clock: Clock = SystemClock() if clock is None else clock
         self._random = default_random() if random is None else random
         self._hosts: HostTable[Host] = HostTable(self._make_host, self._evict_host, max_hosts)
+        # (host, port, scheme) as a URL holds them -> the host table's key; see handle_async_request.
+        self._aliases: dict[tuple[str, int | None, str], tuple[str, int]] = {}
         self._watchdog = Watchdog()  # every attempt's timer, whatever its host
         self._shared: dict[str, Any] = {}  # state layers keep across hosts (the stale cache's store, the fleet)
         self._fleet = self._open_fleet(store, registry)
@@ -296,6 +298,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             watchdog=self._watchdog,
         )
         state.chain = chain_for(state, state.policy)
+        state.direct = is_direct(state.policy)
         return state
 
     @staticmethod
@@ -307,10 +310,15 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         return self._table.resolve(canonical_host(host), port)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
         hosts = self._hosts
+        # The host's key: from the URL's parts as httpx parsed them, through the
+        # names already seen (canonicalising a name costs more than the lookup).
+        try:
+            parts = request.url._uri_reference
+            key = self._aliases[parts.host, parts.port, parts.scheme]
+        except (AttributeError, KeyError):
+            key = self._key(request.url)
         # HostTable.enter and .leave, inlined for a host already in the table (the usual case).
-        key = (host_of(url.raw_host), url.port or DEFAULT_PORTS.get(url.scheme, 0))
         entries = hosts.entries
         host = entries.get(key)
         if host is None:
@@ -320,6 +328,12 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             host.calls += 1
         try:
             override = request.extensions.get("resilient_http")
+            tracing = self._tracing
+            untraced = self._fallback is None and (
+                tracing is None or (not tracing.given and GLOBAL._TRACER_PROVIDER is None) or tracing.tracer() is None
+            )
+            if host.direct and override is None and untraced:
+                return await self._direct(request, host)
             if override is None:
                 call = Call(request, host, host.policy, self._clock.now())
                 chain = host.chain
@@ -327,26 +341,77 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 policy, priority = _override(host.policy, override)
                 call = Call(request, host, policy, self._clock.now(), priority)
                 chain = chain_for(host, policy)
-            tracing = self._tracing
-            if self._fallback is None and (tracing is None or tracing.tracer() is None):
+            if untraced:
                 try:
                     response = await chain(call)
                 except BaseException as exc:
                     self._ended(call, exc)
                     raise
-                status = response.status_code
-                outcome = "stale" if call.stale else OUTCOMES[status] if 0 <= status < 600 else "other"
-                host.metrics.request(outcome, self._clock.now() - call.started, call.stale_reason)
+                if call.noted:  # a stale answer, say
+                    outcome = "stale" if call.stale else outcome_of_status(response.status_code)
+                    host.metrics.request(outcome, self._clock.now() - call.started, call.stale_reason)
+                    info = call.info()
+                else:
+                    host.metrics.answered(response.status_code, self._clock.now() - call.started)
+                    info = (
+                        host.infos.get(call.circuit_state) or call.info()
+                        if call.attempts == 1 and not call.waits
+                        else call.info()
+                    )
             else:
                 response = await self._call_with_extras(call, chain)
+                info = call.info()
             if not isinstance(response.stream, IN_MEMORY):
                 guard_body(call, response)
-            response.extensions["resilient_http"] = call.info()
+            response.extensions["resilient_http"] = info
             return response
         finally:
             host.calls -= 1
             if not host.calls and len(entries) > hosts.max_hosts:
                 hosts.shrink()
+
+    async def _direct(self, request: httpx.Request, host: Host) -> httpx.Response:
+        """A call on a host whose policy turns every layer off: one try, counted as the call and as its try.
+
+        What ``attempt`` does without a timer, without making the call's
+        record unless it fails. Nothing runs between the call's start and
+        its try's, so one duration is both.
+        """
+        clock = self._clock
+        started = clock.now()
+        try:
+            response = await host.inner.handle_async_request(request)
+            if not isinstance(response.stream, IN_MEMORY):
+                await first_bytes(response)
+        except BaseException as exc:
+            seconds = clock.now() - started
+            await try_failed(host, exc, seconds)
+            call = Call(request, host, host.policy, started)
+            call.attempts = 1
+            self._ended(call, exc)
+            raise
+        seconds = clock.now() - started
+        status = response.status_code
+        metrics = host.metrics
+        metrics.tried(status, seconds)
+        metrics.answered(status, seconds)
+        response.request = request
+        info = host.infos.get(None)
+        if info is None:
+            info = host.infos[None] = CallInfo(host.label, 1)
+        response.extensions["resilient_http"] = info
+        return response
+
+    def _key(self, url: httpx.URL) -> tuple[str, int]:
+        """The host table's key for ``url``'s host (canonical name, port), remembered under the URL's own parts."""
+        key = (host_of(url.raw_host), url.port or DEFAULT_PORTS.get(url.scheme, 0))
+        parts = getattr(url, "_uri_reference", None)
+        if parts is not None:
+            aliases = self._aliases
+            if len(aliases) >= 4 * self._hosts.max_hosts:  # bounded like the table: start again
+                aliases.clear()
+            aliases[parts.host, parts.port, parts.scheme] = key
+        return key
 
     async def _call_with_extras(self, call: Call, chain: Next) -> httpx.Response:
         """A call that is traced, or may get a fallback answer: the chain inside those, and the outcome counted."""

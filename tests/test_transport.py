@@ -88,6 +88,68 @@ async def test_the_response_knows_its_request(harness: Harness) -> None:
     assert response.request.url == "https://api.example.com/items?page=2"
 
 
+async def test_calls_with_nothing_to_tell_share_one_call_info_and_the_others_get_their_own(harness: Harness) -> None:
+    """A first try that waited for nothing shares its host's CallInfo; a retried call, or a noted one, has its own."""
+    client = harness.client(Script(200, 200, 503, 200), only(retry=PLAIN))
+    first, second, retried = [_info(await client.get("/")) for _ in range(3)]
+    assert first is second and first == CallInfo(HOST, 1)
+    assert (retried.attempts, len(retried.waits)) == (2, 1)
+    post = harness.client(Script(503), only(retry=PLAIN))
+    refused = _info(await post.post("/"))  # one try, but the retry layer noted why it stopped
+    assert (refused.attempts, refused.retry_stop) == (1, "not_idempotent")
+
+
+OFF = only()
+
+
+async def test_a_host_with_every_layer_off_counts_each_call_and_its_try(harness: Harness) -> None:
+    """Without any layer the call goes straight to the network, and is still counted as a call and as a try."""
+    client = harness.client(Script(200, 503, httpx.ConnectError), OFF)
+    ok = await client.get("/")
+    assert _info(ok) == CallInfo(HOST, 1) and ok.request.url.path == "/"
+    assert (await client.get("/")).status_code == 503
+    with pytest.raises(httpx.ConnectError) as caught:
+        await client.get("/")
+    assert call_info(caught.value) == CallInfo(HOST, 1)
+    for outcome, count in (("2xx", 1.0), ("5xx", 1.0), ("error", 1.0)):
+        assert harness.value("resilient_http_requests_total", outcome=outcome) == count, outcome
+        assert harness.value("resilient_http_attempts_total", outcome=outcome) == count, outcome
+    assert harness.value("resilient_http_request_duration_seconds_count") == 3.0
+    assert harness.value("resilient_http_attempt_duration_seconds_count") == 3.0
+
+
+async def test_a_cancelled_call_on_a_host_with_every_layer_off_is_counted_and_leaves_the_host(
+    harness: Harness,
+) -> None:
+    """Cancelled while the network holds it: counted cancelled, and the host no longer has it in flight."""
+    entered = anyio.Event()
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        entered.set()
+        await anyio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    transport = harness.transport(hang, OFF)
+    async with httpx.AsyncClient(transport=transport, base_url="https://api.example.com") as client:
+        async with anyio.create_task_group() as group:
+            group.start_soon(client.get, "/")
+            await entered.wait()
+            group.cancel_scope.cancel()
+        assert harness.value("resilient_http_requests_total", outcome="cancelled") == 1.0
+        assert harness.value("resilient_http_attempts_total", outcome="cancelled") == 1.0
+    assert [host.calls for host in transport._hosts.values()] == [0]
+
+
+async def test_one_host_however_its_urls_spell_it(harness: Harness) -> None:
+    """Names that differ in case, a trailing dot or a default port share one host entry and its state."""
+    transport = harness.transport(Script(200, 200, 200, 200), OFF)
+    async with httpx.AsyncClient(transport=transport) as client:
+        for url in ("https://api.example.com/", "https://API.example.com./", "https://api.example.com:443/"):
+            assert _info(await client.get(url)).host == HOST
+        assert _info(await client.get("http://api.example.com/")).host == "api.example.com:80"
+    assert sorted(host.label for host in transport._hosts.values()) == ["api.example.com:443", "api.example.com:80"]
+
+
 # Per-call overrides
 
 

@@ -62,7 +62,7 @@ from typing import Any
 import anyio
 import httpx
 
-from .._call import PRIORITIES, Call, Host, Next, Wait
+from .._call import PRIORITIES, Call, Host, Next
 from .._clock import Clock
 from .._config import BulkheadPolicy
 from .._events import DEBUG, CallRejected, LimitChanged, Waited
@@ -420,7 +420,7 @@ class Bulkhead:
         finally:
             waited = clock.now() - started
             if waited > 0:
-                call.waits.append(Wait("bulkhead", waited))
+                call.waited("bulkhead", waited)
                 events = self._events
                 if events.wants(DEBUG, "bulkhead", call):
                     events.emit(

@@ -153,6 +153,7 @@ class Coalesce:
         if isinstance(outcome, _Answer):
             if all(request.headers.get(name) == value for name, value in outcome.vary):
                 call.coalesced = True
+                call.noted = True
                 self._metrics.labelled("coalesced", "response").inc()
                 self._coalesced(call, "response")
                 return outcome.response_for(request)
@@ -163,6 +164,7 @@ class Coalesce:
                 error = None
             if error is not None:
                 call.coalesced = True
+                call.noted = True
                 self._metrics.labelled("coalesced", "error").inc()
                 self._coalesced(call, "error")
                 raise error

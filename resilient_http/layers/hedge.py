@@ -351,6 +351,7 @@ class Hedge:
                         result = outcome.result
                         if isinstance(result, str):  # a hedge its gates refused
                             call.hedge_stop = result
+                            call.noted = True
                             self._metrics.labelled("hedges", result).inc()
                             due = None
                             continue
@@ -413,6 +414,7 @@ class Hedge:
                 return
             race.sent += 1
             call.hedges += 1
+            call.noted = True
         clock = self._clock
         started = clock.now()
         if copy:
@@ -469,6 +471,7 @@ class Hedge:
         if won:
             assert decided is not None
             call.hedge_won = True
+            call.noted = True
             self._metrics.labelled("hedges", "won").inc()
             events = self._events
             if events.wants(DEBUG, "hedge", call):

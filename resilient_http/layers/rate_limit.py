@@ -82,7 +82,7 @@ from typing import NoReturn
 import anyio
 import httpx
 
-from .._call import Call, Host, Next, Wait
+from .._call import Call, Host, Next
 from .._clock import Clock
 from .._config import RateLimitPolicy
 from .._events import DEBUG, INFO, CallRejected, CooldownStarted, Waited
@@ -369,7 +369,7 @@ class RateLimiter:
     def _waited(self, call: Call, waited: float) -> None:
         self._wait_seconds.observe(waited)
         if waited > 0:
-            call.waits.append(Wait("rate_limit", waited))
+            call.waited("rate_limit", waited)
             events = self._events
             if events.wants(DEBUG, "rate_limit", call):
                 events.emit(

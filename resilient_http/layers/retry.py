@@ -42,7 +42,7 @@ from functools import partial
 import httpx
 from httpx._multipart import FileField, MultipartStream  # httpx's form body; no public module exports it
 
-from .._call import Call, Host, Next, Wait
+from .._call import Call, Host, Next
 from .._clock import Clock
 from .._config import IDEMPOTENT_METHODS, RetryBudget, RetryPolicy
 from .._events import DEBUG, INFO, BudgetRefused, CallRejected, RetryScheduled, RetryStopped, Waited
@@ -322,9 +322,9 @@ class Retry:
                     raise
                 wait = "backoff" if hinted is None else "retry_after"
             delay, receipt = scheduled
-            call.waits.append(Wait(wait, backoff))
+            call.waited(wait, backoff)
             if delay > backoff:
-                call.waits.append(Wait("rate_limit", delay - backoff))
+                call.waited("rate_limit", delay - backoff)
             events = self._events
             if events.wants(DEBUG, "retry", call):
                 self._scheduled(call, reason, wait, attempt, backoff, delay)
@@ -358,6 +358,7 @@ class Retry:
         events = self._events
         if call.deadline is not None and until >= call.deadline:
             call.retry_stop = "rate_limit"
+            call.noted = True
             self._metrics.rate_limited.inc()  # refused for the rate limit, as the limiter's own refusals
             if events.wants(DEBUG, "rate_limit", call):
                 events.emit(
@@ -376,7 +377,7 @@ class Retry:
                 retry_after=until - now,
                 request=call.request,
             )
-        call.waits.append(Wait("rate_limit", until - now))
+        call.waited("rate_limit", until - now)
         if events.wants(DEBUG, "rate_limit", call):
             events.emit(
                 Waited(transport=events.transport, host=self._label, reason="rate_limit", seconds=until - now), call
@@ -386,6 +387,7 @@ class Retry:
     def _stopped(self, call: Call, stop: str, attempt: int) -> None:
         """No further attempt, for ``stop`` (``CallInfo.retry_stop``)."""
         call.retry_stop = stop
+        call.noted = True
         events = self._events
         if events.wants(DEBUG, "retry", call):
             events.emit(RetryStopped(transport=events.transport, host=self._label, reason=stop, attempts=attempt), call)

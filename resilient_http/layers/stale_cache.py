@@ -342,6 +342,7 @@ class StaleCache:
         call.stale = True
         call.age = age
         call.stale_reason = reason
+        call.noted = True
         self._metrics.labelled("stale_served", reason).inc()
         events = self._events
         if events.wants(DEBUG, "stale_cache", call):

@@ -38,12 +38,11 @@ from collections.abc import AsyncIterator
 import anyio
 import httpx
 
-from .._call import Call
+from .._call import Call, Host
 from .._deadline import Operations, derive, operations
 from .._events import DEBUG, TimedOut
 from .._exceptions import DeadlineExceededError, Phase, TimeoutKind, deadline_error
 from .._headers import non_negative
-from .._metrics import OUTCOMES
 from .._pool import reap
 from .._watchdog import Timer
 
@@ -178,7 +177,7 @@ def guard_body(call: Call, response: httpx.Response) -> None:
         response.stream = BodyStream(stream, call, timeouts.idle, total)
 
 
-async def _first_bytes(response: httpx.Response) -> None:
+async def first_bytes(response: httpx.Response) -> None:
     """Wait for the first bytes of a small sized body; keep the body in memory if they complete it."""
     length = response.headers.get("content-length")
     size = None if length is None else non_negative(length, PREREAD_LIMIT + 1)
@@ -210,7 +209,19 @@ async def _rest(response: httpx.Response, timeouts: Operations | None) -> None:
     """After the headers, inside the attempt's timer: the first bytes of a body that is not in memory yet."""
     if timeouts is not None:
         timeouts.phase = "read"
-    await _first_bytes(response)
+    await first_bytes(response)
+
+
+async def try_failed(host: Host, exc: BaseException, seconds: float) -> None:
+    """Count a try that ended in ``exc``; after a timeout or a cancellation, free what the pool left behind."""
+    if isinstance(exc, httpx.TimeoutException):
+        host.metrics.attempt("timeout", seconds)
+    elif isinstance(exc, Exception):
+        host.metrics.attempt("error", seconds)
+        return
+    else:
+        host.metrics.attempt("cancelled", seconds)
+    await reap(host.inner)
 
 
 async def attempt(call: Call, traced: bool = False) -> httpx.Response:
@@ -273,21 +284,12 @@ async def attempt(call: Call, traced: bool = False) -> httpx.Response:
                     await _rest(response, ops)
             if scope.cancelled_caught:
                 raise expired(call, kind, phase=None if ops is None else ops.phase)
-    except httpx.TimeoutException:
-        metrics.attempt("timeout", clock.now() - started)
-        await reap(inner)
-        raise
-    except Exception:
-        metrics.attempt("error", clock.now() - started)
-        raise
-    except BaseException:
-        metrics.attempt("cancelled", clock.now() - started)
-        await reap(inner)
+    except BaseException as exc:
+        await try_failed(host, exc, clock.now() - started)
         raise
     response.request = request
     finished = clock.now()
-    status = response.status_code
-    metrics.attempt(OUTCOMES[status] if 0 <= status < 600 else "other", finished - started)
+    metrics.tried(response.status_code, finished - started)
     for observe in host.observers:
         observe(response, finished)
     return response
