@@ -16,7 +16,9 @@ Modes, switched while traffic runs (:meth:`FaultServer.set_mode`):
     quota     at most ``quota`` requests per one-second window; the rest get 429
               with ``Retry-After`` (whole seconds to the window's end, at least 1)
     hang      read the request, never answer
-    outage    503 without ``Retry-After``, or a TCP reset for ``reset_share`` of them
+    outage    503 without ``Retry-After``, or a TCP reset for ``reset_share`` of them,
+              each after ``outage_latency`` seconds (0: at once; more: a failure that
+              is slow, as a gateway that times out)
     capacity  ``capacity`` requests served at once in ``base_latency`` seconds; above
               it, each answer takes longer in proportion (``base_latency * n /
               capacity``), and a share of arrivals get an immediate 503 that grows
@@ -69,6 +71,7 @@ class FaultServer:
         grace: float = 0.005,
         capacity: int = 20,
         base_latency: float = 0.1,
+        outage_latency: float = 0.0,
         seed: int = 0,
     ) -> None:
         self.error_share = error_share
@@ -79,6 +82,7 @@ class FaultServer:
         self.grace = grace
         self.capacity = capacity  # may be changed while traffic runs
         self.base_latency = base_latency
+        self.outage_latency = outage_latency  # may be changed between runs
         self.busy = 0  # requests being served in capacity mode
         self.mode: Mode = "healthy"
         self.arrivals: list[Arrival] = []
@@ -156,6 +160,8 @@ class FaultServer:
             await asyncio.Event().wait()  # until the connection is dropped
             return False
         if mode == "outage":
+            if self.outage_latency:
+                await asyncio.sleep(self.outage_latency)
             if self._random.random() < self.reset_share:
                 self._record(now, path, RESET)
                 sock = writer.get_extra_info("socket")

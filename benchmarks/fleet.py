@@ -1,6 +1,6 @@
 """A fleet of worker processes on one Redis: quota, server back-off, breaker trials, Redis killed, cost.
 
-    python -m benchmarks.fleet [--smoke] [--json PATH] [--plot PATH]
+    python -m benchmarks.fleet [--smoke] [--parts PART,...] [--json PATH] [--plot PATH]
 
 Every worker is a process of its own (``tests/fleet_worker.py``: its own
 event loop, its own ``ResilientTransport(store=...)``) offering calls open
@@ -17,7 +17,12 @@ benchmark starts its own ``redis-server`` on a free loopback port.
    arrivals from every worker during those seconds.
 3. **Outage**: the server answers 503 to everything; breakers with
    ``half_open_calls=2`` and one-second breaks; trials per break, counted at
-   the server, with the shared store and without.
+   the server, with the shared store and without. Twice: failures that come
+   at once (a failed trial reopens the circuit before a second trial is
+   asked for, so a break sees one) and failures that take ``slow_failure``
+   seconds (the first trial is still in flight when the second slot is
+   claimed: a break sees exactly ``half_open_calls``). Its server is
+   ``benchmarks/_faults.py``'s, which can hold a failure.
 4. **Redis killed** for a few seconds in a quota run: errors that reach the
    callers, the longest call, the aggregate rate meanwhile, and when the
    workers use Redis again after it returns.
@@ -25,6 +30,11 @@ benchmark starts its own ``redis-server`` on a free loopback port.
    and a breaker, without a store and with the Redis store: Redis commands
    per call (from Redis's own ``INFO commandstats``), and the latency per
    call at p50 and p99.
+
+``--parts outage`` (say) runs only those parts, and with ``--json`` of a
+file that exists, puts their results into it in place of the old ones,
+keeping the others (with the machine and command of the run that made
+them; the new parts' own are under ``reruns``).
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ from resilient_http import CircuitBreakerPolicy, Policy, RateLimitPolicy, Resili
 from resilient_http._upstream import Upstream
 
 from ._common import HERE, machine, percentile, table, verdict, write_json
+from ._faults import FaultServer
 
 WORKER = HERE.parent / "tests" / "fleet_worker.py"
 REDIS_SERVER = shutil.which("redis-server")
@@ -72,6 +83,8 @@ class Settings:
     outage: float = 8.0
     down: tuple[float, float] = (3.0, 6.0)
     cost_calls: int = 2000
+    #: Seconds the server holds each failure in the outage's second run.
+    slow_failure: float = 0.3
     #: The store's timeout per operation in the quota, hold and outage runs (the store's default: 50 ms).
     store_timeout: float = 0.05
 
@@ -408,24 +421,27 @@ async def hold(upstream: Upstream, redis: RedisProcess, s: Settings) -> dict[str
     }
 
 
-async def outage(upstream: Upstream, redis: RedisProcess, s: Settings, shared: bool) -> dict[str, Any]:
+async def outage(server: FaultServer, redis: RedisProcess, s: Settings, shared: bool, slow: bool) -> dict[str, Any]:
+    """Trials per break, counted at the server: failures at once, or each held ``slow_failure`` seconds."""
     breaker = {"minimum_calls": 5, "failure_ratio": 0.5, "break_duration": 1.0, "max_break_duration": 1.0}
     policy = {**OFF, "circuit_breaker": {**breaker, "half_open_calls": 2}}
-    upstream.reset_share = 0.0
-    upstream.set_mode("outage")
-    before = len(upstream.arrivals)
+    server.reset_share = 0.0
+    server.outage_latency = s.slow_failure if slow else 0.0
+    server.set_mode("outage")
+    redis.command("FLUSHALL")  # an earlier run's circuit, for the same host, must not be this one's start
+    before = len(server.arrivals)
     try:
         reports, start = await workers(
             s.workers,
-            url=upstream.url + "/search",
+            url=server.url + "/search",
             store={"url": redis.url, "timeout": s.store_timeout} if shared else None,
             policy=policy,
             duration=s.outage,
             rate=s.rate / 2,
         )
     finally:
-        upstream.set_mode("healthy")
-    arrivals = sorted(upstream.arrivals[before:])
+        server.set_mode("healthy")
+    arrivals = sorted(a.at for a in server.arrivals[before:])
     groups: list[list[float]] = [[arrivals[0]]] if arrivals else []
     for t in arrivals[1:]:
         if t - groups[-1][-1] > 0.4:  # a break is 0.8 s at least
@@ -434,9 +450,12 @@ async def outage(upstream: Upstream, redis: RedisProcess, s: Settings, shared: b
     trials = [len(g) for g in groups[1:]]
     return {
         "shared": shared,
+        "failure": "slow" if slow else "fast",
+        "failure_seconds": server.outage_latency,
         "before_first_break": len(groups[0]) if groups else 0,
         "trials_per_break": trials,
         "max_trials_per_break": max(trials, default=0),
+        "min_trials_per_break": min(trials, default=0),
         "fallbacks": sum(r["fallbacks"] for r in reports),
         "arrivals": [t - start for t in arrivals],
         "outcomes": _outcomes(reports),
@@ -532,99 +551,146 @@ async def cost(upstream: Upstream, redis: RedisProcess, s: Settings) -> list[dic
     return rows
 
 
+PARTS = ("quota", "hold", "outage", "redis_down", "cost")
+
+
 def targets(result: dict[str, Any], s: Settings) -> list[dict[str, Any]]:
-    shared, alone = result["quota"]
-    h, down = result["hold"], result["redis_down"]
-    trials = result["outage"][0]["max_trials_per_break"]
-    costs = result["cost"]
-    waits = down["diagnosis"]
-    return [
-        {
-            "target": f"shared quota: arrivals within ±5 % of {s.rate}/s",
-            "measured": f"{shared['arrivals_per_second']:.1f}/s",
-            "met": abs(shared["arrivals_per_second"] - s.rate) <= 0.05 * s.rate,
-        },
-        {
-            "target": f"shared quota: never more than {s.rate} + {s.burst} in one second",
-            "measured": f"{shared['most_in_one_second']} at the server (after the first second: "
-            f"{shared['most_in_one_second_after_first']}); "
-            f"{shared['diagnosis']['sends_later_than_their_slot_by_over_20_ms']} sends a stalled worker delayed"
-            f" over 20 ms past their slot; without them, at most "
-            f"{shared['diagnosis']['most_on_time_sends_in_one_second']} in one second",
-            "met": shared["most_in_one_second"] <= s.rate + s.burst,
-        },
-        {
-            "target": f"without a shared store: about {s.workers} x {s.rate}/s",
-            "measured": f"{alone['arrivals_per_second']:.1f}/s",
-            "met": alone["arrivals_per_second"] >= 0.9 * s.workers * s.rate,
-        },
-        {
-            "target": f"429 Retry-After: {s.retry_after:g} heard by one worker: no send begun by any worker"
-            " once the fleet knew, until it ends",
-            "measured": f"{h['sends_begun_once_published']} (published {_ms(h['published_after'])} after the 429; "
-            f"{h['arrivals_during_hold']} arrivals in the hold)",
-            "met": h["sends_begun_once_published"] == 0,
-        },
-        {
-            "target": "outage: at most half_open_calls (2) trials per break, fleet-wide",
-            "measured": trials,
-            "met": trials <= 2,
-        },
-        {
-            "target": "Redis killed: no error reaches a caller",
-            "measured": down["errors"],
-            "met": down["errors"] == 0,
-        },
-        {
-            "target": f"Redis killed: no call awaits the store longer than its timeout + {SLACK * 1e3:.0f} ms,"
-            " but for the time its own loop ran late",
-            "measured": f"max {waits['call_store_wait_max_ms']:.0f} ms, p99 {waits['call_store_wait_p99_ms']:.1f} ms;"
-            f" {waits['calls_waiting_on_the_store_over_timeout_plus_slack']} over, "
-            f"{waits['of_which_not_during_a_loop_lag_as_long']} not explained by a loop lag "
-            f"(max lag {waits['loop_lag_max_ms']:.0f} ms)",
-            "met": waits["of_which_not_during_a_loop_lag_as_long"] == 0,
-        },
-        {
-            "target": f"Redis killed: aggregate rate within the local shares ({s.rate}/s + a token each)",
-            "measured": down["most_in_one_second_while_down"],
-            "met": down["most_in_one_second_while_down"] <= s.rate + s.workers,
-        },
-        {
-            "target": "Redis back: sharing resumes within the store's cooldown",
-            "measured": f"{down['resumed_after']:.2f} s (cooldown {down['cooldown']:g} s)",
-            "met": down["resumed_after"] <= down["cooldown"] + 0.1,
-        },
-        {
-            "target": "Redis round trips per call: at most one unsaturated; saturated far fewer, about one per"
-            " call sent (at most 1.2 after the first second, heartbeats aside)",
-            "measured": f"{costs[1]['redis_commands_per_call']:.3f} unsaturated; saturated "
-            f"{shared['redis_commands_per_call']:.3f} per call, {shared['redis_commands_per_call_sent']:.2f} per"
-            f" call sent, heartbeats included; after the first second, heartbeats aside (counted by the workers): "
-            f"{shared['after_first_second_redis_commands_per_call']:.3f} and "
-            f"{shared['after_first_second_redis_commands_per_call_sent']:.2f}",
-            "met": costs[1]["redis_commands_per_call"] <= 1.05
-            and shared["after_first_second_redis_commands_per_call_sent"] <= 1.2,
-        },
-    ]
+    """Each target of the parts the result holds, measured and judged."""
+    found = []
+    if "quota" in result:
+        shared, alone = result["quota"]
+        found += [
+            {
+                "target": f"shared quota: arrivals within ±5 % of {s.rate}/s",
+                "measured": f"{shared['arrivals_per_second']:.1f}/s",
+                "met": abs(shared["arrivals_per_second"] - s.rate) <= 0.05 * s.rate,
+            },
+            {
+                "target": f"shared quota: never more than {s.rate} + {s.burst} in one second",
+                "measured": f"{shared['most_in_one_second']} at the server (after the first second: "
+                f"{shared['most_in_one_second_after_first']}); "
+                f"{shared['diagnosis']['sends_later_than_their_slot_by_over_20_ms']} sends a stalled worker delayed"
+                f" over 20 ms past their slot; without them, at most "
+                f"{shared['diagnosis']['most_on_time_sends_in_one_second']} in one second",
+                "met": shared["most_in_one_second"] <= s.rate + s.burst,
+            },
+            {
+                "target": f"without a shared store: about {s.workers} x {s.rate}/s",
+                "measured": f"{alone['arrivals_per_second']:.1f}/s",
+                "met": alone["arrivals_per_second"] >= 0.9 * s.workers * s.rate,
+            },
+        ]
+    if "hold" in result:
+        h = result["hold"]
+        found.append(
+            {
+                "target": f"429 Retry-After: {s.retry_after:g} heard by one worker: no send begun by any worker"
+                " once the fleet knew, until it ends",
+                "measured": f"{h['sends_begun_once_published']} (published {_ms(h['published_after'])} after the"
+                f" 429; {h['arrivals_during_hold']} arrivals in the hold)",
+                "met": h["sends_begun_once_published"] == 0,
+            }
+        )
+    if "outage" in result:
+        runs = {(r["shared"], r.get("failure", "fast")): r for r in result["outage"]}
+        fast = runs[True, "fast"]
+        found.append(
+            {
+                "target": "outage, failures at once: at most half_open_calls (2) trials per break, fleet-wide",
+                "measured": f"{_trials(fast['trials_per_break'])} (without the store: "
+                f"{_trials(runs[False, 'fast']['trials_per_break'])})",
+                "met": fast["max_trials_per_break"] <= 2,
+            }
+        )
+        if (True, "slow") in runs:
+            slow = runs[True, "slow"]
+            found.append(
+                {
+                    "target": f"outage, failures after {s.slow_failure * 1e3:.0f} ms: exactly half_open_calls (2)"
+                    " trials per break, fleet-wide",
+                    "measured": f"{_trials(slow['trials_per_break'])} (without the store: "
+                    f"{_trials(runs[False, 'slow']['trials_per_break'])})",
+                    "met": bool(slow["trials_per_break"]) and set(slow["trials_per_break"]) == {2},
+                }
+            )
+    if "redis_down" in result:
+        down = result["redis_down"]
+        waits = down["diagnosis"]
+        found += [
+            {
+                "target": "Redis killed: no error reaches a caller",
+                "measured": down["errors"],
+                "met": down["errors"] == 0,
+            },
+            {
+                "target": f"Redis killed: no call awaits the store longer than its timeout + {SLACK * 1e3:.0f} ms,"
+                " but for the time its own loop ran late",
+                "measured": f"max {waits['call_store_wait_max_ms']:.0f} ms,"
+                f" p99 {waits['call_store_wait_p99_ms']:.1f} ms;"
+                f" {waits['calls_waiting_on_the_store_over_timeout_plus_slack']} over,"
+                f" {waits['of_which_not_during_a_loop_lag_as_long']} not explained by a loop lag "
+                f"(max lag {waits['loop_lag_max_ms']:.0f} ms)",
+                "met": waits["of_which_not_during_a_loop_lag_as_long"] == 0,
+            },
+            {
+                "target": f"Redis killed: aggregate rate within the local shares ({s.rate}/s + a token each)",
+                "measured": down["most_in_one_second_while_down"],
+                "met": down["most_in_one_second_while_down"] <= s.rate + s.workers,
+            },
+            {
+                "target": "Redis back: sharing resumes within the store's cooldown",
+                "measured": f"{down['resumed_after']:.2f} s (cooldown {down['cooldown']:g} s)",
+                "met": down["resumed_after"] <= down["cooldown"] + 0.1,
+            },
+        ]
+    if "cost" in result and "quota" in result:
+        costs, shared = result["cost"], result["quota"][0]
+        found.append(
+            {
+                "target": "Redis round trips per call: at most one unsaturated; saturated far fewer, about one per"
+                " call sent (at most 1.2 after the first second, heartbeats aside)",
+                "measured": f"{costs[1]['redis_commands_per_call']:.3f} unsaturated; saturated "
+                f"{shared['redis_commands_per_call']:.3f} per call, {shared['redis_commands_per_call_sent']:.2f} per"
+                f" call sent, heartbeats included; after the first second, heartbeats aside (counted by the workers):"
+                f" {shared['after_first_second_redis_commands_per_call']:.3f} and "
+                f"{shared['after_first_second_redis_commands_per_call_sent']:.2f}",
+                "met": costs[1]["redis_commands_per_call"] <= 1.05
+                and shared["after_first_second_redis_commands_per_call_sent"] <= 1.2,
+            }
+        )
+    return found
+
+
+def _trials(per_break: list[int]) -> str:
+    return ", ".join(map(str, per_break)) or "no break ended"
 
 
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.1f} ms"
 
 
-async def run(s: Settings) -> dict[str, Any]:
+async def run(s: Settings, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
+    """The parts named, in their usual order, each on this benchmark's own Redis and servers."""
+    result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as directory:
         redis = RedisProcess(directory)
         redis.start()
         try:
-            async with Upstream("fleet-bench") as upstream:
-                result: dict[str, Any] = {
-                    "quota": [await quota(upstream, redis, s, True), await quota(upstream, redis, s, False)],
-                    "hold": await hold(upstream, redis, s),
-                    "outage": [await outage(upstream, redis, s, True), await outage(upstream, redis, s, False)],
-                    "redis_down": await redis_down(upstream, redis, s),
-                    "cost": await cost(upstream, redis, s),
-                }
+            async with Upstream("fleet-bench") as upstream, FaultServer(reset_share=0.0) as faults:
+                if "quota" in parts:
+                    result["quota"] = [await quota(upstream, redis, s, True), await quota(upstream, redis, s, False)]
+                if "hold" in parts:
+                    result["hold"] = await hold(upstream, redis, s)
+                if "outage" in parts:
+                    result["outage"] = [
+                        await outage(faults, redis, s, shared, slow)
+                        for slow in (False, True)
+                        for shared in (True, False)
+                    ]
+                if "redis_down" in parts:
+                    result["redis_down"] = await redis_down(upstream, redis, s)
+                if "cost" in parts:
+                    result["cost"] = await cost(upstream, redis, s)
         finally:
             redis.stop()
     result["settings"] = dataclasses.asdict(s)
@@ -633,120 +699,153 @@ async def run(s: Settings) -> dict[str, Any]:
 
 
 def report(result: dict[str, Any]) -> str:
-    q = table(
-        [
-            "store",
-            "offered/s",
-            "arrivals/s",
-            "most in 1 s",
-            "after 1 s: /s",
-            "after 1 s: most in 1 s",
-            "round trips per call",
-            "fallbacks",
-            "p99 ms",
-            "max ms",
-        ],
-        [
+    """The tables of the parts the result holds, and the targets."""
+    sections = []
+    if "quota" in result:
+        q = table(
             [
-                "shared" if r["shared"] else "none",
-                r["offered_per_second"],
-                r["arrivals_per_second"],
-                r["most_in_one_second"],
-                r["after_first_second_per_second"],
-                r["most_in_one_second_after_first"],
-                r["redis_commands_per_call"],
-                r["fallbacks"],
-                r["latency_p99"] * 1e3,
-                r["latency_max"] * 1e3,
-            ]
-            for r in result["quota"]
-        ],
-    )
-    o = table(
-        ["store", "calls before the first break", "trials per break"],
-        [
-            ["shared" if r["shared"] else "none", r["before_first_break"], r["trials_per_break"]]
-            for r in result["outage"]
-        ],
-    )
-    d = result["redis_down"]
-    down = table(
-        ["errors", "p50 ms", "p99 ms", "max ms", "arrivals/s while down", "most in 1 s while down", "resumed after s"],
-        [
+                "store",
+                "offered/s",
+                "arrivals/s",
+                "most in 1 s",
+                "after 1 s: /s",
+                "after 1 s: most in 1 s",
+                "round trips per call",
+                "fallbacks",
+                "p99 ms",
+                "max ms",
+            ],
             [
-                d["errors"],
-                d["latency_p50"] * 1e3,
-                d["latency_p99"] * 1e3,
-                d["latency_max"] * 1e3,
-                d["arrivals_per_second_while_down"],
-                d["most_in_one_second_while_down"],
-                d["resumed_after"],
-            ]
-        ],
-    )
-    c = table(
-        ["store", "calls", "Redis round trips per call", "p50 ms", "p99 ms"],
-        [[r["store"], r["calls"], r["redis_commands_per_call"], r["p50_ms"], r["p99_ms"]] for r in result["cost"]],
-    )
-    h = result["hold"]
+                [
+                    "shared" if r["shared"] else "none",
+                    r["offered_per_second"],
+                    r["arrivals_per_second"],
+                    r["most_in_one_second"],
+                    r["after_first_second_per_second"],
+                    r["most_in_one_second_after_first"],
+                    r["redis_commands_per_call"],
+                    r["fallbacks"],
+                    r["latency_p99"] * 1e3,
+                    r["latency_max"] * 1e3,
+                ]
+                for r in result["quota"]
+            ],
+        )
+        sections.append(f"## Quota\n\n{q}")
+    if "hold" in result:
+        h = result["hold"]
+        sections.append(
+            f"## Hold\n\nRetry-After {h['retry_after']:g} s heard at {h['heard_at']:.2f} s, published to the store "
+            f"{_ms(h['published_after'])} later: {h['sends_begun_once_published']} sends begun once published, "
+            f"{h['sends_begun_between_heard_and_published']} between the 429 and its publication; "
+            f"{h['arrivals_during_hold']} arrivals at the server during the hold "
+            f"(at {', '.join(f'{t * 1e3:.0f}' for t in h['arrivals_during_hold_at']) or '-'} ms); "
+            f"the first after it {h['first_after_hold']} s after the 429; {h['fallbacks']} store fallbacks."
+        )
+    if "outage" in result:
+        o = table(
+            ["failures", "store", "calls before the first break", "trials per break"],
+            [
+                [
+                    _failure(r),
+                    "shared" if r["shared"] else "none",
+                    r["before_first_break"],
+                    _trials(r["trials_per_break"]),
+                ]
+                for r in result["outage"]
+            ],
+        )
+        sections.append(f"## Outage\n\n{o}")
+    if "redis_down" in result:
+        d = result["redis_down"]
+        down = table(
+            [
+                "errors",
+                "p50 ms",
+                "p99 ms",
+                "max ms",
+                "arrivals/s while down",
+                "most in 1 s while down",
+                "resumed after s",
+            ],
+            [
+                [
+                    d["errors"],
+                    d["latency_p50"] * 1e3,
+                    d["latency_p99"] * 1e3,
+                    d["latency_max"] * 1e3,
+                    d["arrivals_per_second_while_down"],
+                    d["most_in_one_second_while_down"],
+                    d["resumed_after"],
+                ]
+            ],
+        )
+        sections.append(f"## Redis killed\n\n{down}")
+    if "cost" in result:
+        c = table(
+            ["store", "calls", "Redis round trips per call", "p50 ms", "p99 ms"],
+            [[r["store"], r["calls"], r["redis_commands_per_call"], r["p50_ms"], r["p99_ms"]] for r in result["cost"]],
+        )
+        sections.append(f"## Cost per call (sequential, one process)\n\n{c}")
     runs = [
-        ("quota, shared", result["quota"][0]),
-        ("quota, no store", result["quota"][1]),
-        ("hold", h),
-        ("Redis killed", d),
+        (name, result[key][index] if index is not None else result[key])
+        for name, key, index in (
+            ("quota, shared", "quota", 0),
+            ("quota, no store", "quota", 1),
+            ("hold", "hold", None),
+            ("Redis killed", "redis_down", None),
+        )
+        if key in result
     ]
-    lag = table(
-        [
-            "run",
-            "loop lag max ms",
-            "lags ≥ timeout",
-            "store ops",
-            "answered p50 / p99 / max ms",
-            "unanswered (during a lag)",
-            "Redis PING p99 / max ms",
-            "call's store wait p99 / max ms",
-            "calls awaiting it > timeout + 20 ms (not explained by loop lag)",
-            "sends > 20 ms after their slot (max ms)",
-        ],
-        [
+    if runs:
+        lag = table(
             [
-                name,
-                g["loop_lag_max_ms"],
-                g["loop_lags_over_timeout"],
-                g["store_operations"],
-                f"{g['store_answered_p50_ms']:.2f} / {g['store_answered_p99_ms']:.1f}"
-                f" / {g['store_answered_max_ms']:.0f}",
-                f"{g['store_unanswered']} ({g['store_unanswered_during_a_lag']})",
-                f"{g['redis_ping_p99_ms']:.1f} / {g['redis_ping_max_ms']:.1f}",
-                f"{g['call_store_wait_p99_ms']:.1f} / {g['call_store_wait_max_ms']:.0f}",
-                f"{g['calls_waiting_on_the_store_over_timeout_plus_slack']}"
-                f" ({g['of_which_not_during_a_loop_lag_as_long']})",
-                f"{g['sends_later_than_their_slot_by_over_20_ms']} ({g['send_after_slot_max_ms']:.0f})",
-            ]
-            for name, r in runs
-            for g in (r["diagnosis"],)
-        ],
-    )
+                "run",
+                "loop lag max ms",
+                "lags ≥ timeout",
+                "store ops",
+                "answered p50 / p99 / max ms",
+                "unanswered (during a lag)",
+                "Redis PING p99 / max ms",
+                "call's store wait p99 / max ms",
+                "calls awaiting it > timeout + 20 ms (not explained by loop lag)",
+                "sends > 20 ms after their slot (max ms)",
+            ],
+            [
+                [
+                    name,
+                    g["loop_lag_max_ms"],
+                    g["loop_lags_over_timeout"],
+                    g["store_operations"],
+                    f"{g['store_answered_p50_ms']:.2f} / {g['store_answered_p99_ms']:.1f}"
+                    f" / {g['store_answered_max_ms']:.0f}",
+                    f"{g['store_unanswered']} ({g['store_unanswered_during_a_lag']})",
+                    f"{g['redis_ping_p99_ms']:.1f} / {g['redis_ping_max_ms']:.1f}",
+                    f"{g['call_store_wait_p99_ms']:.1f} / {g['call_store_wait_max_ms']:.0f}",
+                    f"{g['calls_waiting_on_the_store_over_timeout_plus_slack']}"
+                    f" ({g['of_which_not_during_a_loop_lag_as_long']})",
+                    f"{g['sends_later_than_their_slot_by_over_20_ms']} ({g['send_after_slot_max_ms']:.0f})",
+                ]
+                for name, r in runs
+                for g in (r["diagnosis"],)
+            ],
+        )
+        sections.append(f"## Where the time went\n\n{lag}")
     goals = table(
         ["target", "measured", "verdict"], [[t["target"], t["measured"], verdict(t["met"])] for t in result["targets"]]
     )
-    held = (
-        f"Retry-After {h['retry_after']:g} s heard at {h['heard_at']:.2f} s, published to the store "
-        f"{_ms(h['published_after'])} later: {h['sends_begun_once_published']} sends begun once published, "
-        f"{h['sends_begun_between_heard_and_published']} between the 429 and its publication; "
-        f"{h['arrivals_during_hold']} arrivals at the server during the hold "
-        f"(at {', '.join(f'{t * 1e3:.0f}' for t in h['arrivals_during_hold_at']) or '-'} ms); "
-        f"the first after it {h['first_after_hold']} s after the 429; {h['fallbacks']} store fallbacks."
-    )
-    return (
-        f"## Quota\n\n{q}\n\n## Hold\n\n{held}\n\n## Outage\n\n{o}\n\n## Redis killed\n\n{down}\n\n"
-        f"## Cost per call (sequential, one process)\n\n{c}\n\n## Where the time went\n\n{lag}\n\n"
-        f"## Targets\n\n{goals}\n"
-    )
+    sections.append(f"## Targets\n\n{goals}")
+    return "\n\n".join(sections) + "\n"
+
+
+def _failure(outage: dict[str, Any]) -> str:
+    """How an outage run's server failed: at once (a run from before there were two has no word for it)."""
+    seconds = outage.get("failure_seconds", 0.0)
+    return f"after {seconds * 1e3:.0f} ms" if seconds else "at once"
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    """Four panels: the quota, the hold, the trials of an outage, Redis killed."""
+    """Four panels: the quota, the hold, the trials of an outage, Redis killed (blank for a part not run)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -755,36 +854,74 @@ def plot(result: dict[str, Any], path: str) -> None:
     s = result["settings"]
     fig, axes = plt.subplots(2, 2, figsize=(13, 8))
     ax = axes[0][0]
-    for r, colour in zip(result["quota"], ("#1f77b4", "#d62728"), strict=True):
-        xs = [i * r["bin"] for i in range(len(r["timeline"]))]
-        label = "shared store" if r["shared"] else "no shared store"
-        ax.step(xs, [n / r["bin"] for n in r["timeline"]], where="post", color=colour, label=label)
-    ax.axhline(s["rate"], color="black", linestyle=":", label=f"quota {s['rate']}/s")
-    ax.set(title=f"{s['workers']} workers offered 2 x quota each", xlabel="s", ylabel="arrivals/s at the server")
-    ax.legend()
+    if "quota" in result:
+        for r, colour in zip(result["quota"], ("#1f77b4", "#d62728"), strict=True):
+            xs = [i * r["bin"] for i in range(len(r["timeline"]))]
+            label = "shared store" if r["shared"] else "no shared store"
+            ax.step(xs, [n / r["bin"] for n in r["timeline"]], where="post", color=colour, label=label)
+        ax.axhline(s["rate"], color="black", linestyle=":", label=f"quota {s['rate']}/s")
+        ax.set(title=f"{s['workers']} workers offered 2 x quota each", xlabel="s", ylabel="arrivals/s at the server")
+        ax.legend()
     ax = axes[0][1]
-    h = result["hold"]
-    xs = [i * h["bin"] for i in range(len(h["timeline"]))]
-    ax.step(xs, [n / h["bin"] for n in h["timeline"]], where="post", color="#1f77b4")
-    ax.axvspan(h["heard_at"], h["heard_at"] + h["retry_after"], color="#ff7f0e", alpha=0.2, label="Retry-After")
-    ax.set(title="one worker hears 429 Retry-After", xlabel="s", ylabel="arrivals/s at the server")
-    ax.legend()
+    if "hold" in result:
+        h = result["hold"]
+        xs = [i * h["bin"] for i in range(len(h["timeline"]))]
+        ax.step(xs, [n / h["bin"] for n in h["timeline"]], where="post", color="#1f77b4")
+        ax.axvspan(h["heard_at"], h["heard_at"] + h["retry_after"], color="#ff7f0e", alpha=0.2, label="Retry-After")
+        ax.set(title="one worker hears 429 Retry-After", xlabel="s", ylabel="arrivals/s at the server")
+        ax.legend()
     ax = axes[1][0]
-    for row, r in enumerate(result["outage"]):
-        ax.plot(r["arrivals"], [row] * len(r["arrivals"]), "|", markersize=14, color=("#1f77b4", "#d62728")[row])
-    ax.set_yticks([0, 1], ["shared store", "no shared store"])
-    ax.set(title="outage: every arrival (half_open_calls=2)", xlabel="s")
+    if "outage" in result:
+        rows = result["outage"]
+        for row, r in enumerate(rows):
+            colour = "#1f77b4" if r["shared"] else "#d62728"
+            ax.plot(r["arrivals"], [row] * len(r["arrivals"]), "|", markersize=14, color=colour)
+        names = [f"failing {_failure(r)}, {'shared store' if r['shared'] else 'no store'}" for r in rows]
+        ax.set_yticks(range(len(rows)), names)
+        ax.invert_yaxis()
+        ax.set(title="outage: every arrival (half_open_calls=2)", xlabel="s")
     ax = axes[1][1]
-    d = result["redis_down"]
-    xs = [i * d["bin"] for i in range(len(d["timeline"]))]
-    ax.step(xs, [n / d["bin"] for n in d["timeline"]], where="post", color="#1f77b4")
-    ax.axvspan(d["killed_at"], d["back_at"], color="#7f7f7f", alpha=0.25, label="Redis down")
-    ax.axhline(s["rate"], color="black", linestyle=":", label=f"quota {s['rate']}/s")
-    ax.set(title="Redis killed mid-run", xlabel="s", ylabel="arrivals/s at the server")
-    ax.legend()
+    if "redis_down" in result:
+        d = result["redis_down"]
+        xs = [i * d["bin"] for i in range(len(d["timeline"]))]
+        ax.step(xs, [n / d["bin"] for n in d["timeline"]], where="post", color="#1f77b4")
+        ax.axvspan(d["killed_at"], d["back_at"], color="#7f7f7f", alpha=0.25, label="Redis down")
+        ax.axhline(s["rate"], color="black", linestyle=":", label=f"quota {s['rate']}/s")
+        ax.set(title="Redis killed mid-run", xlabel="s", ylabel="arrivals/s at the server")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def earlier(path: str, s: Settings) -> dict[str, Any]:
+    """An earlier run's results, to merge new parts into; refused when its settings differ from ``s``.
+
+    With other settings, the targets would judge one part by another's
+    numbers. A setting the earlier run did not have yet is not a difference.
+    """
+    with open(path, encoding="utf-8") as file:
+        found: dict[str, Any] = json.load(file)
+    settings = json.loads(json.dumps(dataclasses.asdict(s)))  # as JSON has them: lists, not tuples
+    differ = {k: (v, settings.get(k)) for k, v in found["settings"].items() if settings.get(k) != v}
+    if differ:
+        raise SystemExit(f"{path} was run with other settings (there, here): {differ}")
+    return found
+
+
+def merge(earlier: dict[str, Any], result: dict[str, Any], s: Settings) -> dict[str, Any]:
+    """An earlier run's results with the parts of ``result`` put in place of its own.
+
+    The earlier run's other parts, machine and command stay; the new parts'
+    machine and command go under ``reruns``.
+    """
+    for part in PARTS:
+        if part in result:
+            earlier[part] = result[part]
+            earlier.setdefault("reruns", {})[part] = {"machine": result["machine"], "command": result["command"]}
+    earlier["settings"] = result["settings"]
+    earlier["targets"] = targets(earlier, s)
+    return earlier
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -794,6 +931,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", metavar="PATH", help="draw the figure there (needs matplotlib)")
     parser.add_argument("--store-timeout", type=float, help="the store's timeout in the quota, hold and outage runs")
     parser.add_argument("--replot", metavar="JSON", help="report and draw an earlier run's results, without running")
+    parser.add_argument(
+        "--parts",
+        type=_parts,
+        default=PARTS,
+        metavar="PART,...",
+        help=f"run only these ({', '.join(PARTS)}); with --json of an existing file, merge them into it",
+    )
     args = parser.parse_args(argv)
     if args.replot:  # the targets are judged again: their wording may have changed since
         result = json.loads(open(args.replot, encoding="utf-8").read())
@@ -812,15 +956,28 @@ def main(argv: list[str] | None = None) -> int:
     settings = SMOKE if args.smoke else Settings()
     if args.store_timeout is not None:
         settings = dataclasses.replace(settings, store_timeout=args.store_timeout)
-    result = asyncio.run(run(settings))
+    into = None
+    if args.parts != PARTS and args.json and os.path.exists(args.json):
+        into = earlier(args.json, settings)
+    result = asyncio.run(run(settings, args.parts))
     result["machine"] = machine()
     result["command"] = "python -m benchmarks.fleet " + " ".join(argv if argv is not None else sys.argv[1:])
+    if into is not None:
+        result = merge(into, result, settings)
     if args.json:
         write_json(args.json, result)
     print(report(result))
     if args.plot:
         plot(result, args.plot)
     return 0
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    """``--parts``: names from :data:`PARTS`, comma-separated, run in :data:`PARTS`' order."""
+    named = {name.strip() for name in text.split(",") if name.strip()}
+    if not named or named - set(PARTS):
+        raise argparse.ArgumentTypeError(f"parts are {', '.join(PARTS)} (got {text!r})")
+    return tuple(part for part in PARTS if part in named)
 
 
 if __name__ == "__main__":

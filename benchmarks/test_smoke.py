@@ -165,12 +165,17 @@ def test_fleet_benchmark_reports_every_scenario(tmp_path: Path) -> None:
     shared, alone = data["quota"]
     assert shared["shared"] and not alone["shared"] and shared["arrivals"] > 0 and alone["arrivals"] > 0
     assert _number(data["hold"]["arrivals_during_hold"]) and _number(data["hold"]["sends_begun_once_published"])
-    assert [r["shared"] for r in data["outage"]] == [True, False]
+    assert [(r["failure"], r["shared"]) for r in data["outage"]] == [
+        ("fast", True),
+        ("fast", False),
+        ("slow", True),
+        ("slow", False),
+    ]
     assert _number(data["redis_down"]["latency_max"]) and _number(data["redis_down"]["errors"])
     assert _number(data["redis_down"]["diagnosis"]["call_store_wait_max_ms"])
     assert _number(shared["diagnosis"]["loop_lag_max_ms"])
     assert [row["store"] for row in data["cost"]] == ["no store (in memory)", "Redis store"]
-    assert len(data["targets"]) == 10 and all(isinstance(t["met"], bool) for t in data["targets"])
+    assert len(data["targets"]) == 11 and all(isinstance(t["met"], bool) for t in data["targets"])
     if importlib.util.find_spec("matplotlib") is not None:
         fleet.plot(data, str(tmp_path / "fleet.png"))
         assert (tmp_path / "fleet.png").stat().st_size > 0

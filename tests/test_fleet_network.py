@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flaky_server import respond, server_on_its_own_thread
+from flaky_server import delay, respond, server_on_its_own_thread
 from redis_server import RedisServer, free_port, needs_redis, redis_cluster
 
 pytestmark = needs_redis
@@ -95,6 +95,17 @@ def outcomes(found: list[dict[str, Any]]) -> dict[str, int]:
     return counted
 
 
+def breaks(arrivals: list[float], gap: float) -> list[list[float]]:
+    """Arrivals at the server grouped: a new group after a silence longer than ``gap`` (a break)."""
+    ordered = sorted(arrivals)
+    groups: list[list[float]] = [ordered[:1]]
+    for t in ordered[1:]:
+        if t - groups[-1][-1] > gap:
+            groups.append([])
+        groups[-1].append(t)
+    return groups
+
+
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path)
@@ -166,15 +177,42 @@ def test_after_an_outage_the_fleet_sends_half_open_calls_trials_per_break(redis:
             4, url=server.url("/"), store={"url": redis.url, "timeout": PATIENT}, policy=policy, duration=3.0, rate=20
         )
         found = results(processes)
-    arrivals = sorted(r.arrived for r in server.requests_to("/"))
-    groups: list[list[float]] = [[arrivals[0]]]
-    for t in arrivals[1:]:
-        if t - groups[-1][-1] > 0.25:  # a break (0.48 s at least) between two groups
-            groups.append([])
-        groups[-1].append(t)
+    groups = breaks([r.arrived for r in server.requests_to("/")], gap=0.25)  # a break is 0.48 s at least
     assert len(groups) >= 3, groups
     trials = [len(group) for group in groups[1:]]
     assert all(n <= 2 for n in trials), trials  # without a shared store: up to 4 workers x 2 each
+    assert outcomes(found).keys() <= {"503", "CircuitOpenError"}
+
+
+def test_with_slow_failures_each_break_lets_exactly_half_open_calls_trials_out_fleet_wide(
+    redis: RedisServer,
+) -> None:
+    """4 workers, a host that fails after 300 ms: each break after the first lets 2 trials out, fleet-wide, not 4 x 2.
+
+    A failure that takes 300 ms keeps the first trial in flight while the
+    fleet's other calls (80 a second) ask for the second slot, so the second
+    is taken too and no third goes (with a failure that is quick, the first
+    trial reopens the circuit before a second is asked for: the test above).
+    On a loaded machine a worker may stall past those 300 ms and leave a
+    slot unclaimed in some break, so each break must hold at most 2 and at
+    least one exactly 2; a fleet whose workers each took their own trials
+    would show up to 8.
+    """
+    breaker = {"minimum_calls": 4, "failure_ratio": 0.5, "break_duration": 0.6, "max_break_duration": 0.6}
+    policy = {**OFF, "circuit_breaker": {**breaker, "half_open_calls": 2}}
+    with server_on_its_own_thread() as server:
+        server.default("/", delay(0.3, 503))
+        processes, _ = start_workers(
+            4, url=server.url("/"), store={"url": redis.url, "timeout": PATIENT}, policy=policy, duration=4.0, rate=20
+        )
+        found = results(processes)
+    # Between two breaks' trials: 0.3 s for the failure and a 0.6 s break. The trials of one break arrive
+    # within the fleet's 12.5 ms between calls, or a stalled worker's lag: half the silence tells them apart.
+    groups = breaks([r.arrived for r in server.requests_to("/")], gap=0.45)
+    assert len(groups) >= 3, groups
+    trials = [len(group) for group in groups[1:]]
+    assert all(n <= 2 for n in trials), trials
+    assert 2 in trials, trials
     assert outcomes(found).keys() <= {"503", "CircuitOpenError"}
 
 
