@@ -41,7 +41,7 @@ from purgatory import AsyncCircuitBreakerFactory
 from resilient_http import BulkheadPolicy, Policy
 
 from . import _cachegrind
-from ._common import machine, median, table, verdict, write_json
+from ._common import machine, median, percentile, table, verdict, write_json
 from ._server import Server
 from .overhead import (
     BARE,
@@ -301,6 +301,9 @@ async def socket(settings: Settings) -> dict[str, Any]:
                     "name": name,
                     "calls_per_second": median(rates[name]),
                     "ratio": median(r / b for r, b in zip(rates[name], rates[BARE], strict=True)),
+                    # How far one round's ratio strays: the machine's noise, against the gap measured.
+                    "ratio_p25_p75": _quartiles([r / b for r, b in zip(rates[name], rates[BARE], strict=True)]),
+                    "ratio_of_medians": median(rates[name]) / median(rates[BARE]),
                     "client_cpu_us_per_call": median(cpu[name]) * 1e6,
                     "cpu_ratio": median(b / c for c, b in zip(cpu[name], cpu[BARE], strict=True)),
                 }
@@ -383,6 +386,10 @@ def _table(result: dict[str, Any]) -> list[str]:
     return out
 
 
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    return percentile(values, 25), percentile(values, 75)
+
+
 def _socket_report(sk: dict[str, Any]) -> str:
     header = (
         f"\n### Throughput over a socket (server in its own process; {sk['seconds']} s x {sk['repeats']} "
@@ -394,13 +401,24 @@ def _socket_report(sk: dict[str, Any]) -> str:
             r["name"],
             r["calls_per_second"],
             f"{r['ratio']:.3f}",
+            "{:.2f} to {:.2f}".format(*r["ratio_p25_p75"]) if "ratio_p25_p75" in r else "",
+            f"{r['ratio_of_medians']:.3f}" if "ratio_of_medians" in r else "",
             r["client_cpu_us_per_call"],
             f"{r['cpu_ratio']:.3f}",
         ]
         for level in sk["levels"]
         for r in level["rows"]
     )
-    headers = ("callers", "client", "calls/s", "x bare", "client CPU µs/call", "x bare (calls per CPU-second)")
+    headers = (
+        "callers",
+        "client",
+        "calls/s",
+        "x bare (median of rounds)",
+        "p25 to p75 of rounds",
+        "x bare (of the medians)",
+        "client CPU µs/call",
+        "x bare (calls per CPU-second)",
+    )
     return header + "\n" + table(headers, rows)
 
 
