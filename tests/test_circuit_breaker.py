@@ -415,6 +415,59 @@ async def test_a_call_from_before_the_circuit_opened_cannot_reopen_it_once_close
     assert harness.value("resilient_http_circuit_opened_total") == 1
 
 
+def _slow_and_fail(**gates: anyio.Event) -> Script:
+    """A server answering ``/fail`` with 503, ``/<gate>`` with 200 once that gate is set, anything else with 200."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        gate = gates.get(request.url.path.strip("/"))
+        if gate is not None:
+            await gate.wait()
+        return httpx.Response(503 if request.url.path == "/fail" else 200)
+
+    return Script(handler)
+
+
+async def test_a_success_from_before_the_circuit_opened_reports_it_open(harness: Harness) -> None:
+    """A closed-state call that succeeds once the circuit has opened reports the state it ended in: open."""
+    slow = anyio.Event()
+    client = harness.client(_slow_and_fail(slow=slow), _breaker(**TRIGGER_HAPPY))
+    late: list[str | None] = []
+
+    async def call_slow() -> None:
+        late.append(_state(await client.get("/slow")))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call_slow)  # starts while closed
+        await anyio.wait_all_tasks_blocked()
+        await client.get("/fail")  # opens
+        slow.set()
+    assert late == ["open"]
+
+
+async def test_a_success_from_before_the_circuit_opened_does_not_count_once_it_closed(harness: Harness) -> None:
+    """A closed-state call that succeeds after the circuit opened and closed again is not counted in the new window."""
+    slow = anyio.Event()
+    client = harness.client(
+        _slow_and_fail(slow=slow), _breaker(**{**TRIGGER_HAPPY, "minimum_calls": 2, "failure_ratio": 0.5})
+    )
+    late: list[str | None] = []
+
+    async def call_slow() -> None:
+        late.append(_state(await client.get("/slow")))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call_slow)  # starts while closed
+        await anyio.wait_all_tasks_blocked()
+        await client.get("/fail")
+        await client.get("/fail")  # opens
+        harness.clock.advance(await _open_for(client))
+        assert _state(await client.get("/")) == "closed"  # the trial succeeds: a new, empty window
+        await client.get("/")  # one success in it
+        slow.set()  # the old call's success arrives in it too
+    assert late == ["closed"]
+    assert _state(await client.get("/fail")) == "open"  # one failure in two calls: the late success is not a third
+
+
 async def test_a_trial_ending_in_an_error_made_on_this_side_gives_its_slot_back(harness: Harness) -> None:
     """A trial that fails for a reason that says nothing about the host neither reopens nor blocks the circuit."""
     script = Script(503, httpx.UnsupportedProtocol, 200)

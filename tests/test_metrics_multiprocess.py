@@ -185,3 +185,61 @@ def test_gauges_never_go_negative_when_calls_end_after_their_host_left(tmp_path:
     ]
     assert ("closing", "a.example", "resilient_http_bulkhead_in_flight", 0.0) in gauges
     assert [gauge for gauge in gauges if gauge[3] < 0] == []
+
+
+HOLDING_WORKER = textwrap.dedent(
+    """
+    import asyncio, sys
+    import httpx
+    from resilient_http import BulkheadPolicy, Policy, ResilientTransport
+
+    async def main():
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        async def handler(request):
+            entered.set()
+            await release.wait()
+            return httpx.Response(200)
+
+        policy = Policy(bulkhead=BulkheadPolicy(max_concurrent=2), retry=None, circuit_breaker=None)
+        transport = ResilientTransport(default=policy, inner=httpx.MockTransport(handler))
+        async with httpx.AsyncClient(transport=transport) as client:
+            call = asyncio.ensure_future(client.get("http://api.example/"))
+            await entered.wait()
+            print("in flight", flush=True)
+            await asyncio.to_thread(sys.stdin.readline)
+            release.set()
+            await call
+            print("done", flush=True)
+            await asyncio.to_thread(sys.stdin.read)  # open until the test has looked
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_an_attempt_holding_a_free_slot_shows_in_flight_in_multiprocess_mode(tmp_path: Path) -> None:
+    """bulkhead_in_flight, written to the worker's file, reads 1 while an attempt holds a slot and 0 once it is back."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    worker = subprocess.Popen(
+        [sys.executable, "-W", "error", "-c", HOLDING_WORKER],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stdin is not None and worker.stdout is not None
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
+    labels = {"transport": "default", **where("api.example:80")}
+    try:
+        assert worker.stdout.readline() == "in flight\n"
+        assert registry.get_sample_value("resilient_http_bulkhead_in_flight", labels) == 1
+        worker.stdin.write("\n")
+        worker.stdin.flush()
+        assert worker.stdout.readline() == "done\n"
+        assert registry.get_sample_value("resilient_http_bulkhead_in_flight", labels) == 0
+    finally:
+        worker.stdin.close()
+        worker.stdout.close()
+        assert worker.wait(timeout=60) == 0

@@ -68,6 +68,7 @@ from .._config import BulkheadPolicy
 from .._events import DEBUG, CallRejected, LimitChanged, Waited
 from .._exceptions import BulkheadFullError, DeadlineExceededError
 from .._metrics import HostMetrics
+from .._series import Value
 from .adaptive import AdaptiveSlots
 from .timeout import IN_MEMORY, expired
 
@@ -146,6 +147,7 @@ class Bulkhead:
         "_drop_statuses",
         "_dry_run",
         "_events",
+        "_free_below",
         "_in_flight",
         "_in_flight_gauge",
         "_limit",
@@ -153,6 +155,7 @@ class Bulkhead:
         "_max_queue",
         "_metrics",
         "_now",
+        "_plain",
         "_policy",
         "_queue_timeout",
         "_queued",
@@ -169,6 +172,8 @@ class Bulkhead:
         self._metrics: HostMetrics = host.metrics
         self._events = host.events
         self._in_flight_gauge = host.metrics.bulkhead_in_flight
+        # A plain number (not a multiprocess gauge, which must write its file): the short way adds to it in place.
+        self._plain = isinstance(self._in_flight_gauge, Value)
         self._queued_gauge = host.metrics.bulkhead_queued
         self._in_flight = 0
         self._queued = 0
@@ -197,6 +202,9 @@ class Bulkhead:
     def _set_limit(self, limit: int) -> None:
         """Take ``limit`` as the number of slots: waiters are granted at once when it grew."""
         self._limit = limit
+        # The limit again when an attempt that finds a free slot may take the short way in __call__
+        # (no adaptive limit to sample, a plain gauge), else 0: so the common path makes one comparison.
+        self._free_below = limit if self._adaptive is None and self._plain else 0
         self._limit_gauge.set(limit)
         while self._queued and self._in_flight < limit:
             for queue in self._queues:
@@ -223,6 +231,19 @@ class Bulkhead:
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         # A slot is free only when nobody waits: a freed slot is handed to the
         # head of the queue rather than counted free.
+        if self._in_flight < self._free_below:  # the common path, with Value.inc/dec inline
+            self._in_flight += 1
+            self._in_flight_gauge.value += 1.0
+            try:
+                response = await call_next(call)
+            except BaseException:
+                self._release()
+                raise
+            if not self._queued and isinstance(response.stream, IN_MEMORY):
+                self._in_flight -= 1
+                self._in_flight_gauge.value -= 1.0
+                return response
+            return self._settle(response)
         if self._in_flight < self._limit:
             self._in_flight += 1
             self._in_flight_gauge.inc()

@@ -85,10 +85,12 @@ class CircuitBreaker:
         "_trials_out",
         "_until",
         "_width",
+        "closed",
         "failure_statuses",
         "on_open",
         "period",
         "policy",
+        "shared",
         "state",
     )
 
@@ -109,6 +111,11 @@ class CircuitBreaker:
         self._trial_successes = 0
         #: Numbers the states the breaker has been in (see the module docstring).
         self.period = 1
+        #: The current period's number while the breaker is closed and decides alone, else 0: all
+        #: that a call on the common path reads (see CircuitBreakerLayer.__call__).
+        self.closed = 1
+        #: A fleet's circuit is read on every call (see share()).
+        self.shared = False
         self.on_open: Callable[[float], None] | None = None  # told the break's length when the counts open it
         self.state = CLOSED
         metrics.circuit(CLOSED)
@@ -137,10 +144,16 @@ class CircuitBreaker:
         self._until = -math.inf
         self._ok = 0
 
+    def share(self) -> None:
+        """A fleet's circuit stands behind this breaker: no call, even while closed, takes the short way."""
+        self.shared = True
+        self.closed = 0
+
     def _set(self, state: str, break_seconds: float | None = None) -> None:
         old = self.state
         self.state = state
         self.period += 1
+        self.closed = self.period if state == CLOSED and not self.shared else 0
         self._metrics.circuit(state)
         events = self._events
         if events is not None and events.wants(INFO, "circuit_breaker"):
@@ -283,6 +296,8 @@ class CircuitBreakerLayer:
         self.breaker = CircuitBreaker(policy, host.random, host.metrics, host.events)
         fleet = host.shared.get(FLEET)
         self._fleet = None if fleet is None else FleetCircuit(fleet, host.label, self.breaker, host.clock, host.events)
+        if fleet is not None:
+            self.breaker.share()
         host.hedge_gates.append(self._hedge_gate)
 
     def _hedge_gate(self, call: Call) -> str | None:
@@ -313,49 +328,71 @@ class CircuitBreakerLayer:
 
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         breaker = self.breaker
-        fleet = self._fleet
-        period: int | None
-        if fleet is None and breaker.state == CLOSED:  # acquire(), inline: a closed breaker lets the call through
-            period = breaker.period
-            call.circuit_state = CLOSED
-        else:
-            trial: int | None = None  # the fleet's round, when this call is one of its trials (read only with a fleet)
+        closed = breaker.closed
+        if closed:  # the common path: acquire() and record() of a success, inline
             try:
-                now = self._now()
-                if fleet is None:
-                    period = breaker.acquire(now)
+                response = await call_next(call)
+            except BaseException as exc:
+                call.circuit_state = CLOSED
+                self._raised(call, closed, None, exc)
+                raise
+            if response.status_code in breaker.failure_statuses or closed != breaker.closed:
+                return self._answered(call, closed, None, response)
+            # Still the same closed period: the success is counted, nearly always in the bucket of the last outcome.
+            now = self._now()
+            if now < breaker._until:
+                breaker._ok += 1
+            else:
+                breaker.record(now, closed, False)
+            call.circuit_state = CLOSED
+            return response
+        # Open, half-open, or a fleet's circuit to consult: a trial, a refusal, or a count.
+        fleet = self._fleet
+        trial: int | None = None  # the fleet's round, when this call is one of its trials (read only with a fleet)
+        period: int | None
+        try:
+            now = self._now()
+            if fleet is None:
+                period = breaker.acquire(now)
+            else:
+                fleet.tick(now)
+                if fleet.fresh or breaker.trial_due(now):
+                    period, trial = await fleet.acquire(call)
                 else:
-                    fleet.tick(now)
-                    if fleet.fresh or breaker.trial_due(now):
-                        period, trial = await fleet.acquire(call)
-                    else:
-                        period = breaker.acquire(now)
-            except CircuitOpenError as exc:
-                call.circuit_state = breaker.state
-                if not breaker.policy.dry_run:
-                    self._rejected(call, exc)
-                    raise
-                call.blocked_in_dry_run("circuit_breaker")
-                period = None
+                    period = breaker.acquire(now)
+        except CircuitOpenError as exc:
             call.circuit_state = breaker.state
-            if period is None:  # sent only because the breaker runs dry: its outcome is not counted
-                return await self._unseen(call, call_next)
+            if not breaker.policy.dry_run:
+                self._rejected(call, exc)
+                raise
+            call.blocked_in_dry_run("circuit_breaker")
+            period = None
+        call.circuit_state = breaker.state
+        if period is None:  # sent only because the breaker runs dry: its outcome is not counted
+            return await self._unseen(call, call_next)
         try:
             response = await call_next(call)
-        except Exception as exc:
-            if _is_host_failure(exc, call):
-                breaker.record(self._now(), period, failure=True)
-            else:
-                breaker.release(period)
-                if fleet is not None and trial is not None:
-                    fleet.released(trial)
-            call.circuit_state = breaker.state
+        except BaseException as exc:
+            self._raised(call, period, trial, exc)
             raise
-        except BaseException:  # cancelled: no verdict on the host
+        return self._answered(call, period, trial, response)
+
+    def _raised(self, call: Call, period: int, trial: int | None, exc: BaseException) -> None:
+        """The call let through in ``period`` (as the fleet's ``trial``, if one) raised ``exc``: count it or not."""
+        breaker = self.breaker
+        if isinstance(exc, Exception) and _is_host_failure(exc, call):
+            breaker.record(self._now(), period, failure=True)
+        else:  # no verdict on the host: an error made on this side, or cancelled
             breaker.release(period)
-            if fleet is not None and trial is not None:
-                fleet.released(trial)
-            raise
+            if trial is not None:
+                assert self._fleet is not None
+                self._fleet.released(trial)
+        if isinstance(exc, Exception):
+            call.circuit_state = breaker.state
+
+    def _answered(self, call: Call, period: int, trial: int | None, response: httpx.Response) -> httpx.Response:
+        """Count the answer to a call let through in ``period`` (as the fleet's ``trial``, if one)."""
+        breaker = self.breaker
         status = response.status_code
         if status in breaker.failure_statuses:
             hinted = None
@@ -364,8 +401,9 @@ class CircuitBreakerLayer:
             breaker.record(self._now(), period, True, hinted)
         else:
             breaker.record(self._now(), period, False)
-            if fleet is not None and trial is not None:
-                fleet.succeeded(trial)
+            if trial is not None:
+                assert self._fleet is not None
+                self._fleet.succeeded(trial)
         call.circuit_state = breaker.state
         return response
 

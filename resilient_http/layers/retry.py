@@ -52,9 +52,10 @@ from ..store._fleet import FLEET
 from ._epochs import bucket_end
 from .timeout import IN_MEMORY
 
-ByteStream = httpx.ByteStream
 _NOTHING_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _MAYBE_SENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+#: A retry to make: its reason, what its wait is for, the backoff, the whole delay, and its budget receipt.
+_Plan = tuple[str, str, float, float, int | None]
 
 
 class Budget:
@@ -184,6 +185,12 @@ async def discard(response: httpx.Response) -> None:
         await response.aclose()
 
 
+def _retry_safe(request: httpx.Request, policy: RetryPolicy) -> bool:
+    """Whether ``request`` may be sent again after it may have reached the server (see the module docstring)."""
+    method = request.method
+    return method in IDEMPOTENT_METHODS or method in policy.methods or "idempotency-key" in request.headers
+
+
 def _window(policy: RetryPolicy | None) -> float:
     budget = None if policy is None else policy.budget
     return RetryBudget().window if budget is None else budget.window
@@ -262,71 +269,39 @@ class Retry:
     async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
         policy = call.policy.retry
         assert policy is not None
-        request = call.request
-        self._budget.deposit(self._now())
-        method = request.method
-        retry_safe = method in IDEMPOTENT_METHODS or method in policy.methods or "idempotency-key" in request.headers
-        stream = request.stream
-        can_replay = isinstance(stream, ByteStream) or replayable(stream)  # bytes, the usual body, inline
+        stream = call.request.stream  # as it is before the first attempt: sending may replace it (with its bytes)
+        budget = self._budget
+        now = self._now()
+        # Budget.deposit(), inline: nearly every call falls in the bucket last used.
+        if now < budget._until:
+            budget._pending += 1
+        else:
+            budget.deposit(now)
+        try:
+            response = await call_next(call)
+        except Exception as exc:
+            plan = self._after_error(call, policy, exc, 1, stream)
+            if plan is None:
+                raise
+        else:
+            if response.status_code not in policy.statuses:
+                return response
+            plan = await self._after_answer(call, policy, response, 1, stream)
+            if plan is None:
+                return response
+        return await self._retry(call, call_next, policy, plan, stream)
+
+    async def _retry(
+        self, call: Call, call_next: Next, policy: RetryPolicy, plan: _Plan, stream: object
+    ) -> httpx.Response:
+        """Wait and try again, for as long as each outcome deserves another attempt (the first one's is ``plan``)."""
         attempt = 1
-        reason: str | None = None  # why the attempt about to be made is a retry (None: the first)
-        receipt: int | None = None  # its share of the budget
         while True:
-            try:
-                if reason is None:
-                    response = await call_next(call)
-                else:
-                    response = await self._resend(call, call_next, reason, receipt)
-            except Exception as exc:
-                reason = _error_reason(exc, retry_safe)
-                if reason is None:
-                    if _error_reason(exc, True) is not None:
-                        self._stopped(call, "not_idempotent", attempt)
-                    raise
-                stop = self._stop(call, policy, attempt, can_replay)
-                if stop is not None:
-                    self._stopped(call, stop, attempt)
-                    raise
-                backoff = self._backoff(policy, attempt)
-                scheduled = self._schedule(call, self._now(), backoff)
-                if isinstance(scheduled, str):
-                    self._stopped(call, scheduled, attempt)
-                    raise
-                wait = "backoff"
-            else:
-                status = response.status_code
-                if status not in policy.statuses:
-                    return response
-                if not retry_safe and status != 429:  # a 429 is a refusal: nothing was done
-                    self._stopped(call, "not_idempotent", attempt)
-                    return response
-                stop = self._stop(call, policy, attempt, can_replay)
-                if stop is not None:
-                    self._stopped(call, stop, attempt)
-                    return response
-                now = self._now()
-                hinted = _server_wait(response.headers, self._clock.wall())
-                if hinted is not None and hinted > policy.max_retry_after:
-                    self._stopped(call, "retry_after_too_long", attempt)
-                    return response
-                backoff = self._backoff(policy, attempt) + (hinted or 0.0)
-                scheduled = self._schedule(call, now, backoff)
-                if isinstance(scheduled, str):
-                    self._stopped(call, scheduled, attempt)
-                    return response
-                reason = f"status_{status}"
-                try:
-                    await discard(response)
-                except BaseException:
-                    self._budget.refund(scheduled[1])
-                    raise
-                wait = "backoff" if hinted is None else "retry_after"
-            delay, receipt = scheduled
+            reason, wait, backoff, delay, receipt = plan
             call.waited(wait, backoff)
             if delay > backoff:
                 call.waited("rate_limit", delay - backoff)
-            events = self._events
-            if events.wants(DEBUG, "retry", call):
+            if self._events.wants(DEBUG, "retry", call):
                 self._scheduled(call, reason, wait, attempt, backoff, delay)
             try:
                 await self._clock.sleep(delay)
@@ -336,6 +311,71 @@ class Retry:
                 self._budget.refund(receipt)
                 raise
             attempt += 1
+            try:
+                response = await self._resend(call, call_next, reason, receipt)
+            except Exception as exc:
+                again = self._after_error(call, policy, exc, attempt, stream)
+                if again is None:
+                    raise
+            else:
+                if response.status_code not in policy.statuses:
+                    return response
+                again = await self._after_answer(call, policy, response, attempt, stream)
+                if again is None:
+                    return response
+            plan = again
+
+    def _after_error(
+        self, call: Call, policy: RetryPolicy, exc: Exception, attempt: int, stream: object
+    ) -> _Plan | None:
+        """The retry that attempt ``attempt``'s ``exc`` calls for, or ``None`` if the call ends with it.
+
+        ``stream`` is the request's body as the call found it.
+        """
+        reason = _error_reason(exc, _retry_safe(call.request, policy))
+        if reason is None:
+            if _error_reason(exc, True) is not None:
+                self._stopped(call, "not_idempotent", attempt)
+            return None
+        stop = self._stop(policy, attempt, stream)
+        if stop is not None:
+            self._stopped(call, stop, attempt)
+            return None
+        backoff = self._backoff(policy, attempt)
+        scheduled = self._schedule(call, self._now(), backoff)
+        if isinstance(scheduled, str):
+            self._stopped(call, scheduled, attempt)
+            return None
+        return reason, "backoff", backoff, *scheduled
+
+    async def _after_answer(
+        self, call: Call, policy: RetryPolicy, response: httpx.Response, attempt: int, stream: object
+    ) -> _Plan | None:
+        """The retry that attempt ``attempt``'s answer, a status ``policy`` retries, calls for; ``None``: return it."""
+        status = response.status_code
+        if status != 429 and not _retry_safe(call.request, policy):  # a 429 is a refusal: nothing was done
+            self._stopped(call, "not_idempotent", attempt)
+            return None
+        stop = self._stop(policy, attempt, stream)
+        if stop is not None:
+            self._stopped(call, stop, attempt)
+            return None
+        now = self._now()
+        hinted = _server_wait(response.headers, self._clock.wall())
+        if hinted is not None and hinted > policy.max_retry_after:
+            self._stopped(call, "retry_after_too_long", attempt)
+            return None
+        backoff = self._backoff(policy, attempt) + (hinted or 0.0)
+        scheduled = self._schedule(call, now, backoff)
+        if isinstance(scheduled, str):
+            self._stopped(call, scheduled, attempt)
+            return None
+        try:
+            await discard(response)
+        except BaseException:
+            self._budget.refund(scheduled[1])
+            raise
+        return f"status_{status}", "backoff" if hinted is None else "retry_after", backoff, *scheduled
 
     async def _resend(self, call: Call, call_next: Next, reason: str, receipt: int | None) -> httpx.Response:
         """Make a retry's attempt: count it if it reached the network, else give its budget back."""
@@ -404,9 +444,9 @@ class Retry:
             events.emit(Waited(transport=transport, host=host, reason="rate_limit", seconds=delay - backoff), call)
 
     @staticmethod
-    def _stop(call: Call, policy: RetryPolicy, attempt: int, can_replay: bool) -> str | None:
+    def _stop(policy: RetryPolicy, attempt: int, stream: object) -> str | None:
         if attempt >= policy.attempts:
             return "attempts"
-        if not can_replay:
+        if not replayable(stream):
             return "body_not_replayable"
         return None
