@@ -222,7 +222,7 @@ class HostTable(Generic[T]):
     calls in flight is never evicted (see the module's docstring).
     """
 
-    __slots__ = ("_evict", "_make", "entries", "max_hosts")
+    __slots__ = ("_evict", "_make", "crowded", "entries", "max_hosts")
 
     def __init__(
         self,
@@ -236,6 +236,7 @@ class HostTable(Generic[T]):
         self._make = make
         self._evict = evict
         self.entries: OrderedDict[tuple[str, int], T] = OrderedDict()
+        self.crowded = False  # more entries than max_hosts (busy hosts kept): shrink once they are idle
 
     def enter(self, host: str, port: int) -> T:
         """The value of ``host:port`` (made if new), counted in flight until :meth:`leave`."""
@@ -255,7 +256,7 @@ class HostTable(Generic[T]):
     def leave(self, value: T) -> None:
         """A call on ``value`` is over; evict idle hosts the table kept beyond ``max_hosts``."""
         value.calls -= 1
-        if not value.calls and len(self.entries) > self.max_hosts:
+        if self.crowded and not value.calls:
             self.shrink()
 
     def shrink(self) -> None:
@@ -270,6 +271,7 @@ class HostTable(Generic[T]):
                     break
         for key in idle:
             self._evict(entries.pop(key))
+        self.crowded = len(entries) > self.max_hosts
 
     def __len__(self) -> int:
         return len(self.entries)

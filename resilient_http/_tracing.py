@@ -83,13 +83,28 @@ _UNSET = AVAILABLE and "OTEL_PYTHON_TRACER_PROVIDER" not in os.environ
 
 
 class _Unknown:
-    _TRACER_PROVIDER = _UNKNOWN
+    _TRACER_PROVIDER: object = _UNKNOWN
 
 
-#: Its ``_TRACER_PROVIDER`` is ``None`` exactly while no global provider is set
-#: (read on every call by the transport, without a call of its own); never
-#: ``None`` when that cannot be known from it, so that :meth:`Tracing.tracer` decides.
-GLOBAL: Any = _trace if _UNSET and hasattr(_trace, "_TRACER_PROVIDER") else _Unknown
+class _Untraced:
+    _TRACER_PROVIDER = None
+
+
+def probe(tracing: Tracing | None, fallback: object) -> Any:
+    """What a transport reads on every call to know, without a call, that it need not trace.
+
+    Its ``_TRACER_PROVIDER`` is ``None`` only while the call needs neither
+    a span nor a fallback: no fallback and no tracing at all, or no provider
+    of the transport's own and none set globally yet (OpenTelemetry's own
+    module global). Otherwise :meth:`Tracing.tracer` decides.
+    """
+    if fallback is not None:
+        return _Unknown
+    if tracing is None:
+        return _Untraced
+    if tracing.given or not _UNSET or not hasattr(_trace, "_TRACER_PROVIDER"):
+        return _Unknown
+    return _trace
 
 _METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY"})
 _SCOPE = "resilient_http"

@@ -25,7 +25,7 @@ from ._network import CertTypes, ProxyTypes, SocketOption, VerifyTypes, default_
 from ._pipeline import chain_for, is_direct, update
 from ._series import abandon
 from ._tracing import AVAILABLE as TRACING_AVAILABLE
-from ._tracing import GLOBAL, Tracing
+from ._tracing import Tracing, probe
 from ._watchdog import Watchdog
 from .layers.timeout import IN_MEMORY, first_bytes, guard_body, try_failed
 from .store import Store, open_store, open_store_table
@@ -208,6 +208,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._events = Events(name, on_event, self._tracing)
         self._table = PolicyTable(policies, default)
         self._fallback = check_fallback(fallback)
+        self._probe = probe(self._tracing, self._fallback)  # see handle_async_request
         self._source: str | PathLike[str] | None = None  # the policy file, for reload()
         self._inner = default_inner(**network) if inner is None else inner
         self._clock: Clock = SystemClock() if clock is None else clock
@@ -328,9 +329,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             host.calls += 1
         try:
             override = request.extensions.get("resilient_http")
-            tracing = self._tracing
-            untraced = self._fallback is None and (
-                tracing is None or (not tracing.given and GLOBAL._TRACER_PROVIDER is None) or tracing.tracer() is None
+            untraced = self._probe._TRACER_PROVIDER is None or (
+                self._fallback is None and self._tracing is not None and self._tracing.tracer() is None
             )
             if host.direct and override is None and untraced:
                 return await self._direct(request, host)
@@ -367,7 +367,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             return response
         finally:
             host.calls -= 1
-            if not host.calls and len(entries) > hosts.max_hosts:
+            if hosts.crowded and not host.calls:
                 hosts.shrink()
 
     async def _direct(self, request: httpx.Request, host: Host) -> httpx.Response:

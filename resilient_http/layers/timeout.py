@@ -234,16 +234,15 @@ async def attempt(call: Call, traced: bool = False) -> httpx.Response:
         return await call.host.tracing.attempt(call, attempt)  # type: ignore[no-any-return]
     host = call.host
     clock = host.clock
-    metrics = host.metrics
     request = call.request
     started = clock.now()
     timeouts = call.policy.timeout
     timer: Timer | None = None
     scope: anyio.CancelScope | None = None
-    kind: TimeoutKind = "attempt"
     sent = request
     ops: Operations | None = None
     if timeouts is not None:
+        kind: TimeoutKind = "attempt"
         limit = None if timeouts.attempt is None else started + timeouts.attempt
         if call.deadline is not None and (limit is None or call.deadline <= limit):
             limit, kind = call.deadline, "total"
@@ -289,7 +288,7 @@ async def attempt(call: Call, traced: bool = False) -> httpx.Response:
         raise
     response.request = request
     finished = clock.now()
-    metrics.tried(response.status_code, finished - started)
+    host.metrics.tried(response.status_code, finished - started)
     for observe in host.observers:
         observe(response, finished)
     return response
