@@ -21,9 +21,16 @@ PRIORITIES = ("critical", "high", "normal", "low")
 
 
 class Layer(Protocol):
-    """One resilience layer: it may act before, after or instead of ``call_next``."""
+    """One resilience layer: it may act before, after or instead of ``call_next``.
 
-    async def __call__(self, call: Call, call_next: Next) -> httpx.Response: ...
+    Usually an ``async def``. A layer with nothing to do once the answer
+    comes may instead decide at once and hand back ``call_next(call)``
+    itself, to be awaited by its caller straight away (the rate limiter
+    does, when a token is free): then no frame of its own stays while the
+    call runs.
+    """
+
+    def __call__(self, call: Call, call_next: Next) -> Awaitable[httpx.Response]: ...
 
 
 class Wait(NamedTuple):

@@ -28,10 +28,10 @@ from resilient_http._headers import (
     MAX_DELTA,
     _year_of,
     age_value,
+    announces_quota,
     delta_seconds,
     fields,
     http_date,
-    mentions,
     non_negative,
     pick,
     quota,
@@ -328,12 +328,12 @@ async def test_a_non_ascii_content_length_is_streamed_not_fatal(harness: Harness
 
 @pytest.mark.parametrize("triples", [True, False], ids=["httpx internals", "public API"])
 def test_header_fields_read_the_same_either_way(triples: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """pick, mentions and fields answer alike from httpx's (raw, lower, value) triples and from Headers.raw."""
+    """pick, announces_quota and fields answer alike from httpx's (raw, lower, value) triples and from Headers.raw."""
     monkeypatch.setattr(_headers, "TRIPLES", triples)
     headers = httpx.Headers([("Host", "a.example"), ("RateLimit-Remaining", "1"), ("X-A", "1"), ("x-a", "2")])
     assert pick(headers, frozenset({b"host", b"x-a", b"cookie"})) == {b"host": "a.example", b"x-a": "1, 2"}
-    assert mentions(headers, b"ratelimit")
-    assert not mentions(headers, b"retry-after")
+    assert announces_quota(headers)
+    assert not announces_quota(httpx.Headers([("RateLimit-Policy", '"a";q=5;w=1'), ("X-RateLimit-Remaining", "0")]))
     assert fields(headers) == fields(httpx.Headers(headers.raw))
     assert fields(headers) != fields(httpx.Headers([*headers.raw[:3], (b"x-a", b"3")]))
     assert fields(headers) != fields(httpx.Headers([(b"HOST", b"a.example"), *headers.raw[1:]]))

@@ -17,7 +17,7 @@ WORKER = textwrap.dedent(
     """
     import asyncio, os, sys
     import httpx
-    from resilient_http import CircuitBreakerPolicy, Policy, ResilientTransport, RetryPolicy
+    from resilient_http import CircuitBreakerPolicy, Policy, RateLimitPolicy, ResilientTransport, RetryPolicy
 
     def handler(request):
         return httpx.Response(503 if request.url.path == "/down" else 200)
@@ -26,6 +26,7 @@ WORKER = textwrap.dedent(
         policy = Policy(
             retry=RetryPolicy(attempts=2, backoff=0.001, budget=None),
             circuit_breaker=CircuitBreakerPolicy(minimum_calls=1, failure_ratio=1.0),
+            rate_limit=RateLimitPolicy(rate=1000, burst=100),
         )
         transport = ResilientTransport(default=policy, inner=httpx.MockTransport(handler))
         async with httpx.AsyncClient(transport=transport) as client:
@@ -63,7 +64,7 @@ def stop_worker(worker: subprocess.Popen[str]) -> None:
 
 
 def test_worker_processes_add_up_in_multiprocess_mode(tmp_path: Path) -> None:
-    """Counters from every worker sum up, a breaker open in any worker shows as open, and closing resets gauges."""
+    """Counters and histograms from every worker sum up, a breaker open in any shows as open, closing resets gauges."""
     workers = [start_worker(tmp_path, 3), start_worker(tmp_path, 4)]
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
@@ -76,6 +77,7 @@ def test_worker_processes_add_up_in_multiprocess_mode(tmp_path: Path) -> None:
         assert value("resilient_http_attempts_total", host="down.example:80", outcome="5xx") == 4
         assert value("resilient_http_retries_total", host="down.example:80", reason="status_503") == 2
         assert value("resilient_http_request_duration_seconds_count", host="api.example:80") == 7
+        assert value("resilient_http_rate_limit_wait_seconds_bucket", host="api.example:80", le="0.005") == 7
         assert value("resilient_http_circuit_opened_total", host="down.example:80") == 2
         assert value("resilient_http_circuit_state", host="down.example:80", state="open") == 1  # livemax
         assert value("resilient_http_bulkhead_in_flight", host="api.example:80") == 0  # livesum

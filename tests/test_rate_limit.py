@@ -15,7 +15,7 @@ import dataclasses
 import heapq
 import itertools
 import random
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from email.utils import formatdate
 from typing import Any
 
@@ -36,6 +36,7 @@ from resilient_http import (
     TimeoutPolicy,
     Wait,
 )
+from resilient_http._call import Call
 from resilient_http._pipeline import ORDER
 from resilient_http._toml import parse_policies
 from resilient_http.layers._bucket import Bucket
@@ -280,6 +281,41 @@ async def test_calls_woken_late_by_a_busy_loop_do_not_go_in_a_bunch(registry: Co
     assert server.paths == [f"/{i}" for i in range(10)]
     assert most_in_one_second(server.times) <= 2 + 1
     assert within_bucket(server.times, rate=2, burst=1)
+
+
+async def test_a_call_that_finds_a_token_free_hands_back_the_rest_of_the_chain_itself(
+    registry: CollectorRegistry,
+) -> None:
+    """A free token is taken without a frame of the limiter's around the call; a spent one, through its wait."""
+    clock = FakeClock()
+    transport = ResilientTransport(
+        default=Policy(rate_limit=RateLimitPolicy(rate=1)),
+        inner=httpx.MockTransport(Server(clock)),
+        registry=registry,
+        clock=clock,
+    )
+    async with httpx.AsyncClient(transport=transport, base_url="https://api.example.com") as http:
+        request = (await http.get("/")).request  # the host and its limiter are made; the token is spent
+    (host,) = transport._hosts.entries.values()
+    limiter = host.layers["rate_limit"]
+    answer = httpx.Response(200)
+    handed: list[Awaitable[httpx.Response]] = []
+
+    def rest(call: Call) -> Awaitable[httpx.Response]:
+        async def send() -> httpx.Response:
+            return answer
+
+        handed.append(send())
+        return handed[-1]
+
+    clock.advance(1.0)  # a token is free again
+    free = limiter(Call(request, host, host.policy, clock.now()), rest)
+    assert handed == [free]
+    assert await free is answer
+    spent = limiter(Call(request, host, host.policy, clock.now()), rest)
+    assert handed == [free]  # not sent before its turn
+    assert await spent is answer
+    assert clock.now() == START + 2.0 and len(handed) == 2
 
 
 # The bucket's arithmetic (virtual seconds)

@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Awaitable
 from typing import NoReturn
 
 import anyio
@@ -87,7 +88,8 @@ from .._clock import Clock
 from .._config import RateLimitPolicy
 from .._events import DEBUG, INFO, CallRejected, CooldownStarted, Waited
 from .._exceptions import RateLimitedError
-from .._headers import mentions, quota, retry_after
+from .._headers import announces_quota, quota, retry_after
+from .._series import Buckets
 from ..store._fleet import FLEET
 from ._bucket import NEVER, Bucket, State
 from .fleet_quota import FleetQuota
@@ -130,6 +132,8 @@ class RateLimiter:
         "_line",
         "_max_cooldown",
         "_max_wait",
+        "_no_wait",
+        "_now",
         "_pace_until",
         "_plan",
         "_policy",
@@ -145,6 +149,7 @@ class RateLimiter:
         policy = host.policy.rate_limit
         assert policy is not None
         self._clock: Clock = host.clock
+        self._now = host.clock.now
         self._label = host.label
         self._policy = policy
         self._events = host.events
@@ -161,6 +166,10 @@ class RateLimiter:
         self._hold_until = NEVER  # before this, the server has a say: no fast path
         metrics = host.metrics
         self._wait_seconds = metrics.rate_limit_wait
+        # A wait of 0 falls in the first bucket (the bounds are positive): the fast path counts it
+        # there itself, without Buckets.observe's frame (not with prometheus-client's multiprocess series).
+        wait = self._wait_seconds
+        self._no_wait: list[int] | None = wait.counts if isinstance(wait, Buckets) else None
         self._rate_limited = metrics.rate_limited
         self._cooldown = metrics.cooldown
         fleet = host.shared.get(FLEET)
@@ -194,7 +203,39 @@ class RateLimiter:
         host.retry_gates.remove(self._gate)
         host.holds.remove(self._hold)
 
-    async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
+    def __call__(self, call: Call, call_next: Next) -> Awaitable[httpx.Response]:
+        """Let ``call`` through at its turn: the rest of the chain's answer, to await.
+
+        When a token is free now and nothing else has a say (no store, no
+        cooldown or pacing, no call in line, no retry booked), the call
+        takes it here and the rest of the chain is handed back as it is: no
+        frame of this layer stays while the call runs (nothing is left to
+        do once the answer comes; the server's hints are read by
+        :meth:`_observe`). Otherwise :meth:`_admit` decides.
+        """
+        if self._quota is None:
+            now = self._now()
+            bucket = self._bucket
+            tat = bucket.tat
+            virtual = now - self._shift
+            if (
+                tat - bucket.tolerance <= virtual
+                and now >= self._hold_until
+                and not self._waiting
+                and not bucket.bookings
+            ):
+                bucket.tat = (tat if tat > virtual else virtual) + bucket.interval
+                bucket.last = virtual
+                zero = self._no_wait
+                if zero is None:
+                    self._wait_seconds.observe(0.0)
+                else:
+                    zero[0] += 1
+                return call_next(call)
+        return self._admit(call, call_next)
+
+    async def _admit(self, call: Call, call_next: Next) -> httpx.Response:
+        """The rest of :meth:`__call__`: the fleet's slot, a dry run's policing, or a turn in line."""
         quota = self._quota
         if quota is not None and await self._fleet_turn(call, quota):
             return await call_next(call)
@@ -476,7 +517,7 @@ class RateLimiter:
         """Read what the server says about its limits from every response."""
         status = response.status_code
         headers = response.headers
-        if status != 429 and status != 503 and not mentions(headers, b"ratelimit"):
+        if status != 429 and status != 503 and not announces_quota(headers):
             return  # the usual answer: nothing to read
         if status == 429 or status == 503:
             hinted = retry_after(headers, self._clock.wall())
