@@ -106,6 +106,7 @@ def probe(tracing: Tracing | None, fallback: object) -> Any:
         return _Unknown
     return _trace
 
+
 _METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY"})
 _SCOPE = "resilient_http"
 
