@@ -95,11 +95,11 @@ class Host:
 
     __slots__ = (
         "calls",
-        "chain",
         "chains",
         "clock",
         "direct",
         "events",
+        "head",
         "hedge_gates",
         "holds",
         "host",
@@ -149,12 +149,13 @@ class Host:
         self.layers: dict[str, Any] = {}
         self.calls = 0  # calls in flight, counted by the host table: a busy host is never evicted
         self.shared: dict[str, Any] = {} if shared is None else shared  # one dict for all hosts of a transport
-        self.chains: dict[tuple[bool, ...], Next] = {}
+        # Per set of active layers: the outermost layer's __call__ and the chain inside it (see _pipeline).
+        self.chains: dict[tuple[bool, ...], tuple[Callable[[Call, Next], Awaitable[httpx.Response]], Next]] = {}
         # The CallInfo of a call that made one attempt, waited for nothing and
         # noted nothing, by the breaker's state as it ended: one record shared
         # by every such call (a CallInfo is immutable), rather than one each.
         self.infos: dict[str | None, CallInfo] = {}
-        self.chain: Next  # the chain of ``policy``, set once the layers exist
+        self.head: tuple[Callable[[Call, Next], Awaitable[httpx.Response]], Next]  # ``policy``'s chain, once made
         self.direct = False  # no layer at all in ``policy``: its calls skip the chain (see the transport)
         # Called with every response an attempt receives (a rate limiter reads
         # the server's Retry-After and RateLimit hints here); empty costs nothing.

@@ -84,14 +84,17 @@ ORDER: tuple[tuple[str, Callable[[Host], Any]], ...] = (
 )
 
 
-def _link(layer: Layer, call_next: Next) -> Next:
-    """``layer`` in front of ``call_next``.
+#: A chain as its outermost layer's ``__call__`` and the chain inside that layer.
+Head = tuple[Callable[[Call, Next], Awaitable[httpx.Response]], Next]
+
+
+def _link_handle(handle: Callable[[Call, Next], Awaitable[httpx.Response]], call_next: Next) -> Next:
+    """A layer's bound ``__call__`` in front of ``call_next``.
 
     A plain function calling the bound ``__call__``: calling the layer
     itself (a partial with ``call_next=`` as a keyword did) costs about
     1,400 more CPU instructions per layer and call.
     """
-    handle = layer.__call__
 
     def link(call: Call) -> Awaitable[httpx.Response]:
         return handle(call, call_next)
@@ -103,21 +106,38 @@ def _active(policy: Policy) -> tuple[bool, ...]:
     return tuple(getattr(policy, name) is not None for name, _ in ORDER)
 
 
-def chain_for(host: Host, policy: Policy) -> Next:
-    """The composed chain for ``policy`` on ``host``; cached per set of active layers."""
+def _through(call: Call, call_next: Next) -> Awaitable[httpx.Response]:
+    """The head of a chain without layers: straight on."""
+    return call_next(call)
+
+
+def head_for(host: Host, policy: Policy) -> Head:
+    """The chain for ``policy`` on ``host`` as its outermost layer's ``__call__`` and what follows it.
+
+    The transport calls the one with the other, without a link in front of
+    that layer (:func:`whole` makes one). Cached per set of active layers.
+    """
     key = _active(policy)
-    chain = host.chains.get(key)
-    if chain is None:
+    head = host.chains.get(key)
+    if head is None:
         host.metrics.prepare(policy)  # before the layers, which set their gauges when made
-        chain = attempt
+        handle: Callable[[Call, Next], Awaitable[httpx.Response]] = _through
+        chain: Next = attempt
         for (name, make), on in reversed(list(zip(ORDER, key, strict=True))):
             if on:
                 layer: Layer | None = host.layers.get(name)
                 if layer is None:
                     layer = host.layers[name] = make(host)
-                chain = _link(layer, chain)
-        host.chains[key] = chain
-    return chain
+                if handle is not _through:
+                    chain = _link_handle(handle, chain)
+                handle = layer.__call__
+        head = host.chains[key] = (handle, chain)
+    return head
+
+
+def whole(handle: Callable[[Call, Next], Awaitable[httpx.Response]], chain: Next) -> Next:
+    """The chain that :func:`head_for` gives as ``(handle, chain)``, as one callable."""
+    return chain if handle is _through else _link_handle(handle, chain)
 
 
 def update(host: Host, policy: Policy) -> None:
@@ -143,7 +163,7 @@ def update(host: Host, policy: Policy) -> None:
                 detach(host)
     host.policy = policy
     host.chains.clear()
-    host.chain = chain_for(host, policy)
+    host.head = head_for(host, policy)
     host.direct = is_direct(policy)
 
 

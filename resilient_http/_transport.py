@@ -22,7 +22,7 @@ from ._fallback import Fallback, check_fallback, failed, fall_back
 from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable, canonical_host, host_of
 from ._metrics import DEFAULT_NAME, TransportMetrics, outcome_of_exception, outcome_of_status
 from ._network import CertTypes, ProxyTypes, SocketOption, VerifyTypes, default_inner, refuse_beside_inner
-from ._pipeline import chain_for, is_direct, update
+from ._pipeline import head_for, is_direct, update, whole
 from ._series import abandon
 from ._tracing import AVAILABLE as TRACING_AVAILABLE
 from ._tracing import Tracing, probe
@@ -298,7 +298,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             tracing=self._tracing,
             watchdog=self._watchdog,
         )
-        state.chain = chain_for(state, state.policy)
+        state.head = head_for(state, state.policy)
         state.direct = is_direct(state.policy)
         return state
 
@@ -336,14 +336,14 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 return await self._direct(request, host)
             if override is None:
                 call = Call(request, host, host.policy, self._clock.now())
-                chain = host.chain
+                handle, chain = host.head
             else:
                 policy, priority = _override(host.policy, override)
                 call = Call(request, host, policy, self._clock.now(), priority)
-                chain = chain_for(host, policy)
+                handle, chain = head_for(host, policy)
             if untraced:
                 try:
-                    response = await chain(call)
+                    response = await handle(call, chain)  # the outermost layer, and the chain inside it
                 except BaseException as exc:
                     self._ended(call, exc)
                     raise
@@ -359,7 +359,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                         else call.info()
                     )
             else:
-                response = await self._call_with_extras(call, chain)
+                response = await self._call_with_extras(call, whole(handle, chain))
                 info = call.info()
             if not isinstance(response.stream, IN_MEMORY):
                 guard_body(call, response)
