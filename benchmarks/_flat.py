@@ -10,8 +10,9 @@ with all six layers:
   The bulkhead has 10,000 slots here (the default 100 would queue and then
   refuse what is beyond 200: that is its job, not a cost).
 - **hosts**: calls spread round-robin over H hosts, every host made during
-  the warm-up, with ``max_hosts`` at least H (and one point at 10,000 hosts
-  with the default ``max_hosts``, where every call makes its host anew).
+  the warm-up, with ``max_hosts`` and the stale cache's ``max_entries`` at
+  least H (and one point at 10,000 hosts with both at their defaults of
+  1,000, where every call makes its host anew and replaces a cached answer).
 
 What is flat: the instructions per call at K (or H) over those at 1. Bare
 httpx has its own slope (asyncio's task bookkeeping for K tasks), so the
@@ -44,6 +45,9 @@ def _client(subject: str, inner: httpx.AsyncBaseTransport, max_hosts: int) -> ht
     if subject == "bare httpx":
         return httpx.AsyncClient(transport=inner)
     policy = replace(all_six(), bulkhead=BulkheadPolicy(max_concurrent=10_000, max_queue=0))
+    if max_hosts > DEFAULT_MAX_HOSTS:  # the stale cache sized to the hosts, as the table is: one answer each
+        assert policy.stale_cache is not None
+        policy = replace(policy, stale_cache=replace(policy.stale_cache, max_entries=max_hosts))
     transport = ResilientTransport(
         inner=inner, default=policy, registry=CollectorRegistry(), max_hosts=max_hosts or DEFAULT_MAX_HOSTS
     )
