@@ -150,12 +150,13 @@ class Host:
         self.calls = 0  # calls in flight, counted by the host table: a busy host is never evicted
         self.shared: dict[str, Any] = {} if shared is None else shared  # one dict for all hosts of a transport
         # Per set of active layers: the outermost layer's __call__ and the chain inside it (see _pipeline).
-        self.chains: dict[tuple[bool, ...], tuple[Callable[[Call, Next], Awaitable[httpx.Response]], Next]] = {}
+        self.chains: dict[tuple[bool, ...], tuple[Callable[[Call, Next], Awaitable[httpx.Response]], Next, Next]] = {}
         # The CallInfo of a call that made one attempt, waited for nothing and
         # noted nothing, by the breaker's state as it ended: one record shared
         # by every such call (a CallInfo is immutable), rather than one each.
         self.infos: dict[str | None, CallInfo] = {}
-        self.head: tuple[Callable[[Call, Next], Awaitable[httpx.Response]], Next]  # ``policy``'s chain, once made
+        # ``policy``'s chain, once made: see _pipeline.head_for
+        self.head: tuple[Callable[[Call, Next], Awaitable[httpx.Response]], Next, Next]
         self.direct = False  # no layer at all in ``policy``: its calls skip the chain (see the transport)
         # Called with every response an attempt receives (a rate limiter reads
         # the server's Retry-After and RateLimit hints here); empty costs nothing.

@@ -85,7 +85,8 @@ ORDER: tuple[tuple[str, Callable[[Host], Any]], ...] = (
 
 
 #: A chain as its outermost layer's ``__call__`` and the chain inside that layer.
-Head = tuple[Callable[[Call, Next], Awaitable[httpx.Response]], Next]
+#: The third is the same chain as one callable, for the paths that take one (a traced call's).
+Head = tuple[Callable[[Call, Next], Awaitable[httpx.Response]], Next, Next]
 
 
 def _link_handle(handle: Callable[[Call, Next], Awaitable[httpx.Response]], call_next: Next) -> Next:
@@ -115,7 +116,8 @@ def head_for(host: Host, policy: Policy) -> Head:
     """The chain for ``policy`` on ``host`` as its outermost layer's ``__call__`` and what follows it.
 
     The transport calls the one with the other, without a link in front of
-    that layer (:func:`whole` makes one). Cached per set of active layers.
+    that layer; the third item is the whole chain as one callable. Cached per
+    set of active layers.
     """
     key = _active(policy)
     head = host.chains.get(key)
@@ -131,13 +133,8 @@ def head_for(host: Host, policy: Policy) -> Head:
                 if handle is not _through:
                     chain = _link_handle(handle, chain)
                 handle = layer.__call__
-        head = host.chains[key] = (handle, chain)
+        head = host.chains[key] = (handle, chain, chain if handle is _through else _link_handle(handle, chain))
     return head
-
-
-def whole(handle: Callable[[Call, Next], Awaitable[httpx.Response]], chain: Next) -> Next:
-    """The chain that :func:`head_for` gives as ``(handle, chain)``, as one callable."""
-    return chain if handle is _through else _link_handle(handle, chain)
 
 
 def update(host: Host, policy: Policy) -> None:

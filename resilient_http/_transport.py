@@ -22,7 +22,7 @@ from ._fallback import Fallback, check_fallback, failed, fall_back
 from ._hosts import DEFAULT_MAX_HOSTS, DEFAULT_PORTS, HostTable, PolicyTable, canonical_host, host_of
 from ._metrics import DEFAULT_NAME, TransportMetrics, outcome_of_exception, outcome_of_status
 from ._network import CertTypes, ProxyTypes, SocketOption, VerifyTypes, default_inner, refuse_beside_inner
-from ._pipeline import head_for, is_direct, update, whole
+from ._pipeline import head_for, is_direct, update
 from ._series import abandon
 from ._tracing import AVAILABLE as TRACING_AVAILABLE
 from ._tracing import Tracing, probe
@@ -336,11 +336,11 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 return await self._direct(request, host)
             if override is None:
                 call = Call(request, host, host.policy, self._clock.now())
-                handle, chain = host.head
+                handle, chain, whole = host.head
             else:
                 policy, priority = _override(host.policy, override)
                 call = Call(request, host, policy, self._clock.now(), priority)
-                handle, chain = head_for(host, policy)
+                handle, chain, whole = head_for(host, policy)
             if untraced:
                 try:
                     response = await handle(call, chain)  # the outermost layer, and the chain inside it
@@ -359,7 +359,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                         else call.info()
                     )
             else:
-                response = await self._call_with_extras(call, whole(handle, chain))
+                response = await self._call_with_extras(call, whole)
                 info = call.info()
             if not isinstance(response.stream, IN_MEMORY):
                 guard_body(call, response)
@@ -384,11 +384,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if not isinstance(response.stream, IN_MEMORY):
                 await first_bytes(response)
         except BaseException as exc:
-            seconds = clock.now() - started
-            await try_failed(host, exc, seconds)
             call = Call(request, host, host.policy, started)
             call.attempts = 1
-            self._ended(call, exc)
+            self._ended(call, exc)  # counted before anything is awaited
+            await try_failed(host, exc, clock.now() - started)
             raise
         seconds = clock.now() - started
         status = response.status_code
@@ -405,12 +404,15 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     def _key(self, url: httpx.URL) -> tuple[str, int]:
         """The host table's key for ``url``'s host (canonical name, port), remembered under the URL's own parts."""
         key = (host_of(url.raw_host), url.port or DEFAULT_PORTS.get(url.scheme, 0))
-        parts = getattr(url, "_uri_reference", None)
-        if parts is not None:
-            aliases = self._aliases
-            if len(aliases) >= 4 * self._hosts.max_hosts:  # bounded like the table: start again
-                aliases.clear()
-            aliases[parts.host, parts.port, parts.scheme] = key
+        try:
+            parts = url._uri_reference
+            alias = (parts.host, parts.port, parts.scheme)
+        except AttributeError:  # an httpx whose URL keeps its parts otherwise: every call canonicalises
+            return key
+        aliases = self._aliases
+        if len(aliases) >= 4 * self._hosts.max_hosts:  # bounded like the table: start again
+            aliases.clear()
+        aliases[alias] = key
         return key
 
     async def _call_with_extras(self, call: Call, chain: Next) -> httpx.Response:
