@@ -62,6 +62,7 @@ import httpx
 
 from ._call import Call, Host, Layer, Next
 from ._config import Policy
+from ._fused import Fused
 from .layers.bulkhead import Bulkhead
 from .layers.circuit_breaker import CircuitBreakerLayer
 from .layers.coalesce import Coalesce
@@ -70,6 +71,9 @@ from .layers.rate_limit import RateLimiter
 from .layers.retry import Retry
 from .layers.stale_cache import StaleCache
 from .layers.timeout import attempt
+
+#: The layers whose usual call runs as one coroutine (outermost first), with the attempt inside: see _fused.
+FUSED = ("circuit_breaker", "retry", "bulkhead")
 
 # (policy field that turns the layer on, how to make it for a host), outermost first.
 # The per-attempt timeout and the network are the end of every chain: ``attempt``.
@@ -125,6 +129,8 @@ def head_for(host: Host, policy: Policy) -> Head:
         host.metrics.prepare(policy)  # before the layers, which set their gauges when made
         handle: Callable[[Call, Next], Awaitable[httpx.Response]] = _through
         chain: Next = attempt
+        fused: dict[str, Any] = {}  # the layers of the fused segment (see _fused), when hedging is off
+        inside_retry: Next = attempt
         for (name, make), on in reversed(list(zip(ORDER, key, strict=True))):
             if on:
                 layer: Layer | None = host.layers.get(name)
@@ -132,7 +138,15 @@ def head_for(host: Host, policy: Policy) -> Head:
                     layer = host.layers[name] = make(host)
                 if handle is not _through:
                     chain = _link_handle(handle, chain)
+                if name == "retry":
+                    inside_retry = chain
                 handle = layer.__call__
+                if name in FUSED and policy.hedge is None:
+                    fused[name] = layer
+            if name == FUSED[0] and fused:  # the segment's outermost: it becomes one layer before its own chain
+                chain = _link_handle(handle, chain)
+                layers = (fused.get("circuit_breaker"), fused.get("retry"), fused.get("bulkhead"))
+                handle = Fused(*layers, inside_retry).__call__
         head = host.chains[key] = (handle, chain, chain if handle is _through else _link_handle(handle, chain))
     return head
 
