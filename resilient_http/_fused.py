@@ -25,13 +25,17 @@ attempt inside retry, which is not the usual call).
 
 from __future__ import annotations
 
+from asyncio import CancelledError
+
 import httpx
 
 from ._call import Call, Next
+from ._config import RetryPolicy
+from ._watchdog import Timer
 from .layers.bulkhead import Bulkhead
 from .layers.circuit_breaker import CLOSED, CircuitBreakerLayer
 from .layers.retry import Retry
-from .layers.timeout import IN_MEMORY, attempt
+from .layers.timeout import IN_MEMORY, after_headers, arm, expired, landed, send, try_failed
 
 
 class Fused:
@@ -62,12 +66,14 @@ class Fused:
         breaker = self._breaker
         closed = 1 if breaker is None else breaker.closed
         bulkhead = self._bulkhead
-        if not closed or call.span is not None or (bulkhead is not None and bulkhead._in_flight >= bulkhead._free_below):
+        if not closed or call.span is not None:
+            return await call_next(call)
+        if bulkhead is not None and bulkhead._in_flight >= bulkhead._free_below:
             return await call_next(call)
         retry = self._retry
         if retry is not None:
-            policy = call.policy.retry
-            assert policy is not None
+            # Not None: retry is on in the policy this chain was made for.
+            policy: RetryPolicy = call.policy.retry  # type: ignore[assignment]
             stream = call.request.stream  # as it is before the first attempt (see Retry.__call__)
             budget = retry._budget
             now = retry._now()
@@ -81,7 +87,29 @@ class Fused:
         try:
             try:
                 try:
-                    response = await attempt(call)
+                    host = call.host
+                    started = host.clock.now()
+                    guard, sent, ops, kind = arm(call, started)
+                    call.attempts += 1
+                    if type(guard) is Timer:  # send(), inline for the transport's timer
+                        try:
+                            try:
+                                response = await host.inner.handle_async_request(sent)
+                                if not isinstance(response.stream, IN_MEMORY):
+                                    await after_headers(response, ops)
+                            except BaseException as exc:
+                                if guard.finish(isinstance(exc, CancelledError)):
+                                    raise expired(call, kind, phase=None if ops is None else ops.phase) from None
+                                raise
+                        except BaseException as exc:
+                            await try_failed(host, exc, host.clock.now() - started)
+                            raise
+                        guard.done = True
+                        if guard.delivered:  # the deadline's cancellation came, and something swallowed it
+                            guard.finish(False)
+                        landed(call, response, started)
+                    else:
+                        response = await send(call, guard, sent, ops, kind, started)
                 except BaseException:
                     if bulkhead is not None:
                         bulkhead._release()

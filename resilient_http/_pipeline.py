@@ -74,6 +74,8 @@ from .layers.timeout import attempt
 
 #: The layers whose usual call runs as one coroutine (outermost first), with the attempt inside: see _fused.
 FUSED = ("circuit_breaker", "retry", "bulkhead")
+#: Whether chains run those layers' usual call as one (``False``: each layer its own coroutine, as tests compare).
+FUSE = True
 
 # (policy field that turns the layer on, how to make it for a host), outermost first.
 # The per-attempt timeout and the network are the end of every chain: ``attempt``.
@@ -141,7 +143,7 @@ def head_for(host: Host, policy: Policy) -> Head:
                 if name == "retry":
                     inside_retry = chain
                 handle = layer.__call__
-                if name in FUSED and policy.hedge is None:
+                if FUSE and name in FUSED and policy.hedge is None:
                     fused[name] = layer
             if name == FUSED[0] and fused:  # the segment's outermost: it becomes one layer before its own chain
                 chain = _link_handle(handle, chain)

@@ -205,7 +205,7 @@ async def first_bytes(response: httpx.Response) -> None:
     response.stream = BufferedStream(body)
 
 
-async def _rest(response: httpx.Response, timeouts: Operations | None) -> None:
+async def after_headers(response: httpx.Response, timeouts: Operations | None) -> None:
     """After the headers, inside the attempt's timer: the first bytes of a body that is not in memory yet."""
     if timeouts is not None:
         timeouts.phase = "read"
@@ -224,6 +224,89 @@ async def try_failed(host: Host, exc: BaseException, seconds: float) -> None:
     await reap(host.inner)
 
 
+#: What bounds an attempt: the transport's timer, a real anyio scope (not under asyncio), or nothing.
+Guard = Timer | anyio.CancelScope | None
+
+
+def arm(call: Call, started: float) -> tuple[Guard, httpx.Request, Operations | None, TimeoutKind]:
+    """What bounds an attempt starting at ``started``, the request it sends, its httpx timeouts, and its timeout kind.
+
+    The request sent is a copy carrying the caller's own httpx timeouts
+    (:mod:`resilient_http._deadline`), unless the policy has no timeouts.
+    Raises the timeout's error when no time is left.
+    """
+    timeouts = call.policy.timeout
+    if timeouts is None:
+        return None, call.request, None, "attempt"
+    kind: TimeoutKind = "attempt"
+    limit = None if timeouts.attempt is None else started + timeouts.attempt
+    if call.deadline is not None and (limit is None or call.deadline <= limit):
+        limit, kind = call.deadline, "total"
+    guard: Guard = None
+    if limit is not None:
+        remaining = limit - started
+        if remaining <= 0:
+            raise expired(call, kind)
+        guard = call.host.watchdog.start(remaining)
+        if guard is None:  # trio: a real cancel scope
+            guard = anyio.CancelScope(deadline=anyio.current_time() + remaining)
+    request = call.request
+    ops = operations(request.extensions.get("timeout"))
+    return guard, derive(request, ops), ops, kind
+
+
+def landed(call: Call, response: httpx.Response, started: float) -> None:
+    """An attempt that started at ``started`` got ``response``: count it, and show it to the host's observers."""
+    host = call.host
+    response.request = call.request
+    finished = host.clock.now()
+    host.metrics.tried(response.status_code, finished - started)
+    for observe in host.observers:
+        observe(response, finished)
+
+
+async def send(
+    call: Call, guard: Guard, sent: httpx.Request, ops: Operations | None, kind: TimeoutKind, started: float
+) -> httpx.Response:
+    """The attempt armed by :func:`arm`: ``sent`` to the network inside ``guard``, counted as a try.
+
+    ``call.attempts`` is counted before. Over ``guard``'s time, the
+    timeout's error; after a timeout or a cancellation, what the pool left
+    behind is freed (:func:`try_failed`).
+    """
+    host = call.host
+    try:
+        if type(guard) is Timer:
+            try:
+                response = await host.inner.handle_async_request(sent)
+                if not isinstance(response.stream, IN_MEMORY):
+                    await after_headers(response, ops)
+            except BaseException as exc:
+                if guard.finish(isinstance(exc, CancelledError)):
+                    raise expired(call, kind, phase=None if ops is None else ops.phase) from None
+                raise
+            guard.done = True
+            if guard.delivered:  # the deadline's cancellation came, and something swallowed it
+                guard.finish(False)
+        elif guard is None:
+            response = await host.inner.handle_async_request(sent)
+            if not isinstance(response.stream, IN_MEMORY):
+                await after_headers(response, ops)
+        else:
+            assert isinstance(guard, anyio.CancelScope)
+            with guard:
+                response = await host.inner.handle_async_request(sent)
+                if not isinstance(response.stream, IN_MEMORY):
+                    await after_headers(response, ops)
+            if guard.cancelled_caught:
+                raise expired(call, kind, phase=None if ops is None else ops.phase)
+    except BaseException as exc:
+        await try_failed(host, exc, host.clock.now() - started)
+        raise
+    landed(call, response, started)
+    return response
+
+
 async def attempt(call: Call, traced: bool = False) -> httpx.Response:
     """One try on the network, inside one timer: the end of every chain.
 
@@ -232,63 +315,9 @@ async def attempt(call: Call, traced: bool = False) -> httpx.Response:
     """
     if call.span is not None and not traced:
         return await call.host.tracing.attempt(call, attempt)  # type: ignore[no-any-return]
-    host = call.host
-    clock = host.clock
-    request = call.request
-    started = clock.now()
-    timeouts = call.policy.timeout
-    timer: Timer | None = None
-    scope: anyio.CancelScope | None = None
-    sent = request
-    ops: Operations | None = None
-    if timeouts is not None:
-        kind: TimeoutKind = "attempt"
-        limit = None if timeouts.attempt is None else started + timeouts.attempt
-        if call.deadline is not None and (limit is None or call.deadline <= limit):
-            limit, kind = call.deadline, "total"
-        if limit is not None:
-            remaining = limit - started
-            if remaining <= 0:
-                raise expired(call, kind)
-            timer = host.watchdog.start(remaining)
-            if timer is None:  # trio: a real cancel scope
-                scope = anyio.CancelScope(deadline=anyio.current_time() + remaining)
-        ops = operations(request.extensions.get("timeout"))
-        sent = derive(request, ops)
+    started = call.host.clock.now()
+    guard, sent, ops, kind = arm(call, started)
     if traced:
-        sent = host.tracing.carry(sent, derived=sent is not request)
+        sent = call.host.tracing.carry(sent, derived=sent is not call.request)
     call.attempts += 1
-    inner = host.inner
-    try:
-        if timer is not None:
-            try:
-                response = await inner.handle_async_request(sent)
-                if not isinstance(response.stream, IN_MEMORY):
-                    await _rest(response, ops)
-            except BaseException as exc:
-                if timer.finish(isinstance(exc, CancelledError)):
-                    raise expired(call, kind, phase=None if ops is None else ops.phase) from None
-                raise
-            timer.done = True
-            if timer.delivered:  # the deadline's cancellation came, and something swallowed it
-                timer.finish(False)
-        elif scope is None:
-            response = await inner.handle_async_request(sent)
-            if not isinstance(response.stream, IN_MEMORY):
-                await _rest(response, ops)
-        else:
-            with scope:
-                response = await inner.handle_async_request(sent)
-                if not isinstance(response.stream, IN_MEMORY):
-                    await _rest(response, ops)
-            if scope.cancelled_caught:
-                raise expired(call, kind, phase=None if ops is None else ops.phase)
-    except BaseException as exc:
-        await try_failed(host, exc, clock.now() - started)
-        raise
-    response.request = request
-    finished = clock.now()
-    host.metrics.tried(response.status_code, finished - started)
-    for observe in host.observers:
-        observe(response, finished)
-    return response
+    return await send(call, guard, sent, ops, kind, started)
