@@ -70,46 +70,48 @@ class Fused:
             return await call_next(call)
         if bulkhead is not None and bulkhead._in_flight >= bulkhead._free_below:
             return await call_next(call)
+        host = call.host
+        started = host.clock.now()  # the first attempt's start, and the time retry counts the call at
         retry = self._retry
         if retry is not None:
             # Not None: retry is on in the policy this chain was made for.
             policy: RetryPolicy = call.policy.retry  # type: ignore[assignment]
             stream = call.request.stream  # as it is before the first attempt (see Retry.__call__)
             budget = retry._budget
-            now = retry._now()
-            if now < budget._until:  # Budget.deposit(), inline
+            if started < budget._until:  # Budget.deposit(), inline
                 budget._pending += 1
             else:
-                budget.deposit(now)
+                budget.deposit(started)
         if bulkhead is not None:  # the slot, as Bulkhead.__call__ takes a free one
             bulkhead._in_flight += 1
             bulkhead._in_flight_gauge.value += 1.0
         try:
             try:
                 try:
-                    host = call.host
-                    started = host.clock.now()
                     guard, sent, ops, kind = arm(call, started)
                     call.attempts += 1
-                    if type(guard) is Timer:  # send(), inline for the transport's timer
+                    if guard is None or type(guard) is Timer:  # send(), inline for the transport's timer or none
+                        timer: Timer | None = guard
                         try:
                             try:
                                 response = await host.inner.handle_async_request(sent)
                                 if not isinstance(response.stream, IN_MEMORY):
                                     await after_headers(response, ops)
                             except BaseException as exc:
-                                if guard.finish(isinstance(exc, CancelledError)):
+                                if timer is not None and timer.finish(isinstance(exc, CancelledError)):
                                     raise expired(call, kind, phase=None if ops is None else ops.phase) from None
                                 raise
                         except BaseException as exc:
                             await try_failed(host, exc, host.clock.now() - started)
                             raise
-                        guard.done = True
-                        if guard.delivered:  # the deadline's cancellation came, and something swallowed it
-                            guard.finish(False)
-                        landed(call, response, started)
-                    else:
+                        if timer is not None:
+                            timer.done = True
+                            if timer.delivered:  # the deadline's cancellation came, and something swallowed it
+                                timer.finish(False)
+                        finished = landed(call, response, started)
+                    else:  # a real anyio scope (trio)
                         response = await send(call, guard, sent, ops, kind, started)
+                        finished = host.clock.now()
                 except BaseException:
                     if bulkhead is not None:
                         bulkhead._release()
@@ -127,11 +129,13 @@ class Fused:
                 if plan is None:
                     raise
                 response = await retry._retry(call, self._inside_retry, policy, plan, stream)
+                finished = host.clock.now()
             else:
                 if retry is not None and response.status_code in policy.statuses:
                     plan = await retry._after_answer(call, policy, response, 1, stream)
                     if plan is not None:
                         response = await retry._retry(call, self._inside_retry, policy, plan, stream)
+                        finished = host.clock.now()
         except BaseException as exc:
             if breaker is not None:
                 assert self._layer is not None
@@ -142,10 +146,9 @@ class Fused:
             assert self._layer is not None
             if response.status_code in breaker.failure_statuses or closed != breaker.closed:
                 return self._layer._answered(call, closed, None, response)
-            now = self._layer._now()
-            if now < breaker._until:  # CircuitBreaker.record() of a success, inline
+            if finished < breaker._until:  # CircuitBreaker.record() of a success, inline
                 breaker._ok += 1
             else:
-                breaker.record(now, closed, False)
+                breaker.record(finished, closed, False)
             call.circuit_state = CLOSED
         return response

@@ -45,6 +45,13 @@ costs nothing. Layers are made per host on first use and keep their state
 and per set of active layers, by a reverse fold like Starlette's
 ``build_middleware_stack``.
 
+Where hedging is off, the circuit breaker, retry and bulkhead (those of
+them that are on) and the attempt are one layer in the chain:
+:class:`~resilient_http._fused.Fused` runs their usual call in one
+coroutine and hands every other case to the layers' own code, through the
+same layers composed as above. It changes what a call costs, not what it
+does (``tests/test_fused.py`` compares the two).
+
 When a host's policy changes while the service runs (:func:`update`), a
 layer that stays gets the new policy through its ``reconfigure`` and keeps
 its state (a layer without ``reconfigure`` is made afresh); a layer the

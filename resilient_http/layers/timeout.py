@@ -255,14 +255,15 @@ def arm(call: Call, started: float) -> tuple[Guard, httpx.Request, Operations | 
     return guard, derive(request, ops), ops, kind
 
 
-def landed(call: Call, response: httpx.Response, started: float) -> None:
-    """An attempt that started at ``started`` got ``response``: count it, and show it to the host's observers."""
+def landed(call: Call, response: httpx.Response, started: float) -> float:
+    """An attempt that started at ``started`` got ``response``: count it, show it to the host's observers; the time."""
     host = call.host
     response.request = call.request
     finished = host.clock.now()
     host.metrics.tried(response.status_code, finished - started)
     for observe in host.observers:
         observe(response, finished)
+    return finished
 
 
 async def send(
