@@ -19,8 +19,10 @@ does that in one frame and leaves everything else to the layers' own code:
   to the breaker's count, a streamed body to the bulkhead's slot keeping.
 
 The layers stay the one description of what happens; this skips their
-frames. It is used where hedging is off (a hedge races copies of the
-attempt inside retry, which is not the usual call).
+frames. It is used wherever hedging is off (a hedge races copies of the
+attempt inside retry, which is not the usual call), as the attempt alone
+when none of the three layers is on: :func:`~.layers.timeout.attempt`
+remains the end of the layers' own chain.
 """
 
 from __future__ import annotations
@@ -41,13 +43,13 @@ from .layers.timeout import IN_MEMORY, after_headers, arm, expired, landed, send
 class Fused:
     """The breaker, retry and bulkhead of one host (each ``None`` when off), and the attempt, as one layer.
 
-    Called as a layer whose ``call_next`` is the same layers' chain, which
-    it runs instead when the short way does not apply (see the module
-    docstring). ``inside_retry`` is the chain retry's further attempts go
-    through.
+    ``layered`` is the same layers' own chain, which it runs instead when
+    the short way does not apply (see the module docstring), and
+    ``inside_retry`` the chain retry's further attempts go through. Called
+    as a layer or as a chain: a ``call_next`` given is not used.
     """
 
-    __slots__ = ("_breaker", "_bulkhead", "_inside_retry", "_layer", "_retry")
+    __slots__ = ("_breaker", "_bulkhead", "_inside_retry", "_layer", "_layered", "_retry")
 
     def __init__(
         self,
@@ -55,21 +57,23 @@ class Fused:
         retry: Retry | None,
         bulkhead: Bulkhead | None,
         inside_retry: Next,
+        layered: Next,
     ) -> None:
         self._layer = breaker
         self._breaker = None if breaker is None else breaker.breaker
         self._retry = retry
         self._bulkhead = bulkhead
         self._inside_retry = inside_retry
+        self._layered = layered
 
-    async def __call__(self, call: Call, call_next: Next) -> httpx.Response:
+    async def __call__(self, call: Call, call_next: Next | None = None) -> httpx.Response:
         breaker = self._breaker
         closed = 1 if breaker is None else breaker.closed
         bulkhead = self._bulkhead
         if not closed or call.span is not None:
-            return await call_next(call)
+            return await self._layered(call)
         if bulkhead is not None and bulkhead._in_flight >= bulkhead._free_below:
-            return await call_next(call)
+            return await self._layered(call)
         host = call.host
         started = host.clock.now()  # the first attempt's start, and the time retry counts the call at
         retry = self._retry

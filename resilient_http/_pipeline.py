@@ -140,23 +140,28 @@ def head_for(host: Host, policy: Policy) -> Head:
         chain: Next = attempt
         fused: dict[str, Any] = {}  # the layers of the fused segment (see _fused), when hedging is off
         inside_retry: Next = attempt
+        unlinked: Next | None = None  # ``handle`` itself when it needs no link to be called as a chain
         for (name, make), on in reversed(list(zip(ORDER, key, strict=True))):
             if on:
                 layer: Layer | None = host.layers.get(name)
                 if layer is None:
                     layer = host.layers[name] = make(host)
                 if handle is not _through:
-                    chain = _link_handle(handle, chain)
+                    chain = unlinked or _link_handle(handle, chain)
+                    unlinked = None
                 if name == "retry":
                     inside_retry = chain
                 handle = layer.__call__
-                if FUSE and name in FUSED and policy.hedge is None:
+                if name in FUSED:
                     fused[name] = layer
-            if name == FUSED[0] and fused:  # the segment's outermost: it becomes one layer before its own chain
-                chain = _link_handle(handle, chain)
+            if name == FUSED[0] and FUSE and policy.hedge is None:
+                # The segment's outermost (or, with none of its layers on, the attempt):
+                # it becomes one layer, before the same layers' own chain.
+                layered = chain if handle is _through else _link_handle(handle, chain)
                 layers = (fused.get("circuit_breaker"), fused.get("retry"), fused.get("bulkhead"))
-                handle = Fused(*layers, inside_retry).__call__
-        head = host.chains[key] = (handle, chain, chain if handle is _through else _link_handle(handle, chain))
+                handle = unlinked = Fused(*layers, inside_retry, layered).__call__
+        whole = chain if handle is _through else unlinked or _link_handle(handle, chain)
+        head = host.chains[key] = (handle, chain, whole)
     return head
 
 
