@@ -20,9 +20,9 @@ does that in one frame and leaves everything else to the layers' own code:
 
 The layers stay the one description of what happens; this skips their
 frames. It is used wherever hedging is off (a hedge races copies of the
-attempt inside retry, which is not the usual call), as the attempt alone
-when none of the three layers is on: :func:`~.layers.timeout.attempt`
-remains the end of the layers' own chain.
+attempt inside retry, which is not the usual call) and one of the three
+layers is on; :func:`~.layers.timeout.attempt` remains the end of every
+other chain, and of the layers' own.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ._watchdog import Timer
 from .layers.bulkhead import Bulkhead
 from .layers.circuit_breaker import CLOSED, CircuitBreakerLayer
 from .layers.retry import Retry
-from .layers.timeout import IN_MEMORY, after_headers, arm, expired, landed, send, try_failed
+from .layers.timeout import IN_MEMORY, after_headers, arm, attempt, expired, landed, try_failed
 
 
 class Fused:
@@ -93,9 +93,9 @@ class Fused:
             try:
                 try:
                     guard, sent, ops, kind = arm(call, started)
-                    call.attempts += 1
-                    if guard is None or type(guard) is Timer:  # send(), inline for the transport's timer or none
+                    if guard is None or type(guard) is Timer:  # attempt(), inline for the transport's timer or none
                         timer: Timer | None = guard
+                        call.attempts += 1
                         try:
                             try:
                                 response = await host.inner.handle_async_request(sent)
@@ -113,8 +113,8 @@ class Fused:
                             if timer.delivered:  # the deadline's cancellation came, and something swallowed it
                                 timer.finish(False)
                         finished = landed(call, response, started)
-                    else:  # a real anyio scope (trio)
-                        response = await send(call, guard, sent, ops, kind, started)
+                    else:  # a real anyio scope (trio), made afresh by the attempt itself
+                        response = await attempt(call)
                         finished = host.clock.now()
                 except BaseException:
                     if bulkhead is not None:

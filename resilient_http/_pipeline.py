@@ -154,12 +154,10 @@ def head_for(host: Host, policy: Policy) -> Head:
                 handle = layer.__call__
                 if name in FUSED:
                     fused[name] = layer
-            if name == FUSED[0] and FUSE and policy.hedge is None:
-                # The segment's outermost (or, with none of its layers on, the attempt):
-                # it becomes one layer, before the same layers' own chain.
-                layered = chain if handle is _through else _link_handle(handle, chain)
+            if name == FUSED[0] and fused and FUSE and policy.hedge is None:
+                # The segment's outermost: it becomes one layer, before the same layers' own chain.
                 layers = (fused.get("circuit_breaker"), fused.get("retry"), fused.get("bulkhead"))
-                handle = unlinked = Fused(*layers, inside_retry, layered).__call__
+                handle = unlinked = Fused(*layers, inside_retry, _link_handle(handle, chain)).__call__
         whole = chain if handle is _through else unlinked or _link_handle(handle, chain)
         head = host.chains[key] = (handle, chain, whole)
     return head

@@ -80,8 +80,12 @@ class _Network(httpx.AsyncBaseTransport):
 
 
 def _policy(full: bool | None) -> Policy:
-    if full is None:  # none of the fused layers: the fused segment is the attempt alone
-        return only(timeout=TimeoutPolicy(attempt=3.0, total=4.0), rate_limit=RateLimitPolicy(rate=20, burst=5))
+    if full is None:  # the bulkhead alone in the fused segment
+        return only(
+            timeout=TimeoutPolicy(attempt=3.0, total=4.0),
+            rate_limit=RateLimitPolicy(rate=20, burst=5),
+            bulkhead=BulkheadPolicy(max_concurrent=2, max_queue=1),
+        )
     core = Policy(
         timeout=TimeoutPolicy(attempt=3.0, total=4.0),
         retry=RetryPolicy(attempts=3, backoff=0.2, budget=RetryBudget(ratio=0.3, min_per_second=0.1, window=10)),
@@ -152,7 +156,7 @@ async def _story(seed: int, policy: Policy, fuse: bool, monkeypatch: pytest.Monk
     return {"outcomes": outcomes, "events": events, "samples": samples, "fused": len(ran)}
 
 
-@pytest.mark.parametrize("full", [False, True, None], ids=["Policy()", "all six", "no fused layer"])
+@pytest.mark.parametrize("full", [False, True, None], ids=["Policy()", "all six", "bulkhead alone"])
 async def test_the_fused_segment_and_the_layers_own_chain_are_indistinguishable(
     full: bool | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -266,16 +266,21 @@ def landed(call: Call, response: httpx.Response, started: float) -> float:
     return finished
 
 
-async def send(
-    call: Call, guard: Guard, sent: httpx.Request, ops: Operations | None, kind: TimeoutKind, started: float
-) -> httpx.Response:
-    """The attempt armed by :func:`arm`: ``sent`` to the network inside ``guard``, counted as a try.
+async def attempt(call: Call, traced: bool = False) -> httpx.Response:
+    """One try on the network, inside one timer: the end of the layers' chain.
 
-    ``call.attempts`` is counted before. Over ``guard``'s time, the
-    timeout's error; after a timeout or a cancellation, what the pool left
-    behind is freed (:func:`try_failed`).
+    A traced call's attempt runs inside its span (``traced``), and sends
+    the span's trace context (see :mod:`resilient_http._tracing`). The
+    fused segment (:mod:`resilient_http._fused`) runs the same steps inline.
     """
+    if call.span is not None and not traced:
+        return await call.host.tracing.attempt(call, attempt)  # type: ignore[no-any-return]
     host = call.host
+    started = host.clock.now()
+    guard, sent, ops, kind = arm(call, started)
+    if traced:
+        sent = host.tracing.carry(sent, derived=sent is not call.request)
+    call.attempts += 1
     try:
         if type(guard) is Timer:
             try:
@@ -293,7 +298,7 @@ async def send(
             response = await host.inner.handle_async_request(sent)
             if not isinstance(response.stream, IN_MEMORY):
                 await after_headers(response, ops)
-        else:
+        else:  # trio: a real anyio scope
             assert isinstance(guard, anyio.CancelScope)
             with guard:
                 response = await host.inner.handle_async_request(sent)
@@ -304,21 +309,9 @@ async def send(
     except BaseException as exc:
         await try_failed(host, exc, host.clock.now() - started)
         raise
-    landed(call, response, started)
+    response.request = call.request  # landed(), inline
+    finished = host.clock.now()
+    host.metrics.tried(response.status_code, finished - started)
+    for observe in host.observers:
+        observe(response, finished)
     return response
-
-
-async def attempt(call: Call, traced: bool = False) -> httpx.Response:
-    """One try on the network, inside one timer: the end of every chain.
-
-    A traced call's attempt runs inside its span (``traced``), and sends
-    the span's trace context (see :mod:`resilient_http._tracing`).
-    """
-    if call.span is not None and not traced:
-        return await call.host.tracing.attempt(call, attempt)  # type: ignore[no-any-return]
-    started = call.host.clock.now()
-    guard, sent, ops, kind = arm(call, started)
-    if traced:
-        sent = call.host.tracing.carry(sent, derived=sent is not call.request)
-    call.attempts += 1
-    return await send(call, guard, sent, ops, kind, started)
