@@ -13,12 +13,20 @@ a capped pool wedges (issue 7's soak test).
 A :class:`Timer` keeps what is safe about the scope and drops the rest:
 
 - **Arming costs almost nothing.** The transport's :class:`Watchdog` keeps
-  the deadlines of the attempts in flight in a heap and holds one loop
-  timer, armed at the earliest deadline that is still live. A timer adds
-  itself to the heap and, when it ends, is merely marked done; the loop timer
-  is re-armed only when an earlier deadline arrives or the armed one passes.
-  With one timeout per host, deadlines arrive in order, so sequential calls
-  re-arm once per timeout period, not once per call.
+  the deadlines of the attempts in flight and holds one loop timer, armed at
+  or before the earliest of them. With one timeout per host, deadlines
+  arrive in order (each is the loop's clock plus the same timeout), so a
+  timer whose deadline is not earlier than the last one kept joins the end
+  of a queue, a list linked through the timers themselves, without touching
+  the loop timer: the queue's first deadline, which the loop timer already
+  covers, comes no later. A timer that ends is merely marked done; the done
+  timers at the front of the queue are dropped when the next timer joins
+  it (and unlinked, so a timer kept elsewhere, in a traceback say, keeps no
+  other). A deadline earlier than the queue's last goes into a heap
+  instead. The loop timer is re-armed only when a timer that starts an
+  empty queue or enters the heap has an earlier deadline than the armed
+  one, or when it fires: sequential calls with one timeout re-arm once per
+  timeout period, not once per call.
 - **Cancelling is anyio's rule.** When a deadline passes, the task is
   cancelled only if, at that moment, no anyio scope the attempt entered is
   shielded, and the task is not about to resume with a result (the future
@@ -42,8 +50,10 @@ does; it serves the event loop it was first used in, and starts afresh,
 dropping the old loop's entries, when used from another. Its loop timer is
 re-armed only for live deadlines: once the last attempt has ended, the armed
 timer fires once more and stops (closing the transport does not cut short
-the attempts still in flight). A timer holds its task only while it is in
-flight. Nothing here is global.
+the attempts still in flight). A timer holds its task until it ends in an
+exception, or, when it ends in time, until the watchdog drops it (done
+timers behind one still in flight wait for it). Nothing here is global
+but the constant that stands for no timer, which is never written.
 """
 
 from __future__ import annotations
@@ -85,7 +95,7 @@ def _anyio_task_states() -> Any:
 #: ``anyio._backends._asyncio._task_states``, checked; ``None`` makes every timer a real anyio scope.
 TASK_STATES = _anyio_task_states()
 #: The same, read without the weak dictionary's Python frame: ``_STATES.get(weakref.ref(task))``.
-_STATES = None if TASK_STATES is None else getattr(TASK_STATES, "data", None)
+_STATES: Any = None if TASK_STATES is None else getattr(TASK_STATES, "data", None)
 _ref = weakref.ref
 #: The task running in each event loop; asyncio.current_task() is a Python function around it in 3.11.
 _current_tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] = asyncio.tasks._current_tasks  # type: ignore[attr-defined]
@@ -99,11 +109,13 @@ class Timer:
     exception (or when ``delivered`` says a cancellation was sent).
     """
 
-    __slots__ = ("_cancelling", "_outer", "_task", "delivered", "done")
+    __slots__ = ("_cancelling", "_deadline", "_next", "_outer", "_task", "delivered", "done")
 
     _task: asyncio.Task[Any] | None
     _outer: Any
     _cancelling: int
+    _deadline: float
+    _next: Timer  # the next timer in the watchdog's queue (unset in the last)
     delivered: bool
     done: bool
 
@@ -150,19 +162,29 @@ class Timer:
 
 
 _new_timer = object.__new__
+#: "No timer": the ends of an empty queue, and what a timer dropped from the queue links to.
+_NONE: Timer = _new_timer(Timer)
+_NONE._deadline = math.inf
+_NONE._task = _NONE._outer = None
+_NONE._cancelling = 0
+_NONE.delivered = False
+_NONE.done = True
 
 
 class Watchdog:
-    """The attempt timers of one transport: a heap of deadlines and one loop timer (see the module docstring)."""
+    """The attempt timers of one transport: deadlines in order, and one loop timer (see the module docstring)."""
 
-    __slots__ = ("_armed", "_handle", "_heap", "_loop", "_order")
+    __slots__ = ("_armed", "_first", "_handle", "_heap", "_last", "_loop", "_order", "_tail")
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Timer]] = []
+        # The timers whose deadlines came in order (the usual case), oldest first, linked by ``Timer._next``.
+        self._first = self._tail = _NONE
+        self._last = math.inf  # the tail's deadline; infinite when the queue is empty
+        self._heap: list[tuple[float, int, Timer]] = []  # the timers whose deadlines came before the tail's
+        self._order = 0  # breaks ties between equal deadlines in the heap
         self._handle: asyncio.TimerHandle | None = None
         self._armed = math.inf  # when the loop timer fires
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._order = 0  # breaks ties between equal deadlines
 
     def start(self, seconds: float) -> Timer | None:
         """A timer of the running task that ends it ``seconds`` from now.
@@ -171,28 +193,71 @@ class Watchdog:
         under trio, or with an anyio this module cannot read.
         """
         loop = _get_running_loop()
-        if loop is None or _STATES is None:
-            return None
+        if loop is None or loop is not self._loop:  # no loop (trio), the first use, another loop, or anyio unread
+            return self._serve(loop, seconds)
         task = _current_tasks.get(loop)
         if task is None:
             return None
-        if loop is not self._loop:
-            self._start(loop)
-        deadline = loop.time() + seconds
         timer: Timer = _new_timer(Timer)
+        timer._deadline = deadline = loop.time() + seconds
+        timer._task = task
         state = _STATES.get(_ref(task))
         timer._outer = None if state is None else state.cancel_scope  # the innermost anyio scope outside us
-        timer._task = task
         timer._cancelling = task.cancelling()
         timer.delivered = timer.done = False
-        heap = self._heap
-        while heap and heap[0][2].done:  # ended in time: nothing to do for them
-            heappop(heap)
-        self._order += 1
-        heappush(heap, (deadline, self._order, timer))
+        if deadline >= self._last:  # in order: behind the tail, whose deadline the loop timer covers
+            self._tail._next = timer
+            self._tail = timer
+            self._last = deadline
+            first = self._first
+            while first.done:  # ended in time: drop them (the new timer, not done, ends the walk)
+                after = first._next
+                first._next = _NONE  # a timer kept elsewhere must not keep the queue behind it
+                first = after
+            self._first = first
+        else:
+            self._add(timer, deadline)
+        return timer
+
+    def _serve(self, loop: asyncio.AbstractEventLoop | None, seconds: float) -> Timer | None:
+        """:meth:`start` from a loop this watchdog does not serve yet, or from none."""
+        if loop is None or _STATES is None:
+            return None
+        self._start(loop)
+        return self.start(seconds)
+
+    def _add(self, timer: Timer, deadline: float) -> None:
+        """Keep a timer whose deadline comes before the tail's, or that finds the queue empty."""
+        self._drop(-math.inf)
+        if self._first is _NONE:
+            self._first = self._tail = timer
+            self._last = deadline
+        else:
+            heap = self._heap
+            while heap and heap[0][2].done:
+                heappop(heap)
+            self._order += 1
+            heappush(heap, (deadline, self._order, timer))
         if deadline < self._armed:
             self._arm(deadline)
-        return timer
+
+    def _drop(self, now: float) -> None:
+        """Drop the queue's first timers while they are done, or expired (cancelled) when their deadline is past."""
+        first = self._first
+        while first is not _NONE:
+            if not first.done:
+                if first._deadline > now:
+                    break
+                assert self._loop is not None
+                first.expire(self._loop)
+            if first is self._tail:
+                first = self._tail = _NONE
+                self._last = math.inf
+            else:
+                after = first._next
+                first._next = _NONE
+                first = after
+        self._first = first
 
     def _arm(self, when: float) -> None:
         if self._handle is not None:
@@ -207,15 +272,18 @@ class Watchdog:
         loop = self._loop
         assert loop is not None
         now = loop.time()
+        self._drop(now)
         heap = self._heap
         while heap:
-            deadline, _, timer = heap[0]
+            timer = heap[0][2]
             if not timer.done:
-                if deadline > now:
-                    self._arm(deadline)
-                    return
+                if timer._deadline > now:
+                    break
                 timer.expire(loop)
             heappop(heap)
+        following = min(self._first._deadline, heap[0][0] if heap else math.inf)
+        if following < math.inf:
+            self._arm(following)
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve ``loop`` from now on; the entries of a previous loop cannot fire any more."""
@@ -223,9 +291,16 @@ class Watchdog:
             self._handle.cancel()
             self._handle = None
         self._armed = math.inf
+        self._first = self._tail = _NONE  # the old loop's timers are left to the garbage collector
+        self._last = math.inf
         self._heap.clear()
         self._loop = loop
 
     def __len__(self) -> int:
         """Deadlines kept, in flight or ended but not yet dropped."""
-        return len(self._heap)
+        kept = len(self._heap)
+        timer = self._first
+        while timer is not _NONE:
+            kept += 1
+            timer = _NONE if timer is self._tail else timer._next
+        return kept

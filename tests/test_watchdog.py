@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -142,6 +143,58 @@ async def test_sequential_attempts_keep_one_entry_and_arm_the_loop_timer_once() 
         armed.append(watchdog._armed)
     assert len(set(armed)) == 1  # the first deadline stays armed: later ones come after it
     assert len(watchdog) == 1  # each ended timer leaves when the next one starts
+
+
+async def test_ended_timers_behind_one_in_flight_are_dropped_when_it_ends() -> None:
+    """Attempts that end while an earlier one is still in flight wait for it, then leave with the next start."""
+    watchdog = Watchdog()
+    release = asyncio.Event()
+    slow = asyncio.create_task(timed(watchdog, 30, release.wait))
+    await asyncio.sleep(0)
+    for _ in range(100):
+        await timed(watchdog, 30, sleeping(0))
+    assert len(watchdog) == 101  # the first is in flight: those behind it wait
+    release.set()
+    assert not await slow
+    await timed(watchdog, 30, sleeping(0))
+    assert len(watchdog) == 1
+
+
+async def test_an_ended_timer_keeps_no_other_timer() -> None:
+    """A timer kept after its attempt (in a traceback, say) holds none of the timers that started after it."""
+    watchdog = Watchdog()
+    timers: list[Timer] = []
+    for _ in range(3):
+        await timed(watchdog, 30, sleeping(0), timers)
+    for timer in timers[:-1]:
+        assert not [other for other in gc.get_referents(timer) if other in timers]
+
+
+async def test_a_deadline_after_the_loop_timer_stopped_arms_it_again() -> None:
+    """Once every attempt has ended and the loop timer has stopped, the next attempt's deadline still ends it."""
+    watchdog = Watchdog()
+    assert not await timed(watchdog, 0.005, sleeping(0))
+    await asyncio.sleep(0.02)  # the loop timer fires, finds nothing in flight, and stops
+    assert len(watchdog) == 0
+    assert await timed(watchdog, 0.001, sleeping(1))
+
+
+async def test_deadlines_out_of_order_each_end_their_attempt() -> None:
+    """A deadline earlier than those kept before it, and a later one after it: each ends its own attempt in time."""
+    watchdog = Watchdog()
+    loop = asyncio.get_running_loop()
+    ended: dict[str, float] = {}
+    started = loop.time()
+
+    async def attempt(name: str, seconds: float) -> None:
+        assert await timed(watchdog, seconds, sleeping(5))
+        ended[name] = loop.time() - started
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(attempt, "long", 0.2)
+        tasks.start_soon(attempt, "short", 0.01)  # earlier than the long one's
+        tasks.start_soon(attempt, "longer", 0.25)
+    assert ended["short"] < 0.2 <= ended["long"] < ended["longer"] < 1
 
 
 async def test_an_earlier_deadline_rearms_the_loop_timer() -> None:
