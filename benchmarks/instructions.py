@@ -1,6 +1,7 @@
 """What resilient_http costs per call in CPU instructions, against a bare httpx call and against peers.
 
-    python -m benchmarks.instructions [--smoke] [--repeat] [--profile] [--flat] [--socket] [--json PATH]
+    python -m benchmarks.instructions [--smoke] [--repeat] [--profile] [--flat] [--socket] [--socket-count]
+                                      [--json PATH]
 
 Instructions are counted with valgrind's cachegrind (``benchmarks/_cachegrind.py``):
 each subject runs in its own process twice, warm-up only and warm-up + N
@@ -22,7 +23,8 @@ over interleaved rounds, in this process (``overhead.py``'s method).
 ``--profile`` adds where the instructions go (``benchmarks/_profile.py``).
 ``--flat`` counts the cost per call with 1 to 10,000 calls in flight and
 1 to 10,000 hosts (``benchmarks/_flat.py``); ``--socket`` measures
-throughput over a real socket at 1, 16 and 256 concurrent callers.
+throughput over a real socket at 1, 16 and 256 concurrent callers, and
+``--socket-count`` counts instructions per call over that socket.
 ``--smoke`` runs every mode with tiny N and two subjects, in seconds.
 """
 
@@ -132,8 +134,9 @@ def make(name: str, inner: httpx.AsyncBaseTransport, url: str = URL) -> Subject:
 # -- the worker: one subject in its own process, counted by cachegrind -------------------------------------------
 
 
-async def _work(name: str, warmup: int, calls: int) -> None:
-    subject = make(name, httpx.MockTransport(_handler))
+async def _work(name: str, warmup: int, calls: int, url: str | None = None) -> None:
+    inner: httpx.AsyncBaseTransport = httpx.MockTransport(_handler) if url is None else httpx.AsyncHTTPTransport()
+    subject = make(name, inner) if url is None else make(name, inner, url)
     async with subject.client:
         for _ in range(warmup):
             response = await subject.call()
@@ -151,13 +154,14 @@ def worker(argv: list[str]) -> int:
     parser.add_argument("--flat", choices=("in-flight", "hosts"))
     parser.add_argument("--level", type=int, default=1)
     parser.add_argument("--max-hosts", type=int, default=0)
+    parser.add_argument("--url", help="call this server over a real socket instead of the in-memory transport")
     args = parser.parse_args(argv)
     if args.flat:
         from ._flat import work
 
         asyncio.run(work(args.flat, args.subject, args.level, args.warmup, args.calls, args.max_hosts))
     else:
-        asyncio.run(_work(args.subject, args.warmup, args.calls))
+        asyncio.run(_work(args.subject, args.warmup, args.calls, args.url))
     return 0
 
 
@@ -175,6 +179,7 @@ class Settings:
     socket_seconds: float = 1.0
     socket_repeats: int = 10
     flat_levels: tuple[int, ...] = (1, 100, 10_000)
+    socket_count_calls: int = 1000
     profile_calls: int = 300
     jobs: int = 1
     smoke: bool = False
@@ -190,6 +195,7 @@ SMOKE = Settings(
     socket_seconds=0.2,
     socket_repeats=1,
     flat_levels=(1, 4),
+    socket_count_calls=20,
     profile_calls=10,
     smoke=True,
 )
@@ -313,8 +319,52 @@ async def socket(settings: Settings) -> dict[str, Any]:
     return {"seconds": settings.socket_seconds, "repeats": settings.socket_repeats, "levels": results}
 
 
+#: The subjects counted over a socket.
+SOCKET_COUNTED = (BARE, DEFAULT, ALL_SIX)
+
+
+def socket_count(settings: Settings) -> dict[str, Any]:
+    """Instructions per call over a real socket, one caller at a time: the client's process, the kernel's work aside.
+
+    The same count as the table's, each subject calling ``benchmarks/_server.py``
+    in its own process instead of the in-memory transport: the network's
+    own work in the client (httpcore, the event loop's I/O, the suspensions
+    every layer's frame resumes from) is counted too, as the throughput
+    rounds pay it; the kernel's is not, since cachegrind sees user space only.
+    """
+    with Server() as port:
+        url = f"http://127.0.0.1:{port}/v1/items"
+
+        def measure(name: str) -> _cachegrind.PerCall:
+            args = ["--subject", name, "--warmup", str(settings.warmup), "--url", url]
+            found = _cachegrind.per_call(args, settings.socket_count_calls)
+            print(f"  {name} over a socket: {found.instructions:,.1f} instructions per call", file=sys.stderr)
+            return found
+
+        subjects = [name for name in SOCKET_COUNTED if name in settings.subjects]
+        found = _cachegrind.parallel(measure, subjects, settings.jobs)
+    bare = found[0].instructions
+    rows = [
+        {
+            "name": name,
+            "instructions": f.instructions,
+            "ratio": f.instructions / bare,
+            "over_bare": f.instructions - bare,
+        }
+        for name, f in zip(subjects, found, strict=True)
+    ]
+    return {"calls": settings.socket_count_calls, "warmup": settings.warmup, "rows": rows}
+
+
 def run(
-    settings: Settings, *, repeat: bool, profile: bool, flat: bool, with_socket: bool, table_too: bool = True
+    settings: Settings,
+    *,
+    repeat: bool,
+    profile: bool,
+    flat: bool,
+    with_socket: bool,
+    table_too: bool = True,
+    count_socket: bool = False,
 ) -> dict[str, Any]:
     """Every measurement asked for (the profile needs the table); the result is what ``--json`` writes."""
     result: dict[str, Any] = {"benchmark": "instructions", "settings": vars(settings) | {"repeat": repeat}}
@@ -331,6 +381,8 @@ def run(
         result["flat"] = flatness(settings.flat_levels, counted=not settings.smoke, jobs=settings.jobs)
     if with_socket:
         result["socket"] = asyncio.run(socket(settings))
+    if count_socket:
+        result["socket_count"] = socket_count(settings)
     return result
 
 
@@ -350,6 +402,16 @@ def report(result: dict[str, Any]) -> str:
         out.append(flat_report(result["flat"]))
     if "socket" in result:
         out.append(_socket_report(result["socket"]))
+    if "socket_count" in result:
+        sc = result["socket_count"]
+        out.append(
+            f"\n### Instructions per call over a socket (cachegrind, one caller; warm-up {sc['warmup']}, "
+            f"then {sc['calls']} calls; user space only)\n"
+        )
+        rows = [
+            [r["name"], f"{r['instructions']:,.0f}", f"{r['ratio']:.4f}", f"{r['over_bare']:+,.0f}"] for r in sc["rows"]
+        ]
+        out.append(table(["subject", "instructions/call", "x bare", "+ over bare"], rows))
     return "\n".join(out)
 
 
@@ -432,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="where the instructions of Policy() and all six go")
     parser.add_argument("--flat", action="store_true", help="cost per call from 1 to 10,000 calls in flight and hosts")
     parser.add_argument("--socket", action="store_true", help="throughput over a socket at 1, 16 and 256 callers")
-    parser.add_argument("--no-table", action="store_true", help="only --flat and --socket, no count of each subject")
+    parser.add_argument("--socket-count", action="store_true", help="instructions per call over a socket, 1 caller")
+    parser.add_argument(
+        "--no-table", action="store_true", help="only --flat, --socket and --socket-count, no count of each subject"
+    )
     parser.add_argument("--subjects", nargs="+", choices=SUBJECTS, help="only these (bare httpx always)")
     parser.add_argument("--calls", type=int, help="calls counted per subject")
     parser.add_argument("--jobs", type=int, default=1, help="cachegrind runs at once (counts do not change)")
@@ -449,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, calls=args.calls)
     settings = replace(settings, jobs=args.jobs)
     modes = {"repeat": args.repeat, "profile": args.profile, "flat": args.flat, "with_socket": args.socket}
+    modes["count_socket"] = args.socket_count
     result = run(settings, **modes, table_too=not args.no_table)
     result["machine"] = machine() | {"valgrind": _cachegrind.VALGRIND}
     result["command"] = "python -m benchmarks.instructions " + " ".join(argv)

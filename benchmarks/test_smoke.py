@@ -183,9 +183,10 @@ def test_fleet_benchmark_reports_every_scenario(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(_cachegrind.missing() is not None, reason=f"no instruction counts: {_cachegrind.missing()}")
 def test_instructions_counts_profiles_and_sweeps(tmp_path: Path) -> None:
-    """Bare httpx and Policy() counted under cachegrind, with the profile, both sweeps and the socket levels."""
+    """Bare httpx and Policy() counted under cachegrind, with the profile, both sweeps, the socket and its count."""
     path = tmp_path / "instructions.json"
-    assert instructions.main(["--smoke", "--profile", "--flat", "--socket", "--json", str(path)]) == 0
+    modes = ["--smoke", "--profile", "--flat", "--socket", "--socket-count"]
+    assert instructions.main([*modes, "--json", str(path)]) == 0
     data = json.loads(path.read_text())
     rows = {row["name"]: row for row in data["instructions"]["rows"]}
     assert list(rows) == [overhead.BARE, instructions.DEFAULT]
@@ -200,3 +201,7 @@ def test_instructions_counts_profiles_and_sweeps(tmp_path: Path) -> None:
     levels = [level["workers"] for level in data["socket"]["levels"]]
     assert levels == list(instructions.SMOKE.socket_workers)
     assert all(row["calls_per_second"] > 0 for level in data["socket"]["levels"] for row in level["rows"])
+    counted = {row["name"]: row["instructions"] for row in data["socket_count"]["rows"]}
+    assert list(counted) == [overhead.BARE, instructions.DEFAULT]
+    # Over a socket a call costs more than in memory: the network's own work in the client is counted.
+    assert counted[overhead.BARE] > rows[overhead.BARE]["instructions"]
