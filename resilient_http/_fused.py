@@ -19,7 +19,9 @@ does that in one frame and leaves everything else to the layers' own code:
   to the breaker's count, a streamed body to the bulkhead's slot keeping.
 
 The layers stay the one description of what happens; this skips their
-frames. It is used wherever hedging is off (a hedge races copies of the
+frames and calls (a few thousand CPU instructions a call: the frames were
+cheaper than expected, over a socket too; ``benchmarks/RESULTS.md``,
+section 5). It is used wherever hedging is off (a hedge races copies of the
 attempt inside retry, which is not the usual call) and one of the three
 layers is on; :func:`~.layers.timeout.attempt` remains the end of every
 other chain, and of the layers' own.
