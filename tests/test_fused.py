@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from resilient_http import (
     BulkheadPolicy,
     CircuitBreakerPolicy,
+    HedgePolicy,
     Policy,
     RateLimitPolicy,
     ResilientTransport,
@@ -34,6 +35,8 @@ from resilient_http import (
     call_info,
 )
 from resilient_http._fused import Fused
+from resilient_http.layers.bulkhead import Bulkhead
+from resilient_http.layers.circuit_breaker import CircuitBreakerLayer
 from resilient_http.layers.retry import Retry
 from resilient_http.testing import FakeClock
 
@@ -184,7 +187,7 @@ async def test_the_fused_segment_and_the_layers_own_chain_are_indistinguishable(
 async def test_a_plain_call_runs_no_layer_coroutine(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """Policy()'s usual call enters no layer's ``__call__``; its retry goes through the layers inside retry."""
     entered: list[str] = []
-    for layer in (Retry, *_layer_classes()):
+    for layer in (Retry, Bulkhead, CircuitBreakerLayer):
         original = layer.__call__
 
         def spy(self: Any, call: Any, call_next: Any, _original: Any = original, _name: str = layer.__name__) -> Any:
@@ -201,16 +204,7 @@ async def test_a_plain_call_runs_no_layer_coroutine(harness: Harness, monkeypatc
     assert harness.value("resilient_http_retries_total", reason="status_503") == 1
 
 
-def _layer_classes() -> tuple[type, ...]:
-    from resilient_http.layers.bulkhead import Bulkhead
-    from resilient_http.layers.circuit_breaker import CircuitBreakerLayer
-
-    return (Bulkhead, CircuitBreakerLayer)
-
-
 async def test_a_hedged_policy_keeps_the_layers_own_chain(harness: Harness) -> None:
-    from resilient_http import HedgePolicy
-
     transport = harness.transport(lambda request: httpx.Response(200), only(retry=RetryPolicy(), hedge=HedgePolicy()))
     async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
         assert (await client.get("/a")).status_code == 200

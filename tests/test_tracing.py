@@ -7,6 +7,7 @@ only once per process: the tests that need it run in a subprocess).
 
 from __future__ import annotations
 
+import asyncio
 import random
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from resilient_http import (
     ResilientTransport,
     RetryPolicy,
     StaleCachePolicy,
+    TimeoutPolicy,
 )
 from resilient_http.testing import FakeClock, Handler
 
@@ -200,6 +202,26 @@ async def test_a_cancelled_call_sets_no_error(provider: TracerProvider, exporter
     for span in (call, attempt):
         assert span.status.status_code == StatusCode.UNSET
         assert span.attributes is not None and "error.type" not in span.attributes
+
+
+async def test_a_trace_context_that_cannot_be_sent_leaves_no_timer_behind(
+    provider: TracerProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure writing the trace context fails the call; no attempt timer is left to cancel the caller later."""
+    from resilient_http._tracing import Tracing
+
+    def broken(request: httpx.Request, derived: bool) -> httpx.Request:
+        raise RuntimeError("propagator failed")
+
+    monkeypatch.setattr(Tracing, "carry", staticmethod(broken))
+    policy = only(timeout=TimeoutPolicy(attempt=0.05))
+    async with client(lambda request: httpx.Response(200), policy, provider) as http:
+        with pytest.raises(RuntimeError, match="propagator failed"):
+            await http.get("/")
+        try:
+            await asyncio.sleep(0.2)  # past the attempt's deadline: a timer left running would cancel this sleep
+        except asyncio.CancelledError:
+            pytest.fail("the failed attempt's timer cancelled its caller afterwards")
 
 
 async def test_spans_hold_no_query_string_or_credential(

@@ -228,16 +228,26 @@ async def try_failed(host: Host, exc: BaseException, seconds: float) -> None:
 Guard = Timer | anyio.CancelScope | None
 
 
-def arm(call: Call, started: float) -> tuple[Guard, httpx.Request, Operations | None, TimeoutKind]:
+def arm(
+    call: Call, started: float, traced: bool = False
+) -> tuple[Guard, httpx.Request, Operations | None, TimeoutKind]:
     """What bounds an attempt starting at ``started``, the request it sends, its httpx timeouts, and its timeout kind.
 
     The request sent is a copy carrying the caller's own httpx timeouts
-    (:mod:`resilient_http._deadline`), unless the policy has no timeouts.
-    Raises the timeout's error when no time is left.
+    (:mod:`resilient_http._deadline`) unless the policy has no timeouts,
+    and the trace context when ``traced``. Raises the timeout's error when
+    no time is left. The timer starts last: nothing that may fail comes
+    between it and the attempt's ``try``, or a timer nobody ends would
+    cancel the task later, in whatever it then does.
     """
     timeouts = call.policy.timeout
+    request = call.request
     if timeouts is None:
-        return None, call.request, None, "attempt"
+        return None, call.host.tracing.carry(request, derived=False) if traced else request, None, "attempt"
+    ops = operations(request.extensions.get("timeout"))
+    sent = derive(request, ops)
+    if traced:
+        sent = call.host.tracing.carry(sent, derived=True)
     kind: TimeoutKind = "attempt"
     limit = None if timeouts.attempt is None else started + timeouts.attempt
     if call.deadline is not None and (limit is None or call.deadline <= limit):
@@ -250,9 +260,7 @@ def arm(call: Call, started: float) -> tuple[Guard, httpx.Request, Operations | 
         guard = call.host.watchdog.start(remaining)
         if guard is None:  # trio: a real cancel scope
             guard = anyio.CancelScope(deadline=anyio.current_time() + remaining)
-    request = call.request
-    ops = operations(request.extensions.get("timeout"))
-    return guard, derive(request, ops), ops, kind
+    return guard, sent, ops, kind
 
 
 def landed(call: Call, response: httpx.Response, started: float) -> float:
@@ -277,9 +285,7 @@ async def attempt(call: Call, traced: bool = False) -> httpx.Response:
         return await call.host.tracing.attempt(call, attempt)  # type: ignore[no-any-return]
     host = call.host
     started = host.clock.now()
-    guard, sent, ops, kind = arm(call, started)
-    if traced:
-        sent = host.tracing.carry(sent, derived=sent is not call.request)
+    guard, sent, ops, kind = arm(call, started, traced)
     call.attempts += 1
     try:
         if type(guard) is Timer:
