@@ -1,7 +1,7 @@
 """What resilient_http costs per call in CPU instructions, against a bare httpx call and against peers.
 
     python -m benchmarks.instructions [--smoke] [--repeat] [--profile] [--flat] [--socket] [--socket-count]
-                                      [--json PATH]
+                                      [--guarantees] [--json PATH]
 
 Instructions are counted with valgrind's cachegrind (``benchmarks/_cachegrind.py``):
 each subject runs in its own process twice, warm-up only and warm-up + N
@@ -25,6 +25,8 @@ over interleaved rounds, in this process (``overhead.py``'s method).
 1 to 10,000 hosts (``benchmarks/_flat.py``); ``--socket`` measures
 throughput over a real socket at 1, 16 and 256 concurrent callers, and
 ``--socket-count`` counts instructions per call over that socket.
+``--guarantees`` counts what the metrics, the attempt timer and the
+request copy cost in each configuration (``benchmarks/_guarantees.py``).
 ``--smoke`` runs every mode with tiny N and two subjects, in seconds.
 """
 
@@ -155,7 +157,12 @@ def worker(argv: list[str]) -> int:
     parser.add_argument("--level", type=int, default=1)
     parser.add_argument("--max-hosts", type=int, default=0)
     parser.add_argument("--url", help="call this server over a real socket instead of the in-memory transport")
+    parser.add_argument("--stub", action="append", default=[], help="a guarantee taken away (see _guarantees)")
     args = parser.parse_args(argv)
+    if args.stub:
+        from ._guarantees import apply
+
+        apply(args.stub)
     if args.flat:
         from ._flat import work
 
@@ -365,6 +372,7 @@ def run(
     with_socket: bool,
     table_too: bool = True,
     count_socket: bool = False,
+    guarantees: bool = False,
 ) -> dict[str, Any]:
     """Every measurement asked for (the profile needs the table); the result is what ``--json`` writes."""
     result: dict[str, Any] = {"benchmark": "instructions", "settings": vars(settings) | {"repeat": repeat}}
@@ -383,6 +391,12 @@ def run(
         result["socket"] = asyncio.run(socket(settings))
     if count_socket:
         result["socket_count"] = socket_count(settings)
+    if guarantees:
+        from ._guarantees import measure
+
+        result["guarantees"] = measure(
+            settings, [name for name in CONFIGS if name != BARE and name in settings.subjects]
+        )
     return result
 
 
@@ -412,6 +426,10 @@ def report(result: dict[str, Any]) -> str:
             [r["name"], f"{r['instructions']:,.0f}", f"{r['ratio']:.4f}", f"{r['over_bare']:+,.0f}"] for r in sc["rows"]
         ]
         out.append(table(["subject", "instructions/call", "x bare", "+ over bare"], rows))
+    if "guarantees" in result:
+        from ._guarantees import report as guarantees_report
+
+        out.append(guarantees_report(result["guarantees"]))
     return "\n".join(out)
 
 
@@ -496,8 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", action="store_true", help="throughput over a socket at 1, 16 and 256 callers")
     parser.add_argument("--socket-count", action="store_true", help="instructions per call over a socket, 1 caller")
     parser.add_argument(
-        "--no-table", action="store_true", help="only --flat, --socket and --socket-count, no count of each subject"
+        "--guarantees", action="store_true", help="what the metrics, the attempt timer and the request copy cost"
     )
+    parser.add_argument("--no-table", action="store_true", help="only the modes asked for, no count of each subject")
     parser.add_argument("--subjects", nargs="+", choices=SUBJECTS, help="only these (bare httpx always)")
     parser.add_argument("--calls", type=int, help="calls counted per subject")
     parser.add_argument("--jobs", type=int, default=1, help="cachegrind runs at once (counts do not change)")
@@ -515,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = replace(settings, jobs=args.jobs)
     modes = {"repeat": args.repeat, "profile": args.profile, "flat": args.flat, "with_socket": args.socket}
     modes["count_socket"] = args.socket_count
+    modes["guarantees"] = args.guarantees
     result = run(settings, **modes, table_too=not args.no_table)
     result["machine"] = machine() | {"valgrind": _cachegrind.VALGRIND}
     result["command"] = "python -m benchmarks.instructions " + " ".join(argv)
