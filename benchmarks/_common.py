@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -119,3 +120,34 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
 
 def verdict(met: bool) -> str:
     return "met" if met else "NOT met"
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median of ``values``: two of their order statistics.
+
+    The median lies between the k-th smallest and the k-th largest of n
+    independent rounds with probability 1 - 2 P(Binomial(n, 1/2) < k); k is
+    the largest that keeps that at least ``confidence``. Too few rounds for
+    it give the whole range (NaN when empty).
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    if not n:
+        return float("nan"), float("nan")
+    k, below = 0, 0.0  # below: P(Binomial(n, 1/2) < k + 1)
+    while k + 1 <= n // 2:
+        below += math.comb(n, k) / 2**n
+        if 1 - 2 * below < confidence:
+            break
+        k += 1
+    k = max(k, 1)
+    return ordered[k - 1], ordered[n - k]
+
+
+def interval_verdict(low: float, high: float, at_least: float) -> str:
+    """``met`` when the whole interval is at least ``at_least``, ``NOT met`` when all of it is below, else undecided."""
+    if low >= at_least:
+        return "met"
+    if high < at_least:
+        return "NOT met"
+    return "cannot tell (the interval spans it)"

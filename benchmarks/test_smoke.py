@@ -6,12 +6,15 @@ import importlib.util
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks import _cachegrind, adaptive, chaos, instructions, overhead
+from benchmarks._cachegrind import ROOT
 
 
 def _number(value: Any) -> bool:
@@ -185,7 +188,7 @@ def test_fleet_benchmark_reports_every_scenario(tmp_path: Path) -> None:
 def test_instructions_counts_profiles_and_sweeps(tmp_path: Path) -> None:
     """Bare httpx and Policy() counted under cachegrind, with the profile, both sweeps, the socket and its count."""
     path = tmp_path / "instructions.json"
-    modes = ["--smoke", "--profile", "--flat", "--socket", "--socket-count"]
+    modes = ["--smoke", "--profile", "--flat", "--socket", "--socket-count", "--guarantees"]
     assert instructions.main([*modes, "--json", str(path)]) == 0
     data = json.loads(path.read_text())
     rows = {row["name"]: row for row in data["instructions"]["rows"]}
@@ -205,3 +208,41 @@ def test_instructions_counts_profiles_and_sweeps(tmp_path: Path) -> None:
     assert list(counted) == [overhead.BARE, instructions.DEFAULT]
     # Over a socket a call costs more than in memory: the network's own work in the client is counted.
     assert counted[overhead.BARE] > rows[overhead.BARE]["instructions"]
+    for level in data["socket"]["levels"]:
+        for row in level["rows"]:
+            low, high = row["ratio_interval"]
+            assert low <= row["ratio"] <= high
+    (guaranteed,) = data["guarantees"]["rows"]
+    assert (
+        guaranteed["name"] == instructions.DEFAULT and guaranteed["target"] == instructions.TARGETS[guaranteed["name"]]
+    )
+    assert _number(guaranteed["without_all"]) and guaranteed["without_all"] > 0
+
+
+def test_the_guarantees_stubs_take_each_guarantee_away() -> None:
+    """In a process of its own, as a counted worker applies them: what the stubs replace no longer works."""
+    script = """
+import asyncio, httpx
+from benchmarks._guarantees import STUBS, apply
+from resilient_http._deadline import Operations
+from resilient_http._metrics import HostMetrics
+from resilient_http._watchdog import Watchdog
+from resilient_http.layers import timeout
+apply(STUBS)
+request = httpx.Request("GET", "http://example.com/", extensions={"timeout": {"connect": 1.0}})
+assert timeout.derive(request, timeout.operations({"connect": 1.0})) is request
+assert HostMetrics.answered(object(), 200, 0.1) is None
+async def main():
+    watchdog = Watchdog()
+    first, second = watchdog.start(0.001), watchdog.start(0.001)
+    assert first is second and len(watchdog) == 0  # one shared timer, never kept, never armed
+asyncio.run(main())
+try:
+    apply(["nonsense"])
+except ValueError as exc:
+    assert "nonsense" in str(exc)
+else:
+    raise AssertionError("an unknown stub was accepted")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
