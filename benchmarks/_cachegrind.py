@@ -66,14 +66,24 @@ def missing() -> str | None:
 
 @dataclass(frozen=True)
 class Count:
-    """The instructions one worker run executed; ``functions`` only when asked for."""
+    """The instructions one worker run executed; ``functions`` only when asked for.
+
+    ``events`` holds every event of the summary by cachegrind's name (``Ir``
+    alone, or with ``simulate`` the cache misses and branch mispredictions
+    too: ``I1mr``, ``D1mr``, ``D1mw``, ``ILmr``, ``DLmr``, ``DLmw``, ``Bcm``, ``Bim``).
+    """
 
     total: int
     functions: dict[str, int]
+    events: dict[str, int]
 
 
-def count(worker_args: list[str], *, functions: bool = False) -> Count:
-    """Run ``python -m benchmarks.instructions --worker <worker_args>`` under cachegrind."""
+def count(worker_args: list[str], *, functions: bool = False, simulate: bool = False) -> Count:
+    """Run ``python -m benchmarks.instructions --worker <worker_args>`` under cachegrind.
+
+    ``simulate`` also simulates the caches and the branch predictor (several
+    times slower): what a count of instructions cannot see.
+    """
     if VALGRIND is None:
         raise RuntimeError(missing())
     env = dict(os.environ, PYTHONHASHSEED="0", PYTHONDONTWRITEBYTECODE="1")
@@ -83,7 +93,7 @@ def count(worker_args: list[str], *, functions: bool = False) -> Count:
         command = [
             VALGRIND,
             "--tool=cachegrind",
-            "--cache-sim=no",
+            *(("--cache-sim=yes", "--branch-sim=yes") if simulate else ("--cache-sim=no",)),
             f"--cachegrind-out-file={out}",
             sys.executable,
             "-m",
@@ -99,14 +109,17 @@ def count(worker_args: list[str], *, functions: bool = False) -> Count:
         return parse(out.read_text(encoding="utf-8", errors="replace"), functions=functions)
 
 
-_SUMMARY = re.compile(r"^summary:\s+(\d+)", re.MULTILINE)
+_SUMMARY = re.compile(r"^summary:\s+(\d+)(.*)$", re.MULTILINE)
+_EVENTS = re.compile(r"^events:\s+(.*)$", re.MULTILINE)
 
 
 def parse(text: str, *, functions: bool = False) -> Count:
-    """The total ``Ir`` of a cachegrind output file, and per function (``file:function``) if asked."""
+    """The total ``Ir`` of a cachegrind output file, every event's, and per function (``file:function``) if asked."""
     found = _SUMMARY.search(text)
-    if found is None:
+    names = _EVENTS.search(text)
+    if found is None or names is None:
         raise ValueError("no summary line in the cachegrind output")
+    events = dict(zip(names.group(1).split(), map(int, (found.group(1), *found.group(2).split())), strict=False))
     per_function: dict[str, int] = defaultdict(int)
     if functions:
         name = source = "???"
@@ -116,9 +129,9 @@ def parse(text: str, *, functions: bool = False) -> Count:
             elif line.startswith("fl="):
                 source = line[3:]
             elif line[:1].isdigit():
-                _, _, ir = line.partition(" ")
-                per_function[f"{_short(source)}:{name}"] += int(ir or 0)
-    return Count(int(found.group(1)), dict(per_function))
+                fields = line.split()  # the line's number, then its events in order: Ir first
+                per_function[f"{_short(source)}:{name}"] += int(fields[1]) if len(fields) > 1 else 0
+    return Count(int(found.group(1)), dict(per_function), events)
 
 
 def _short(source: str) -> str:
@@ -131,24 +144,43 @@ def _short(source: str) -> str:
 
 @dataclass(frozen=True)
 class PerCall:
-    """Instructions per call: (warm-up + N calls - warm-up alone) / N, and per function when asked."""
+    """Instructions per call: (warm-up + N calls - warm-up alone) / N; per function and per event when asked."""
 
     instructions: float
     calls: int
     warmup_only: int
     with_calls: int
     functions: dict[str, float]
+    events: dict[str, float]
 
 
-def per_call(worker_args: list[str], calls: int, *, functions: bool = False) -> PerCall:
+def per_call(worker_args: list[str], calls: int, *, functions: bool = False, simulate: bool = False) -> PerCall:
     """Two runs of the worker: ``--calls 0`` and ``--calls N``; the difference per call."""
-    base = count([*worker_args, "--calls", "0"], functions=functions)
-    full = count([*worker_args, "--calls", str(calls)], functions=functions)
+    base = count([*worker_args, "--calls", "0"], functions=functions, simulate=simulate)
+    full = count([*worker_args, "--calls", str(calls)], functions=functions, simulate=simulate)
     by_function = {
         name: (full.functions.get(name, 0) - base.functions.get(name, 0)) / calls
         for name in set(base.functions) | set(full.functions)
     }
-    return PerCall((full.total - base.total) / calls, calls, base.total, full.total, by_function)
+    events = {name: (full.events[name] - base.events.get(name, 0)) / calls for name in full.events}
+    return PerCall((full.total - base.total) / calls, calls, base.total, full.total, by_function, events)
+
+
+#: Cycles charged per event by :func:`cycles`: a first-level miss served by the next level, a last-level
+#: miss served by memory, a mispredicted branch; typical of current x86 cores, not this machine's own.
+CYCLES = {"L1": 12, "LL": 200, "branch": 16}
+
+
+def cycles(events: dict[str, float]) -> float:
+    """A rough model of the cycles behind a simulated count: one per instruction, plus each miss at :data:`CYCLES`.
+
+    Not a measurement: a way to see whether misses weigh on the chain more
+    than on bare httpx, which the instruction count alone cannot show.
+    """
+    l1 = events.get("I1mr", 0) + events.get("D1mr", 0) + events.get("D1mw", 0)
+    ll = events.get("ILmr", 0) + events.get("DLmr", 0) + events.get("DLmw", 0)
+    branches = events.get("Bcm", 0) + events.get("Bim", 0)
+    return events["Ir"] + CYCLES["L1"] * l1 + CYCLES["LL"] * ll + CYCLES["branch"] * branches
 
 
 def parallel(measure: Callable[[T], R], items: Iterable[T], jobs: int) -> list[R]:

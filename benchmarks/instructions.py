@@ -1,7 +1,7 @@
 """What resilient_http costs per call in CPU instructions, against a bare httpx call and against peers.
 
     python -m benchmarks.instructions [--smoke] [--repeat] [--profile] [--flat] [--socket] [--socket-count]
-                                      [--guarantees] [--json PATH]
+                                      [--simulate] [--guarantees] [--json PATH]
 
 Instructions are counted with valgrind's cachegrind (``benchmarks/_cachegrind.py``):
 each subject runs in its own process twice, warm-up only and warm-up + N
@@ -24,7 +24,8 @@ over interleaved rounds, in this process (``overhead.py``'s method).
 ``--flat`` counts the cost per call with 1 to 10,000 calls in flight and
 1 to 10,000 hosts (``benchmarks/_flat.py``); ``--socket`` measures
 throughput over a real socket at 1, 16 and 256 concurrent callers, and
-``--socket-count`` counts instructions per call over that socket.
+``--socket-count`` counts instructions per call over that socket, and with
+``--simulate`` the cache misses and mispredicted branches too.
 ``--guarantees`` counts what the metrics, the attempt timer and the
 request copy cost in each configuration (``benchmarks/_guarantees.py``).
 ``--smoke`` runs every mode with tiny N and two subjects, in seconds.
@@ -337,7 +338,7 @@ async def socket(settings: Settings) -> dict[str, Any]:
 SOCKET_COUNTED = (BARE, DEFAULT, ALL_SIX)
 
 
-def socket_count(settings: Settings) -> dict[str, Any]:
+def socket_count(settings: Settings, simulate: bool = False) -> dict[str, Any]:
     """Instructions per call over a real socket, one caller at a time: the client's process, the kernel's work aside.
 
     The same count as the table's, each subject calling ``benchmarks/_server.py``
@@ -345,29 +346,44 @@ def socket_count(settings: Settings) -> dict[str, Any]:
     own work in the client (httpcore, the event loop's I/O, the suspensions
     every layer's frame resumes from) is counted too, as the throughput
     rounds pay it; the kernel's is not, since cachegrind sees user space only.
+
+    ``simulate`` also simulates the caches and the branch predictor, and
+    weighs their misses into a rough count of cycles
+    (:func:`~benchmarks._cachegrind.cycles`): whether the chain costs the
+    client's CPU more than its instructions say. The counts over a socket
+    move more between runs than in memory (how often the event loop turns
+    depends on when the server's answer comes): compare rows of one run.
     """
     with Server() as port:
         url = f"http://127.0.0.1:{port}/v1/items"
 
         def measure(name: str) -> _cachegrind.PerCall:
             args = ["--subject", name, "--warmup", str(settings.warmup), "--url", url]
-            found = _cachegrind.per_call(args, settings.socket_count_calls)
+            found = _cachegrind.per_call(args, settings.socket_count_calls, simulate=simulate)
             print(f"  {name} over a socket: {found.instructions:,.1f} instructions per call", file=sys.stderr)
             return found
 
         subjects = [name for name in SOCKET_COUNTED if name in settings.subjects]
         found = _cachegrind.parallel(measure, subjects, settings.jobs)
-    bare = found[0].instructions
-    rows = [
-        {
+    bare = found[0]
+    rows = []
+    for name, f in zip(subjects, found, strict=True):
+        row: dict[str, Any] = {
             "name": name,
             "instructions": f.instructions,
-            "ratio": f.instructions / bare,
-            "over_bare": f.instructions - bare,
+            "ratio": f.instructions / bare.instructions,
+            "over_bare": f.instructions - bare.instructions,
         }
-        for name, f in zip(subjects, found, strict=True)
-    ]
-    return {"calls": settings.socket_count_calls, "warmup": settings.warmup, "rows": rows}
+        if simulate:
+            row["events"] = f.events
+            row["event_ratios"] = {k: v / bare.events[k] for k, v in f.events.items() if bare.events.get(k)}
+            row["cycles"] = _cachegrind.cycles(f.events)
+            row["cycles_ratio"] = row["cycles"] / _cachegrind.cycles(bare.events)
+        rows.append(row)
+    result: dict[str, Any] = {"calls": settings.socket_count_calls, "warmup": settings.warmup, "rows": rows}
+    if simulate:
+        result["cycles_per_event"] = _cachegrind.CYCLES
+    return result
 
 
 def run(
@@ -379,6 +395,7 @@ def run(
     with_socket: bool,
     table_too: bool = True,
     count_socket: bool = False,
+    simulate: bool = False,
     guarantees: bool = False,
 ) -> dict[str, Any]:
     """Every measurement asked for (the profile needs the table); the result is what ``--json`` writes."""
@@ -397,7 +414,7 @@ def run(
     if with_socket:
         result["socket"] = asyncio.run(socket(settings))
     if count_socket:
-        result["socket_count"] = socket_count(settings)
+        result["socket_count"] = socket_count(settings, simulate)
     if guarantees:
         from ._guarantees import measure
 
@@ -433,6 +450,8 @@ def report(result: dict[str, Any]) -> str:
             [r["name"], f"{r['instructions']:,.0f}", f"{r['ratio']:.4f}", f"{r['over_bare']:+,.0f}"] for r in sc["rows"]
         ]
         out.append(table(["subject", "instructions/call", "x bare", "+ over bare"], rows))
+        if "cycles_per_event" in sc:
+            out.append(_simulated_report(sc))
     if "guarantees" in result:
         from ._guarantees import report as guarantees_report
 
@@ -471,6 +490,33 @@ def _table(result: dict[str, Any]) -> list[str]:
         rows.append(line)
     out.append(table(headers, rows))
     return out
+
+
+#: The simulated events shown, and what each counts.
+SIMULATED = {
+    "I1mr": "instruction cache misses",
+    "D1mr": "data cache read misses",
+    "D1mw": "data cache write misses",
+    "Bcm": "conditional branches mispredicted",
+    "Bim": "indirect branches mispredicted",
+}
+
+
+def _simulated_report(sc: dict[str, Any]) -> str:
+    weights = ", ".join(f"{k} {v}" for k, v in sc["cycles_per_event"].items())
+    out = [
+        "\nThe same calls with the caches and the branch predictor simulated (per call; x bare beside each), "
+        f"and a rough count of cycles (one per instruction, plus cycles per miss: {weights}):\n"
+    ]
+    headers = ["subject", *(f"{k} ({v})" for k, v in SIMULATED.items()), "modelled cycles", "x bare"]
+    rows = []
+    for r in sc["rows"]:
+        line: list[object] = [r["name"]]
+        line += [f"{r['events'].get(k, 0):,.0f} ({r['event_ratios'].get(k, float('nan')):.3f})" for k in SIMULATED]
+        line += [f"{r['cycles']:,.0f}", f"{r['cycles_ratio']:.4f}"]
+        rows.append(line)
+    out.append(table(headers, rows))
+    return "\n".join(out)
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
@@ -527,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", action="store_true", help="throughput over a socket at 1, 16 and 256 callers")
     parser.add_argument("--socket-count", action="store_true", help="instructions per call over a socket, 1 caller")
     parser.add_argument(
+        "--simulate", action="store_true", help="with --socket-count: simulate the caches and branches too (slower)"
+    )
+    parser.add_argument(
         "--guarantees", action="store_true", help="what the metrics, the attempt timer and the request copy cost"
     )
     parser.add_argument("--no-table", action="store_true", help="only the modes asked for, no count of each subject")
@@ -548,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = {"repeat": args.repeat, "profile": args.profile, "flat": args.flat, "with_socket": args.socket}
     modes["count_socket"] = args.socket_count
     modes["guarantees"] = args.guarantees
+    modes["simulate"] = args.simulate
     result = run(settings, **modes, table_too=not args.no_table)
     result["machine"] = machine() | {"valgrind": _cachegrind.VALGRIND}
     result["command"] = "python -m benchmarks.instructions " + " ".join(argv)

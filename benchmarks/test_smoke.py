@@ -246,3 +246,22 @@ else:
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_simulated_count_reads_every_event_and_weighs_the_misses() -> None:
+    """A cachegrind summary with cache and branch simulation: every event by name, and the rough cycles."""
+    text = (
+        "desc: I1 cache: 32768 B, 64 B, 8-way associative\n"
+        "cmd: python -m benchmarks.instructions --worker\n"
+        "events: Ir I1mr ILmr Dr D1mr DLmr Dw D1mw DLmw Bc Bcm Bi Bim\n"
+        "fl=x.c\nfn=f\n1 1000 10 1 300 20 2 100 5 0 50 4 10 3\n"
+        "summary: 1000 10 1 300 20 2 100 5 0 50 4 10 3\n"
+    )
+    found = _cachegrind.parse(text, functions=True)
+    assert found.total == 1000 and found.functions == {"x.c:f": 1000}
+    assert found.events["Ir"] == 1000 and found.events["D1mw"] == 5 and found.events["Bim"] == 3
+    weights = _cachegrind.CYCLES
+    expected = 1000 + weights["L1"] * (10 + 20 + 5) + weights["LL"] * (1 + 2 + 0) + weights["branch"] * (4 + 3)
+    assert _cachegrind.cycles(found.events) == expected
+    plain = _cachegrind.parse("events: Ir\nsummary: 1234\n")
+    assert plain.events == {"Ir": 1234} and _cachegrind.cycles(plain.events) == 1234
