@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -171,7 +171,7 @@ def per_call(worker_args: list[str], calls: int, *, functions: bool = False, sim
 CYCLES = {"L1": 12, "LL": 200, "branch": 16}
 
 
-def cycles(events: dict[str, float]) -> float:
+def cycles(events: Mapping[str, float]) -> float:
     """A rough model of the cycles behind a simulated count: one per instruction, plus each miss at :data:`CYCLES`.
 
     Not a measurement: a way to see whether misses weigh on the chain more
