@@ -172,7 +172,7 @@ def _targets_block(results: list[dict[str, Any]]) -> str:
     rows = []
     for result in results:
         for t in result["targets"]:
-            rows.append((t.get("scenario", "overhead"), t["target"], t["value"], verdict(t["met"])))
+            rows.append((t.get("scenario", "overhead"), t["target"], t["value"], t.get("verdict") or verdict(t["met"])))
     return table(("benchmark", "target", "measured", "verdict"), rows)
 
 
