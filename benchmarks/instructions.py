@@ -46,7 +46,7 @@ from purgatory import AsyncCircuitBreakerFactory
 from resilient_http import BulkheadPolicy, Policy
 
 from . import _cachegrind
-from ._common import interval_verdict, machine, median, median_interval, percentile, table, verdict, write_json
+from ._common import interval_verdict, machine, median, table, verdict, write_json
 from ._server import Server
 from .overhead import (
     BARE,
@@ -60,6 +60,7 @@ from .overhead import (
     _handler,
     _paired_ratio,
     _run_for,
+    _throughput_row,
     all_six,
     chain_layers,
     make_subject,
@@ -311,25 +312,11 @@ async def socket(settings: Settings) -> dict[str, Any]:
             finally:
                 for subject in subjects:
                     await subject.client.aclose()
-            rows = []
-            for name in rates:
-                ratios = [r / b for r, b in zip(rates[name], rates[BARE], strict=True)]
-                cpu_ratios = [b / c for c, b in zip(cpu[name], cpu[BARE], strict=True)]
-                rows.append(
-                    {
-                        "name": name,
-                        "calls_per_second": median(rates[name]),
-                        "ratio": median(ratios),
-                        # How far one round's ratio strays: the machine's noise, against the gap measured.
-                        "ratio_p25_p75": _quartiles(ratios),
-                        # Where the median ratio lies, 95 % sure: what the verdict is read from.
-                        "ratio_interval": median_interval(ratios),
-                        "ratio_of_medians": median(rates[name]) / median(rates[BARE]),
-                        "client_cpu_us_per_call": median(cpu[name]) * 1e6,
-                        "cpu_ratio": median(cpu_ratios),
-                        "cpu_ratio_interval": median_interval(cpu_ratios),
-                    }
-                )
+            rows = [
+                _throughput_row(name, rates[name], rates[BARE], cpu[name], cpu[BARE])
+                | {"ratio_of_medians": median(rates[name]) / median(rates[BARE])}
+                for name in rates
+            ]
             results.append({"workers": workers, "rows": rows})
     return {"seconds": settings.socket_seconds, "repeats": settings.socket_repeats, "levels": results}
 
@@ -519,10 +506,6 @@ def _simulated_report(sc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _quartiles(values: list[float]) -> tuple[float, float]:
-    return percentile(values, 25), percentile(values, 75)
-
-
 def _socket_report(sk: dict[str, Any]) -> str:
     header = (
         f"\n### Throughput over a socket (server in its own process; {sk['seconds']} s x {sk['repeats']} "
@@ -584,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="cachegrind runs at once (counts do not change)")
     parser.add_argument("--json", metavar="PATH", help="write the results there")
     args = parser.parse_args(argv)
+    if args.simulate and not args.socket_count:
+        parser.error("--simulate simulates the caches of --socket-count's count: give --socket-count too")
     why = _cachegrind.missing()
     if why is not None:
         print(f"cannot count instructions: {why}", file=sys.stderr)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import _cachegrind, adaptive, chaos, instructions, overhead
+from benchmarks import _cachegrind, _common, adaptive, chaos, instructions, overhead
 from benchmarks._cachegrind import ROOT
 
 
@@ -265,3 +265,22 @@ def test_a_simulated_count_reads_every_event_and_weighs_the_misses() -> None:
     assert _cachegrind.cycles(found.events) == expected
     plain = _cachegrind.parse("events: Ir\nsummary: 1234\n")
     assert plain.events == {"Ir": 1234} and _cachegrind.cycles(plain.events) == 1234
+
+
+def test_the_median_s_interval_is_the_right_order_statistics_and_decides_the_verdict() -> None:
+    """Two order statistics of n rounds, chosen from the binomial; the verdict only when the interval is one side."""
+    assert all(math.isnan(v) for v in _common.median_interval([]))
+    # The textbook choices at 95 %: n = 10 -> 2nd and 9th, n = 20 -> 6th and 15th, n = 30 -> 10th and 21st.
+    for n, (low, high) in {10: (2, 9), 20: (6, 15), 30: (10, 21)}.items():
+        shuffled = [float(v) for v in range(n, 0, -1)]
+        assert _common.median_interval(shuffled) == (low, high)
+    assert _common.median_interval([3.0, 1.0]) == (1.0, 3.0)  # too few rounds: the whole range
+    assert _common.interval_verdict(0.98, 1.10, 0.97) == "met"
+    assert _common.interval_verdict(0.90, 0.96, 0.97) == "NOT met"
+    assert _common.interval_verdict(0.95, 1.01, 0.97).startswith("cannot tell")
+
+
+def test_simulate_without_the_socket_count_is_refused() -> None:
+    with pytest.raises(SystemExit) as refused:
+        instructions.main(["--simulate", "--no-table"])
+    assert refused.value.code == 2
